@@ -1,0 +1,236 @@
+"""Partitioners: split a pool of examples across federated clients.
+
+Every partitioner is deterministic given ``seed``, puts each example on exactly
+one client and gives every client at least one example. They return a list of
+1-D int64 index arrays (one per client, sorted), the input ``from_partition``
+in ``client_data`` expects. Partitioning is host-side numpy: it runs once per
+experiment, never under jit.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+PARTITIONS = ("iid", "dirichlet", "shards", "quantity")
+
+
+def _check_counts(num_examples: int, num_clients: int) -> None:
+  if not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
+    raise ValueError(f"num_clients must be an integer >= 1, got {num_clients!r}")
+  if num_clients > num_examples:
+    raise ValueError(
+        f"num_clients={num_clients} exceeds the {num_examples} examples: every "
+        f"client needs >= 1 example, so num_clients must be in [1, "
+        f"{num_examples}]")
+
+
+def _finish(parts: Sequence[np.ndarray]) -> list[np.ndarray]:
+  return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def _fill_empty(parts: list[list[int]] | list[np.ndarray],
+                rng: np.random.Generator) -> list[np.ndarray]:
+  """Moves one example from the largest client to each empty one.
+
+  Label-skew sampling can leave a client empty when alpha is small; moving
+  single examples keeps coverage exact and changes the skew minimally.
+  """
+  parts = [np.asarray(p, dtype=np.int64) for p in parts]
+  sizes = np.array([len(p) for p in parts])
+  for i in np.flatnonzero(sizes == 0):
+    donor = int(np.argmax(sizes))
+    take = int(rng.integers(sizes[donor]))
+    parts[i] = parts[donor][take:take + 1]
+    parts[donor] = np.delete(parts[donor], take)
+    sizes[i], sizes[donor] = 1, sizes[donor] - 1
+  return parts
+
+
+def iid(num_examples: int, num_clients: int, seed: int) -> list[np.ndarray]:
+  """Uniformly random, near-equal split (sizes differ by at most one).
+
+  Args:
+    num_examples: size of the pool.
+    num_clients: number of clients, in [1, num_examples].
+    seed: RNG seed.
+
+  Returns:
+    One sorted index array per client.
+  """
+  _check_counts(num_examples, num_clients)
+  perm = np.random.default_rng(seed).permutation(num_examples)
+  return _finish(np.array_split(perm, num_clients))
+
+
+def dirichlet(labels: np.ndarray, num_clients: int, alpha: float,
+              seed: int) -> list[np.ndarray]:
+  """Label skew: each class is split across clients by a Dirichlet(alpha) draw.
+
+  Small alpha concentrates each class on few clients (strong non-IID); large
+  alpha approaches IID. This is the scheme of Hsu et al. (2019).
+
+  Args:
+    labels: [M] integer labels of the pool.
+    num_clients: number of clients, in [1, M].
+    alpha: Dirichlet concentration, > 0.
+    seed: RNG seed.
+
+  Returns:
+    One sorted index array per client.
+  """
+  labels = np.asarray(labels)
+  _check_counts(len(labels), num_clients)
+  if not np.isfinite(alpha) or alpha <= 0:
+    raise ValueError(f"alpha must be a finite number > 0 (small = more label "
+                     f"skew), got {alpha!r}")
+  rng = np.random.default_rng(seed)
+  parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+  for c in np.unique(labels):
+    idx = rng.permutation(np.flatnonzero(labels == c))
+    props = rng.dirichlet(np.full(num_clients, float(alpha)))
+    cuts = (np.cumsum(props)[:-1] * len(idx)).astype(np.int64)
+    for i, chunk in enumerate(np.split(idx, cuts)):
+      parts[i].append(chunk)
+  merged = [np.concatenate(p) if p else np.zeros(0, np.int64) for p in parts]
+  return _finish(_fill_empty(merged, rng))
+
+
+def shards(labels: np.ndarray, num_clients: int, shards_per_client: int,
+           seed: int, allow_uneven: bool = False) -> list[np.ndarray]:
+  """Pathological non-IID (McMahan et al. 2017): label-sorted shards per client.
+
+  The pool is sorted by label, cut into ``num_clients * shards_per_client``
+  equal shards, and each client gets ``shards_per_client`` random shards, so
+  it sees only a few classes.
+
+  Args:
+    labels: [M] integer labels of the pool.
+    num_clients: number of clients.
+    shards_per_client: shards each client receives, >= 1.
+    seed: RNG seed.
+    allow_uneven: if False (default), the shard count must divide M exactly;
+      if True, shards differ in size by at most one example.
+
+  Returns:
+    One sorted index array per client.
+  """
+  labels = np.asarray(labels)
+  m = len(labels)
+  if not isinstance(shards_per_client, (int, np.integer)) or shards_per_client < 1:
+    raise ValueError(f"shards_per_client must be an integer >= 1, got "
+                     f"{shards_per_client!r}")
+  _check_counts(m, num_clients)
+  num_shards = num_clients * shards_per_client
+  if num_shards > m:
+    raise ValueError(f"num_clients * shards_per_client = {num_shards} shards "
+                     f"exceeds the {m} examples; need <= {m} shards")
+  if m % num_shards and not allow_uneven:
+    raise ValueError(
+        f"shards: {num_shards} shards (num_clients={num_clients} x "
+        f"shards_per_client={shards_per_client}) do not divide the {m} "
+        f"examples; choose a shard count that divides {m}, or pass "
+        f"allow_uneven=True")
+  rng = np.random.default_rng(seed)
+  # Stable sort after a shuffle: same-label order is random but reproducible.
+  perm = rng.permutation(m)
+  order = perm[np.argsort(labels[perm], kind="stable")]
+  pieces = np.array_split(order, num_shards)
+  assign = rng.permutation(num_shards).reshape(num_clients, shards_per_client)
+  return _finish([np.concatenate([pieces[s] for s in row]) for row in assign])
+
+
+def quantity(num_examples: int, num_clients: int, sigma: float,
+             seed: int) -> list[np.ndarray]:
+  """Quantity skew: IID labels, lognormal(0, sigma) client sizes.
+
+  Args:
+    num_examples: size of the pool.
+    num_clients: number of clients, in [1, num_examples].
+    sigma: lognormal shape, >= 0 (0 gives equal sizes).
+    seed: RNG seed.
+
+  Returns:
+    One sorted index array per client.
+  """
+  _check_counts(num_examples, num_clients)
+  if not np.isfinite(sigma) or sigma < 0:
+    raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+  rng = np.random.default_rng(seed)
+  w = rng.lognormal(0.0, float(sigma), num_clients)
+  # One example reserved per client, the rest by largest remainder.
+  spare = num_examples - num_clients
+  raw = w / w.sum() * spare
+  sizes = np.floor(raw).astype(np.int64)
+  rest = spare - sizes.sum()
+  sizes[np.argsort(-(raw - sizes), kind="stable")[:rest]] += 1
+  sizes += 1
+  perm = rng.permutation(num_examples)
+  return _finish(np.split(perm, np.cumsum(sizes)[:-1]))
+
+
+def make_partition(name: str, labels: np.ndarray, num_clients: int, seed: int,
+                   **opts) -> list[np.ndarray]:
+  """Partitions a labelled pool by name.
+
+  Args:
+    name: one of 'iid', 'dirichlet' (opt ``alpha``, default 0.5), 'shards'
+      (opts ``shards_per_client``, default 2, ``allow_uneven``), 'quantity'
+      (opt ``sigma``, default 1.0).
+    labels: [M] integer labels.
+    num_clients: number of clients.
+    seed: RNG seed.
+    **opts: options of the chosen partitioner.
+
+  Returns:
+    One sorted index array per client.
+  """
+  labels = np.asarray(labels)
+  table: dict[str, tuple[Callable[..., list[np.ndarray]], set[str]]] = {
+      "iid": (lambda: iid(len(labels), num_clients, seed), set()),
+      "dirichlet": (lambda alpha=0.5: dirichlet(labels, num_clients, alpha,
+                                                seed), {"alpha"}),
+      "shards": (lambda shards_per_client=2, allow_uneven=False: shards(
+          labels, num_clients, shards_per_client, seed, allow_uneven),
+                 {"shards_per_client", "allow_uneven"}),
+      "quantity": (lambda sigma=1.0: quantity(len(labels), num_clients, sigma,
+                                              seed), {"sigma"}),
+  }
+  if name not in table:
+    raise ValueError(f"partition: unknown {name!r}; valid: {sorted(table)}")
+  fn, allowed = table[name]
+  unknown = set(opts) - allowed
+  if unknown:
+    raise ValueError(f"partition {name!r}: unknown options {sorted(unknown)}; "
+                     f"valid: {sorted(allowed)}")
+  return fn(**opts)
+
+
+def label_histograms(labels: np.ndarray, parts: Sequence[np.ndarray],
+                     num_classes: int) -> np.ndarray:
+  """Returns [N, num_classes] int64 label counts per client."""
+  labels = np.asarray(labels)
+  return np.stack([np.bincount(labels[p], minlength=num_classes)
+                   for p in parts])
+
+
+def mean_tv_distance(labels: np.ndarray, parts: Sequence[np.ndarray],
+                     num_classes: int) -> float:
+  """Mean total-variation distance of client label mixes from the global one.
+
+  0 means every client has the global mix; values near 1 mean clients see
+  disjoint classes.
+
+  Args:
+    labels: [M] integer labels.
+    parts: per-client index arrays.
+    num_classes: number of classes.
+
+  Returns:
+    The mean over clients of 0.5 * ||p_client - p_global||_1.
+  """
+  hist = label_histograms(labels, parts, num_classes).astype(np.float64)
+  glob = np.bincount(np.asarray(labels), minlength=num_classes) / len(labels)
+  p = hist / hist.sum(axis=1, keepdims=True)
+  return float(np.mean(0.5 * np.abs(p - glob).sum(axis=1)))
