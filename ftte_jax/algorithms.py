@@ -1,0 +1,202 @@
+"""Engine configuration and the four algorithm presets.
+
+FedAvg, FedBuff, FedAsync and FTTE are not separate code paths: each is an
+``EngineConfig`` for the one event-driven engine in ``ftte_jax.engine``
+(DESIGN §2). ``preset(name, **overrides)`` builds one; ``validate`` checks a
+config against a fleet before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from ftte_jax import aggregation, staleness
+
+PRESETS = ("fedavg", "fedbuff", "fedasync", "ftte")
+SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
+MASK_POLICIES = ("full", "last_n", "search")
+MEMORY_POLICIES = ("exclude", "ignore")
+CLIENT_BATCHING = ("vmap", "map", "auto")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+  """Every engine option; hyperparameters are static, never traced.
+
+  Attributes:
+    algorithm: preset name this config came from (for the record).
+    concurrency: C, client tasks in flight at once.
+    buffer_size: K, updates per server step (K <= C).
+    ring_size: S, global versions kept; older updates are dropped as stale.
+    local_steps: local SGD steps per task (the maximum when local_epochs set).
+    local_epochs: if set, client i takes ceil(local_epochs * n_i / batch)
+      steps (no more than local_steps would allow is *not* enforced: the
+      loop length becomes the largest client's count).
+    batch_size: local batch size.
+    client_lr: client SGD learning rate.
+    client_momentum: client SGD momentum (0 = plain SGD).
+    server_optimizer: sgd | momentum | adam, applied to the aggregate.
+    server_lr: server learning rate (FedAsync's mixing rate alpha).
+    server_momentum: momentum of the ``momentum`` server optimizer.
+    staleness: age weight: constant | polynomial | hinge | exponential.
+    staleness_a: decay rate of the age weight.
+    staleness_b: hinge threshold of the age weight.
+    variance_beta: FTTE variance weight 1/(1+beta*d); 0 switches it off.
+    data_weight_exponent: gamma in the n_i^gamma data-size weight.
+    normalization: coordinate (FTTE/FedAvg) | buffer (FedBuff/FedAsync).
+    mask: full | last_n (FTTE before the search) | search.
+    last_n_tensors: tensors trained by the ``last_n`` mask rule.
+    memory_policy: exclude devices that cannot hold their mask's training
+      memory, or ignore memory.
+    deadline_s: task deadline in virtual seconds; a task not back by then is
+      dropped and its slot freed. None: deadline_factor times the slowest
+      eligible device's nominal task time.
+    deadline_factor: see deadline_s.
+    client_batching: how the K clients of a step are trained: vmap (all at
+      once), map (one after another inside the jit), or auto (map on CPU,
+      vmap on accelerators; measured in experiments/benchmarks/throughput.py).
+    unroll_local_steps: fully unroll the local-step loop (fast on CPU for
+      convolutions, DESIGN §5) instead of a rolled loop.
+    eval_batch_size: batch size of the held-out evaluation.
+  """
+
+  algorithm: str = "ftte"
+  concurrency: int = 100
+  buffer_size: int = 10
+  ring_size: int = 16
+  local_steps: int = 5
+  local_epochs: float | None = None
+  batch_size: int = 32
+  client_lr: float = 0.05
+  client_momentum: float = 0.0
+  server_optimizer: str = "sgd"
+  server_lr: float = 1.0
+  server_momentum: float = 0.9
+  staleness: str = "polynomial"
+  staleness_a: float = 0.5
+  staleness_b: float = 4.0
+  variance_beta: float = 1.0
+  data_weight_exponent: float = 1.0
+  normalization: str = "coordinate"
+  mask: str = "last_n"
+  last_n_tensors: int = 2
+  memory_policy: str = "exclude"
+  deadline_s: float | None = None
+  deadline_factor: float = 3.0
+  client_batching: str = "auto"
+  unroll_local_steps: bool = True
+  eval_batch_size: int = 1000
+
+
+_PRESET_DEFAULTS = {
+    # Synchronous: the server waits for all K clients it sampled.
+    "fedavg": dict(staleness="constant", variance_beta=0.0,
+                   data_weight_exponent=1.0, normalization="coordinate",
+                   mask="full"),
+    # Nguyen et al. 2022: buffer K of C in flight, (1+tau)^-0.5, mean over K.
+    "fedbuff": dict(staleness="polynomial", staleness_a=0.5,
+                    variance_beta=0.0, data_weight_exponent=0.0,
+                    normalization="buffer", mask="full"),
+    # Xie et al. 2019: every arrival mixes in with alpha * (1+tau)^-a.
+    "fedasync": dict(buffer_size=1, staleness="polynomial", staleness_a=0.5,
+                     variance_beta=0.0, data_weight_exponent=0.0,
+                     normalization="buffer", mask="full", server_lr=0.6),
+    # This project's FTTE reconstruction: age x variance, sparse subset.
+    "ftte": dict(staleness="polynomial", staleness_a=0.5, variance_beta=1.0,
+                 data_weight_exponent=1.0, normalization="coordinate",
+                 mask="last_n"),
+}
+
+
+def preset(name: str, **overrides) -> EngineConfig:
+  """Returns the EngineConfig of preset ``name`` with ``overrides`` applied.
+
+  For ``fedavg`` the concurrency always equals the buffer size (a synchronous
+  round); passing a different ``concurrency`` is an error.
+  """
+  if name not in PRESETS:
+    raise ValueError(f"algorithm must be one of {PRESETS}, got {name!r}")
+  fields = {f.name for f in dataclasses.fields(EngineConfig)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f"unknown engine option(s) {unknown}; valid: "
+                     f"{sorted(fields)}")
+  kw = dict(_PRESET_DEFAULTS[name])
+  kw.update(overrides)
+  kw["algorithm"] = name
+  if name == "fedavg":
+    k = kw.get("buffer_size", EngineConfig.buffer_size)
+    if "concurrency" in overrides and overrides["concurrency"] != k:
+      raise ValueError(
+          f"fedavg is synchronous: concurrency must equal buffer_size ({k}), "
+          f"got concurrency={overrides['concurrency']}")
+    kw["concurrency"] = k
+  if name == "fedasync" and kw["buffer_size"] != 1:
+    raise ValueError(f"fedasync applies every update alone: buffer_size must "
+                     f"be 1, got {kw['buffer_size']}")
+  config = EngineConfig(**kw)
+  validate(config)
+  return config
+
+
+def _positive_int(name: str, value) -> None:
+  if not (isinstance(value, int) and value >= 1):
+    raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _positive(name: str, value) -> None:
+  if not (value > 0 and math.isfinite(value)):
+    raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def validate(config: EngineConfig, num_clients: int | None = None) -> None:
+  """Raises ValueError naming the first invalid option and its valid range."""
+  if config.algorithm not in PRESETS:
+    raise ValueError(f"algorithm must be one of {PRESETS}, got "
+                     f"{config.algorithm!r}")
+  for name in ("concurrency", "buffer_size", "ring_size", "local_steps",
+               "batch_size", "eval_batch_size", "last_n_tensors"):
+    _positive_int(name, getattr(config, name))
+  if config.buffer_size > config.concurrency:
+    raise ValueError(f"buffer_size (K={config.buffer_size}) must be <= "
+                     f"concurrency (C={config.concurrency})")
+  if num_clients is not None and config.concurrency > num_clients:
+    raise ValueError(f"concurrency (C={config.concurrency}) must be <= "
+                     f"num_clients ({num_clients})")
+  if config.local_epochs is not None:
+    _positive("local_epochs", config.local_epochs)
+  _positive("client_lr", config.client_lr)
+  _positive("server_lr", config.server_lr)
+  _positive("deadline_factor", config.deadline_factor)
+  if config.deadline_s is not None:
+    _positive("deadline_s", config.deadline_s)
+  if not 0.0 <= config.client_momentum < 1.0:
+    raise ValueError(f"client_momentum must be in [0, 1), got "
+                     f"{config.client_momentum}")
+  if not 0.0 <= config.server_momentum < 1.0:
+    raise ValueError(f"server_momentum must be in [0, 1), got "
+                     f"{config.server_momentum}")
+  if config.server_optimizer not in SERVER_OPTIMIZERS:
+    raise ValueError(f"server_optimizer must be one of {SERVER_OPTIMIZERS}, "
+                     f"got {config.server_optimizer!r}")
+  staleness.make_staleness_fn(config.staleness, config.staleness_a,
+                              config.staleness_b)
+  if config.variance_beta < 0:
+    raise ValueError(f"variance_beta must be >= 0, got {config.variance_beta}")
+  if config.data_weight_exponent < 0:
+    raise ValueError("data_weight_exponent must be >= 0, got "
+                     f"{config.data_weight_exponent}")
+  if config.normalization not in aggregation.NORMALIZATIONS:
+    raise ValueError(f"normalization must be one of "
+                     f"{aggregation.NORMALIZATIONS}, got "
+                     f"{config.normalization!r}")
+  if config.mask not in MASK_POLICIES:
+    raise ValueError(f"mask must be one of {MASK_POLICIES}, got "
+                     f"{config.mask!r}")
+  if config.memory_policy not in MEMORY_POLICIES:
+    raise ValueError(f"memory_policy must be one of {MEMORY_POLICIES}, got "
+                     f"{config.memory_policy!r}")
+  if config.client_batching not in CLIENT_BATCHING:
+    raise ValueError(f"client_batching must be one of {CLIENT_BATCHING}, got "
+                     f"{config.client_batching!r}")
