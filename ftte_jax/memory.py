@@ -1,0 +1,177 @@
+"""Analytic training memory and FLOPs of a parameter subset, from shapes.
+
+Model (float32 everywhere, ``B`` = batch size, layers ``0..L-1`` in forward
+order from ``groups.analyze``; ``in_l``/``out_l`` = elements per example of
+layer ``l``'s input/output; ``e`` = the earliest layer with any trained group):
+
+  weights      = 4 * (all parameters)  -- the whole model stays resident.
+  gradients    = 4 * (trained parameters)  -- only selected channels.
+  optimizer    = slots * 4 * (trained parameters); slots: sgd 0,
+                 momentum 1, adam 2.
+  activations  = stored + workspace, where
+    stored     = 4 * B * ( sum_{l > e} in_l                       (a)
+                         + [a kernel/scale of layer e trains] * in_e (b)
+                         + out_{L-1} )                              (c)
+                 and 0 when nothing trains;
+    workspace  = 4 * B * max_l (in_l + out_l)                       (d)
+
+  (a) Backprop runs from the loss down to layer ``e`` only; layers before
+      ``e`` store nothing. For every layer after ``e`` one input-sized tensor
+      is kept: the nonlinearity (or norm) feeding it must be differentiated
+      through, and the same tensor serves the layer's own weight gradient.
+      Assumes one parameterless elementwise op between consecutive layers;
+      pooling/reshape are charged at the next layer's (pooled) input size.
+  (b) At layer ``e`` itself nothing is backpropagated further, so its input is
+      needed only for a weight gradient (``dW = x^T g``, any channel fraction
+      needs the whole input). A bias-only (or norm-bias-only) group needs none.
+  (c) The loss keeps the logits/probabilities for its backward pass.
+  (d) Transient buffers: the largest forward input+output pair, which also
+      bounds the pair of activation-gradient buffers alive during backward.
+      Constant across masks; charged even when nothing trains.
+
+FLOPs per example (what the engine uses for virtual task time):
+  forward    = sum_l 2*MACs_l (+ out_l per bias; norms 8*out_l).
+  input grad = sum_{l > e} 2*MACs_l (norms 8*out_l).
+  weight grad= per trained tensor: 2*MACs_l*f for kernels (f = trained channel
+               fraction), out_l*f for biases, 2*out_l*f for norm scale/bias.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ftte_jax import groups as groups_lib
+
+PyTree = Any
+BYTES = 4  # float32 weights, gradients, optimizer slots and activations.
+OPTIMIZER_SLOTS = {"sgd": 0, "momentum": 1, "adam": 2}
+NORM_FLOPS_PER_ELEMENT = 8  # mean, variance, normalize, scale, shift.
+
+
+def optimizer_slots(optimizer: str) -> int:
+  """Per-parameter optimizer state slots for a named client optimizer."""
+  if optimizer not in OPTIMIZER_SLOTS:
+    raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_SLOTS)}, "
+                     f"got {optimizer!r}")
+  return OPTIMIZER_SLOTS[optimizer]
+
+
+def layer_arrays(info: groups_lib.ModelInfo) -> tuple[np.ndarray, np.ndarray]:
+  """Per-example input and output elements of each layer ([L] int each)."""
+  return (np.asarray([l.in_size for l in info.layers], np.int64),
+          np.asarray([l.out_size for l in info.layers], np.int64))
+
+
+def stored_after(info: groups_lib.ModelInfo) -> np.ndarray:
+  """[L] per-example elements stored for backward if layer e is the earliest.
+
+  Terms (a) + (c) of the module docstring; (b) is added per trained kernel.
+  """
+  ins, outs = layer_arrays(info)
+  suffix = np.concatenate([np.cumsum(ins[::-1])[::-1][1:], [0]])
+  return suffix + outs[-1]
+
+
+def workspace_elements(info: groups_lib.ModelInfo) -> int:
+  ins, outs = layer_arrays(info)
+  return int((ins + outs).max()) if len(ins) else 0
+
+
+def _check(batch_size: int, optimizer: str) -> int:
+  if int(batch_size) < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  return optimizer_slots(optimizer)
+
+
+def memory_from_sizes(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
+                      sizes: np.ndarray, batch_size: int,
+                      optimizer: str) -> dict[str, float]:
+  """Memory breakdown for trained channel counts per tensor ([T] int)."""
+  slots = _check(batch_size, optimizer)
+  sizes = np.asarray(sizes, np.int64)
+  per_channel = spec.numel[:, -1] // spec.sizes[:, -1]
+  trained = int((per_channel * sizes).sum())
+  ins, _ = layer_arrays(info)
+  on = sizes > 0
+  stored = 0
+  if on.any():
+    e = int(spec.layer[on].min())
+    stored = int(stored_after(info)[e])
+    if (on & spec.needs_input & (spec.layer == e)).any():
+      stored += int(ins[e])
+  work = workspace_elements(info)
+  out = {
+      "weights": float(BYTES * info.num_params),
+      "gradients": float(BYTES * trained),
+      "optimizer_state": float(BYTES * slots * trained),
+      "activations_stored": float(BYTES * batch_size * stored),
+      "workspace": float(BYTES * batch_size * work),
+  }
+  out["activations"] = out["activations_stored"] + out["workspace"]
+  out["total"] = (out["weights"] + out["gradients"] + out["optimizer_state"]
+                  + out["activations"])
+  return out
+
+
+def training_memory(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
+                    params: PyTree, mask: PyTree, batch_size: int,
+                    optimizer: str = "sgd") -> dict[str, float]:
+  """Peak on-device training memory (bytes) of training ``mask``.
+
+  Args:
+    info: from ``groups.analyze``.
+    spec: from ``groups.make_groups`` (any fractions; the mask need not be a
+      channel prefix, any selected entry charges its whole channel).
+    params: parameter tree (structure only).
+    mask: boolean/0-1 tree shaped like ``params``.
+    batch_size: examples per local step.
+    optimizer: 'sgd', 'momentum' or 'adam'.
+
+  Returns:
+    Dict of bytes: weights, gradients, optimizer_state, activations
+    (= activations_stored + workspace), total.
+  """
+  _check(batch_size, optimizer)
+  sizes = groups_lib.mask_to_sizes(spec, params, mask)
+  return memory_from_sizes(info, spec, sizes, batch_size, optimizer)
+
+
+def flops_from_sizes(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
+                     sizes: np.ndarray) -> float:
+  """Training FLOPs per example for trained channel counts per tensor."""
+  sizes = np.asarray(sizes, np.int64)
+  fwd = 0.0
+  layer_bwd_in = []
+  for l in info.layers:
+    if l.kind == "linear":
+      fwd += 2.0 * l.macs + l.out_size * ("bias" in dict(l.param_shapes))
+      layer_bwd_in.append(2.0 * l.macs)
+    else:
+      fwd += float(NORM_FLOPS_PER_ELEMENT * l.out_size)
+      layer_bwd_in.append(float(NORM_FLOPS_PER_ELEMENT * l.out_size))
+  on = sizes > 0
+  if not on.any():
+    return fwd
+  e = int(spec.layer[on].min())
+  bwd_in = sum(layer_bwd_in[e + 1:])
+  bwd_w = 0.0
+  for t in np.nonzero(on)[0]:
+    l = info.layers[spec.layer[t]]
+    frac = sizes[t] / spec.sizes[t, -1]
+    name = spec.paths[t][-1]
+    if l.kind == "linear" and name == "kernel":
+      bwd_w += 2.0 * l.macs * frac
+    elif l.kind == "linear":
+      bwd_w += l.out_size * frac
+    else:
+      bwd_w += 2.0 * l.out_size * frac
+  return float(fwd + bwd_in + bwd_w)
+
+
+def training_flops(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
+                   params: PyTree, mask: PyTree) -> float:
+  """Training FLOPs per example (forward + backward) of training ``mask``."""
+  return flops_from_sizes(info, spec,
+                          groups_lib.mask_to_sizes(spec, params, mask))

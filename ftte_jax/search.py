@@ -1,0 +1,460 @@
+"""Memory-budgeted subset search: which parameter groups each tier trains.
+
+Problem. Tensors ``t = 0..T-1`` (from ``groups.make_groups``) each take one
+level ``k in [0, K]`` (first ``sizes[t, k]`` output channels; 0 = frozen) with
+importance ``v[t, k]`` (cumulative, ``importance.group_importance``).
+Maximize ``sum_t v[t, k_t]`` subject to ``memory(k) <= budget`` where, with
+``e`` the earliest layer that trains (``memory`` docstring),
+
+  memory(k) = base + sum_t c[t, k_t]                      (weights, workspace,
+            + stored[e] + [some kernel/scale of e trains] * in[e]   grads, opt)
+
+``stored[e]`` decreases with ``e``, so the activation term is not additive.
+
+Exact method. For each candidate ``e`` the activation cost is fixed and the
+rest is a multiple-choice knapsack: tensors of layers ``< e`` are frozen, and
+the input cost ``in[e]`` is folded into every non-zero level of the
+kernel/scale tensors of layer ``e``. Solved by dynamic programming over
+discretized cost (``lax.scan`` over tensors, ``vmap`` over ``e``), then the
+best ``e`` wins. No "layer ``e`` must train" constraint is needed: a mask
+whose true earliest layer is ``e' > e`` is charged at least its true memory
+under ``e`` (``stored[e] >= stored[e'] + in[e']``), so the maximum over ``e``
+equals the true optimum and every returned mask is truly feasible.
+
+Discretization. Costs are rounded UP and the free budget ``budget - base -
+stored[e]`` DOWN to a resolution ``r`` bytes, so a returned mask never exceeds
+the budget. Optimality gap: the result is at least as good as the true
+optimum under the budget ``budget - (m + 1) * r``, where ``m`` is the number
+of tensors that mask trains (each rounding loses < r). With ``num_cells``
+cells, ``r = max_e(free budget) / num_cells`` unless ``resolution`` is given
+(the table then grows to fit it). Integer costs with ``r = 1`` are solved exactly.
+
+Greedy method. Upgrades ``(t, k)`` sorted by importance gain per byte (cost:
+parameter-state bytes plus the activation bytes of making ``t``'s layer the
+earliest), accepted in one pass when the exact (discretized) memory stays
+within the budget.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from ftte_jax import groups as groups_lib
+from ftte_jax import importance as importance_lib
+from ftte_jax import masks as masks_lib
+from ftte_jax import memory as memory_lib
+
+PyTree = Any
+METHODS = ("exact", "greedy")
+POLICIES = ("min", "per_tier")
+
+
+@struct.dataclass
+class SearchProblem:
+  """Costs of a search instance in bytes (host numpy, float64)."""
+
+  option_bytes: np.ndarray  # [T, K+1] gradient + optimizer bytes per level.
+  valid: np.ndarray  # [T, K+1] bool: level selectable (level 0 always).
+  tensor_layer: np.ndarray  # [T] int: layer of each tensor.
+  needs_input: np.ndarray  # [T] bool: gradient needs the layer input.
+  input_bytes: np.ndarray  # [L] stored input bytes of each layer (batch incl.).
+  stored_bytes: np.ndarray  # [L] stored bytes if layer e is the earliest.
+  base_bytes: float  # [] weights + workspace (paid even when nothing trains).
+
+  @property
+  def num_layers(self) -> int:
+    return int(self.input_bytes.shape[0])
+
+
+@struct.dataclass
+class Discretized:
+  """A ``SearchProblem`` at one budget, in integer cells (device arrays)."""
+
+  w_option: jnp.ndarray  # [T, K+1] int32 cells per level (invalid: > cap).
+  w_input: jnp.ndarray  # [L] int32 cells of each layer's input.
+  cap: jnp.ndarray  # [L] int32 free cells if e is earliest (-1: infeasible).
+  tensor_layer: jnp.ndarray  # [T] int32.
+  needs_input: jnp.ndarray  # [T] bool.
+  resolution: jnp.ndarray  # [] float32 bytes per cell.
+
+
+def make_problem(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
+                 batch_size: int, optimizer: str = "sgd") -> SearchProblem:
+  """Builds the search instance of a model (costs from ``memory``)."""
+  slots = memory_lib.optimizer_slots(optimizer)
+  if int(batch_size) < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  act = memory_lib.BYTES * batch_size
+  ins, _ = memory_lib.layer_arrays(info)
+  return SearchProblem(
+      option_bytes=(memory_lib.BYTES * (1 + slots) * spec.numel).astype(
+          np.float64),
+      valid=spec.valid.copy(),
+      tensor_layer=spec.layer.copy(),
+      needs_input=spec.needs_input.copy(),
+      input_bytes=(act * ins).astype(np.float64),
+      stored_bytes=(act * memory_lib.stored_after(info)).astype(np.float64),
+      base_bytes=float(memory_lib.BYTES * info.num_params
+                       + act * memory_lib.workspace_elements(info)))
+
+
+def problem_memory(problem: SearchProblem, levels: np.ndarray) -> float:
+  """Exact memory (bytes) of one level per tensor; the search's objective."""
+  levels = np.asarray(levels)
+  t = np.arange(levels.shape[0])
+  total = problem.base_bytes + problem.option_bytes[t, levels].sum()
+  on = levels > 0
+  if on.any():
+    e = int(problem.tensor_layer[on].min())
+    total += problem.stored_bytes[e]
+    if (on & problem.needs_input & (problem.tensor_layer == e)).any():
+      total += problem.input_bytes[e]
+  return float(total)
+
+
+def min_feasible(problem: SearchProblem) -> tuple[float, int, int]:
+  """Cheapest memory that trains anything: (bytes, tensor, level).
+
+  Memory only grows when groups are added, so the cheapest non-empty mask
+  trains a single group.
+  """
+  best = (math.inf, -1, -1)
+  t_count, k_count = problem.option_bytes.shape
+  for t in range(t_count):
+    for k in range(1, k_count):
+      if problem.valid[t, k]:
+        lv = np.zeros(t_count, np.int64)
+        lv[t] = k
+        best = min(best, (problem_memory(problem, lv), t, k))
+  return best
+
+
+def discretize(problem: SearchProblem, budget: float, num_cells: int = 1024,
+               resolution: float | None = None) -> tuple[Discretized, int]:
+  """Rounds costs up and free budgets down to cells (host, float64).
+
+  Args:
+    problem: the instance.
+    budget: memory budget in bytes.
+    num_cells: cells of the DP table; with ``resolution`` None the
+      resolution is ``max free budget / num_cells``.
+    resolution: bytes per cell; the table then grows to
+      ``max(num_cells, ceil(max free budget / resolution))`` cells.
+
+  Returns:
+    ``(Discretized, num_cells)``; pass ``num_cells`` to the solvers (static).
+  """
+  free = budget - problem.base_bytes - problem.stored_bytes  # [L]
+  top = max(float(free.max()) if free.size else 0.0, 0.0)
+  if resolution is not None:
+    if not resolution > 0:
+      raise ValueError(f"resolution must be > 0 bytes, got {resolution}")
+    num_cells = max(int(num_cells), math.ceil(top / resolution), 1)
+    res = float(resolution)
+  else:
+    if int(num_cells) < 1:
+      raise ValueError(f"num_cells must be >= 1, got {num_cells}")
+    res = top / num_cells if top > 0 else 1.0
+  num_cells = int(num_cells)
+
+  def up(x):
+    w = np.ceil(x / res)
+    return w + (w * res < x)  # guard float64 rounding: never under-charge.
+
+  cap = np.floor(free / res)
+  cap = cap - (cap * res > free)
+  cap = np.clip(cap, -1, num_cells).astype(np.int32)
+  big = num_cells + 1
+  w_opt = np.minimum(up(problem.option_bytes), big)
+  w_opt = np.where(problem.valid, w_opt, big).astype(np.int32)
+  w_in = np.minimum(up(problem.input_bytes), big).astype(np.int32)
+  return Discretized(
+      w_option=jnp.asarray(w_opt), w_input=jnp.asarray(w_in),
+      cap=jnp.asarray(cap), tensor_layer=jnp.asarray(problem.tensor_layer,
+                                                     jnp.int32),
+      needs_input=jnp.asarray(problem.needs_input),
+      resolution=jnp.asarray(res, jnp.float32)), num_cells
+
+
+def _weights_for(d: Discretized, e, with_input, num_cells: int):
+  """[T, K+1] cells per level and free cells for earliest layer ``e``.
+
+  ``with_input`` False freezes the kernel/scale tensors of layer ``e``;
+  True lets them train and pays ``in[e]`` once, up front.
+  """
+  k = jnp.arange(d.w_option.shape[1])
+  at_e_input = (d.tensor_layer == e) & d.needs_input
+  allowed = ((d.tensor_layer >= e) & (with_input | ~at_e_input))[:, None] | (
+      k[None, :] == 0)
+  w = jnp.where(allowed, d.w_option, num_cells + 1)
+  cap = jnp.where(with_input, d.cap[e] - d.w_input[e], d.cap[e])
+  return w, cap
+
+
+def solve_exact(d: Discretized, values: jnp.ndarray, num_cells: int
+                ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Exact multiple-choice knapsack per earliest layer (pure, jittable).
+
+  For each earliest layer ``e`` two knapsacks run: one with the layer's
+  kernel/scale tensors frozen, one with them free and ``in[e]`` prepaid (a
+  layer may hold several input-needing tensors; the input is stored once).
+
+  Args:
+    d: from ``discretize``.
+    values: ``[T, K+1]`` cumulative importance (``values[:, 0]`` is ignored
+      and treated as 0).
+    num_cells: static DP size returned by ``discretize``.
+
+  Returns:
+    ``(levels [T] int32, value [] float32)``; all-zero levels (value 0) when
+    nothing fits.
+  """
+  values = jnp.asarray(values, jnp.float32).at[:, 0].set(0.0)
+  cells = jnp.arange(num_cells + 1)
+  num_layers = d.w_input.shape[0]
+
+  def for_case(e, with_input):
+    w, cap = _weights_for(d, e, with_input, num_cells)
+
+    def step(dp, xs):
+      w_t, v_t = xs  # [K+1] each.
+      idx = cells[None, :] - w_t[:, None]  # [K+1, C]
+      cand = jnp.where(idx >= 0, dp[jnp.maximum(idx, 0)] + v_t[:, None],
+                       -jnp.inf)
+      return jnp.max(cand, axis=0), jnp.argmax(cand, axis=0).astype(jnp.int8)
+
+    dp, choice = jax.lax.scan(step, jnp.zeros(num_cells + 1), (w, values))
+    best = jnp.where(cap >= 0, dp[jnp.clip(cap, 0, num_cells)], -jnp.inf)
+
+    def back(c, xs):
+      choice_t, w_t = xs
+      k = choice_t[c].astype(jnp.int32)
+      return c - w_t[k], k
+
+    _, levels = jax.lax.scan(back, jnp.clip(cap, 0, num_cells), (choice, w),
+                             reverse=True)
+    return best, levels
+
+  es = jnp.repeat(jnp.arange(num_layers), 2)
+  modes = jnp.tile(jnp.array([False, True]), num_layers)
+  bests, levels = jax.vmap(for_case)(es, modes)
+  i = jnp.argmax(bests)
+  ok = bests[i] > -jnp.inf
+  return (jnp.where(ok, levels[i], 0).astype(jnp.int32),
+          jnp.where(ok, bests[i], 0.0))
+
+
+def _fits(d: Discretized, levels: jnp.ndarray) -> jnp.ndarray:
+  """Whether levels fit the discretized budget (same test as the DP)."""
+  num_layers = d.w_input.shape[0]
+  on = levels > 0
+  e = jnp.min(jnp.where(on, d.tensor_layer, num_layers))
+  e_safe = jnp.minimum(e, num_layers - 1)
+  used = jnp.sum(jnp.take_along_axis(d.w_option, levels[:, None], 1))
+  used = used + jnp.where(
+      jnp.any(on & d.needs_input & (d.tensor_layer == e)), d.w_input[e_safe], 0)
+  return (e == num_layers) | (used <= d.cap[e_safe])
+
+
+def solve_greedy(d: Discretized, values: jnp.ndarray
+                 ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Greedy by importance gain per byte (pure, jittable).
+
+  Returns:
+    ``(levels [T] int32, value [] float32)``.
+  """
+  values = jnp.asarray(values, jnp.float32).at[:, 0].set(0.0)
+  t_count, k_count = values.shape
+  big = jnp.iinfo(jnp.int32).max // 4
+  w_opt = jnp.where(d.w_option > jnp.max(d.cap), big, d.w_option)
+  # Activation cells of making a layer the earliest, relative to the last.
+  act = (d.cap[-1] - d.cap)[d.tensor_layer] + jnp.where(
+      d.needs_input, d.w_input[d.tensor_layer], 0)
+  gain = values[:, 1:] - values[:, :-1]
+  dcost = jnp.maximum(w_opt[:, 1:] - w_opt[:, :-1], 0) + act[:, None]
+  ratio = gain / jnp.maximum(dcost, 1).astype(jnp.float32)
+  order = jnp.argsort(-ratio.reshape(-1))
+  items_t = order // (k_count - 1)
+  items_k = order % (k_count - 1) + 1
+
+  def step(levels, item):
+    t, k = item
+    cand = levels.at[t].set(k)
+    ok = (levels[t] < k) & (d.w_option[t, k] <= jnp.max(d.cap)) & _fits(d, cand)
+    return jnp.where(ok, cand, levels), None
+
+  levels, _ = jax.lax.scan(step, jnp.zeros(t_count, jnp.int32),
+                           (items_t, items_k))
+  value = jnp.sum(jnp.take_along_axis(values, levels[:, None], 1))
+  return levels, value
+
+
+_solve_exact_jit = jax.jit(solve_exact, static_argnames="num_cells")
+_solve_greedy_jit = jax.jit(solve_greedy)
+
+
+def solve(problem: SearchProblem, values, budget: float,
+          method: str = "exact", num_cells: int = 1024,
+          resolution: float | None = None) -> dict[str, Any]:
+  """Solves one instance (host entry point; the solvers run jitted).
+
+  Returns:
+    Dict: levels ([T] np.int32), importance, memory_bytes (exact),
+    resolution_bytes, num_cells.
+  """
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  d, num_cells = discretize(problem, budget, num_cells, resolution)
+  values = jnp.asarray(values, jnp.float32)
+  if method == "exact":
+    levels, value = _solve_exact_jit(d, values, num_cells=num_cells)
+  else:
+    levels, value = _solve_greedy_jit(d, values)
+  levels = np.asarray(jax.device_get(levels))
+  return {"levels": levels, "importance": float(value),
+          "memory_bytes": problem_memory(problem, levels),
+          "resolution_bytes": float(d.resolution), "num_cells": num_cells}
+
+
+def build_plan(model, params: PyTree, example_input_shape: Sequence[int],
+               importance: Any, device_memory_bytes: Sequence[float],
+               tier_of_client: Sequence[int] | None = None,
+               policy: str = "min", batch_size: int = 32,
+               optimizer: str = "sgd", method: str = "exact",
+               channel_fractions: Sequence[float] = groups_lib.DEFAULT_FRACTIONS,
+               num_cells: int = 1024, resolution_bytes: float | None = None,
+               apply_kwargs: dict | None = None
+               ) -> tuple[masks_lib.MaskPlan, dict[str, Any]]:
+  """Searches one mask per memory tier and packs them into a ``MaskPlan``.
+
+  Builds: the model analysis (``groups.analyze`` on ``example_input_shape``),
+  groups at ``channel_fractions``, the memory instance for ``batch_size`` and
+  ``optimizer``, then one search per tier. Policy ``'min'``: a single tier
+  with budget ``min(device_memory_bytes)`` (the paper's ``M_min``), every
+  client in tier 0. Policy ``'per_tier'``: tier ``j``'s budget is the
+  smallest memory among its clients (``tier_of_client``; when None, one tier
+  per distinct memory value, ascending). Plan memory/FLOPs per tier come from
+  ``memory.training_memory``/``training_flops`` of the chosen mask.
+
+  Args:
+    model: flax linen module; ``model.apply(params, x, **apply_kwargs)``.
+    params: its parameters (bare or ``{'params': ...}``); masks match it.
+    example_input_shape: input shape with a leading batch axis.
+    importance: a Fisher tree shaped like ``params``
+      (``importance.fisher_diagonal``) or group scores ``[T, K+1]``.
+    device_memory_bytes: ``[N]`` memory of each client.
+    tier_of_client: ``[N]`` tier ids ``0..T-1`` (each used) or None.
+    policy: 'min' or 'per_tier'.
+    batch_size: client batch size (activation memory).
+    optimizer: client optimizer: 'sgd', 'momentum' or 'adam'.
+    method: 'exact' (DP) or 'greedy'.
+    channel_fractions: ascending output-channel fractions ending in 1.0.
+    num_cells: DP cells (resolution = free budget / num_cells).
+    resolution_bytes: explicit DP resolution (the table grows to fit).
+    apply_kwargs: extra keyword arguments for ``model.apply``.
+
+  Returns:
+    ``(MaskPlan, report)``; report has ``tiers`` (per tier: budget_bytes,
+    num_clients, memory breakdown, flops_per_example, importance,
+    importance_fraction, trained_params, selected groups and resolution) and
+    ``min_feasible_bytes``, ``num_groups``, ``method``, ``policy``.
+
+  Raises:
+    ValueError: on a bad option, or a budget below the minimum feasible
+      training memory (both named).
+  """
+  if policy not in POLICIES:
+    raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  memory_lib.optimizer_slots(optimizer)
+  if int(batch_size) < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  mem = np.asarray(device_memory_bytes, np.float64).reshape(-1)
+  if mem.size == 0 or not np.all(mem > 0):
+    raise ValueError("device_memory_bytes must be a non-empty [N] array of "
+                     "positive byte counts")
+  if policy == "min":
+    tiers = np.zeros(mem.size, np.int32)
+  elif tier_of_client is None:
+    tiers = np.searchsorted(np.unique(mem), mem).astype(np.int32)
+  else:
+    tiers = np.asarray(tier_of_client, np.int64).reshape(-1)
+    if tiers.shape != mem.shape:
+      raise ValueError(f"tier_of_client must have shape {mem.shape} like "
+                       f"device_memory_bytes, got {tiers.shape}")
+    used = np.unique(tiers)
+    if used[0] < 0 or not np.array_equal(used, np.arange(used.size)):
+      raise ValueError("tier_of_client must use every tier id 0..T-1, got "
+                       f"ids {used.tolist()}")
+    tiers = tiers.astype(np.int32)
+  num_tiers = int(tiers.max()) + 1
+  budgets = [float(mem[tiers == j].min()) for j in range(num_tiers)]
+
+  info = groups_lib.analyze(model, params, tuple(example_input_shape),
+                            **(apply_kwargs or {}))
+  spec = groups_lib.make_groups(info, channel_fractions)
+  problem = make_problem(info, spec, batch_size, optimizer)
+  if isinstance(importance, (np.ndarray, jnp.ndarray)):
+    values = jnp.asarray(importance, jnp.float32)
+    if values.shape != spec.sizes.shape:
+      raise ValueError(f"importance scores must have shape {spec.sizes.shape} "
+                       f"[tensors, levels], got {values.shape}")
+  else:
+    # One compiled call instead of many small eager ops.
+    values = jax.jit(lambda f: importance_lib.group_importance(spec, f))(
+        importance)
+  floor_bytes, t_min, k_min = min_feasible(problem)
+  low = min(budgets)
+  if low < floor_bytes:
+    raise ValueError(
+        f"memory budget {low:.0f} bytes (smallest device, policy={policy!r}) "
+        f"is below the minimum feasible training memory {floor_bytes:.0f} "
+        f"bytes (training only {'/'.join(spec.paths[t_min])} at fraction "
+        f"{spec.fractions[k_min - 1]}, batch_size={batch_size}, "
+        f"optimizer={optimizer!r})")
+
+  total_value = float(jnp.sum(values[:, -1]))
+  tier_masks, flops, mem_bytes, tier_reports = [], [], [], []
+  to_mask = jax.jit(lambda lv: groups_lib.levels_to_mask(spec, params, lv))
+  for j, budget in enumerate(budgets):
+    out = solve(problem, values, budget, method, num_cells, resolution_bytes)
+    levels = out["levels"]
+    mask = jax.device_get(to_mask(levels))
+    breakdown = memory_lib.training_memory(info, spec, params, mask,
+                                           batch_size, optimizer)
+    if breakdown["total"] > budget:  # The rounding guarantees this never runs.
+      raise AssertionError(f"search exceeded budget: {breakdown['total']} > "
+                           f"{budget}")
+    f = memory_lib.training_flops(info, spec, params, mask)
+    tier_masks.append(mask)
+    flops.append(f)
+    mem_bytes.append(breakdown["total"])
+    tier_reports.append({
+        "budget_bytes": budget,
+        "num_clients": int((tiers == j).sum()),
+        "memory": breakdown,
+        "flops_per_example": f,
+        "importance": out["importance"],
+        "importance_fraction": out["importance"] / max(total_value, 1e-30),
+        "trained_params": int(spec.numel[np.arange(len(levels)),
+                                         levels].sum()),
+        "selected": {"/".join(spec.paths[t]): spec.fractions[k - 1]
+                     for t, k in enumerate(levels) if k > 0},
+        "resolution_bytes": out["resolution_bytes"],
+        "num_cells": out["num_cells"],
+    })
+  plan = masks_lib.make_plan(params, tier_masks, tiers,
+                             flops_per_example=flops, memory_bytes=mem_bytes)
+  report = {"policy": policy, "method": method, "tiers": tier_reports,
+            "min_feasible_bytes": floor_bytes, "num_groups": spec.num_groups,
+            "num_tensors": spec.num_tensors, "num_params": info.num_params,
+            "full_model_memory": memory_lib.memory_from_sizes(
+                info, spec, spec.sizes[:, -1], batch_size, optimizer)}
+  return plan, report
