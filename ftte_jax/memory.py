@@ -9,18 +9,21 @@ layer ``l``'s input/output; ``e`` = the earliest layer with any trained group):
   optimizer    = slots * 4 * (trained parameters); slots: sgd 0,
                  momentum 1, adam 2.
   activations  = stored + workspace, where
-    stored     = 4 * B * ( sum_{l > e} in_l                       (a)
+    stored     = 4 * B * ( sum_{l > e} a_l                        (a)
                          + [a kernel/scale of layer e trains] * in_e (b)
                          + out_{L-1} )                              (c)
                  and 0 when nothing trains;
     workspace  = 4 * B * max_l (in_l + out_l)                       (d)
 
   (a) Backprop runs from the loss down to layer ``e`` only; layers before
-      ``e`` store nothing. For every layer after ``e`` one input-sized tensor
-      is kept: the nonlinearity (or norm) feeding it must be differentiated
-      through, and the same tensor serves the layer's own weight gradient.
-      Assumes one parameterless elementwise op between consecutive layers;
-      pooling/reshape are charged at the next layer's (pooled) input size.
+      ``e`` store nothing. Between consecutive layers we assume one
+      elementwise nonlinearity (e.g. relu) on the previous output, optionally
+      followed by a size-changing op (pooling). For every layer ``l > e``,
+      ``a_l = out_{l-1}`` (the nonlinearity's saved tensor, which is also
+      layer l's input when sizes match, e.g. relu or reshape) plus ``in_l``
+      when ``in_l != out_{l-1}`` (the pooled input, kept for layer l's
+      weight gradient and the pool's backward). Norm layers' saved
+      statistics are O(groups) and ignored.
   (b) At layer ``e`` itself nothing is backpropagated further, so its input is
       needed only for a weight gradient (``dW = x^T g``, any channel fraction
       needs the whole input). A bias-only (or norm-bias-only) group needs none.
@@ -70,7 +73,9 @@ def stored_after(info: groups_lib.ModelInfo) -> np.ndarray:
   Terms (a) + (c) of the module docstring; (b) is added per trained kernel.
   """
   ins, outs = layer_arrays(info)
-  suffix = np.concatenate([np.cumsum(ins[::-1])[::-1][1:], [0]])
+  a = ins.copy()  # a_l for l >= 1; a_0 is never used.
+  a[1:] = outs[:-1] + np.where(ins[1:] != outs[:-1], ins[1:], 0)
+  suffix = np.concatenate([np.cumsum(a[::-1])[::-1][1:], [0]])
   return suffix + outs[-1]
 
 
