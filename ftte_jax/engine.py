@@ -277,19 +277,27 @@ def make_simulator(config: EngineConfig, apply_fn: ApplyFn,
     # 2. Train each from the version it pulled, with its own mask and data.
     base = jax.tree.map(lambda r: r[ring_slot], state.ring)
     tier = env.plan.client_tier[clients]
-    masks = jax.tree.map(lambda m: m[tier], env.plan.masks)
+    if env.plan.num_tiers == 1:  # static: broadcast, don't gather K copies
+      masks = jax.tree.map(lambda m: jnp.broadcast_to(m, (k,) + m.shape[1:]),
+                           env.plan.masks)
+    else:
+      masks = jax.tree.map(lambda m: m[tier], env.plan.masks)
     counts = env.data.counts[clients]
     keys = jax.vmap(jax.random.fold_in, (None, 0))(k_train, clients)
     local, train_loss = train_clients(
         keys, base, masks, env.data.x, env.data.y, env.data.indices[clients],
         counts, env.num_steps[clients])
-    delta = jax.tree.map(lambda l, b, m: m * (l - b), local, base, masks)
-    finite = jnp.all(jnp.stack([
-        jnp.all(jnp.isfinite(d), axis=tuple(range(1, d.ndim)))
-        for d in jax.tree.leaves(delta)]), axis=0)
-    delta = jax.tree.map(
-        lambda d: jnp.where(finite.reshape((k,) + (1,) * (d.ndim - 1)), d, 0.0),
-        delta)
+    # Masked gradients leave unmasked coordinates exactly where they were, so
+    # the delta is already zero outside each client's mask.
+    delta = jax.tree.map(jnp.subtract, local, base)
+    # A row sum is non-finite iff the row has NaN/Inf (or overflows, which
+    # is rejected too); one contiguous pass instead of isfinite + all.
+    finite = jnp.isfinite(sum(jnp.sum(d.reshape(k, -1), axis=1)
+                              for d in jax.tree.leaves(delta)))
+    delta = jax.lax.cond(
+        jnp.all(finite), lambda d: d,
+        lambda d: jax.tree.map(lambda x: jnp.where(
+            finite.reshape((k,) + (1,) * (x.ndim - 1)), x, 0.0), d), delta)
 
     # 3. Weights.
     valid = ok & fresh & finite

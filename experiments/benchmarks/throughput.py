@@ -1,0 +1,129 @@
+"""Engine throughput versus the compute floor.
+
+For each workload this prints client updates per second of the full engine
+(server step: arrivals, ring-buffer gather, K clients trained, weighting,
+aggregation, server optimizer, dispatch) and of the *compute floor*: the same
+local training (same clients, steps, batch) done by one jitted vmapped call
+with no federated machinery. ratio = engine seconds per step / floor seconds
+per K updates. Both client paths of the engine (vmap and lax.map) are timed,
+so the table shows which one ``client_batching='auto'`` should take on this
+backend (DESIGN §5).
+
+Run: python -m experiments.benchmarks.throughput [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.benchmarks.common import best_time, machine
+from ftte_jax import algorithms, client_data, engine, fleet, masks, models
+from ftte_jax.client import make_client_update
+
+WORKLOADS = {
+    # name: (model, kwargs, N, C, K, local steps, batch, examples per client)
+    "mlp": ("mlp", {}, 1000, 200, 50, 5, 32, 32),
+    "cnn": ("lenet5", {}, 200, 40, 10, 5, 32, 32),
+}
+
+
+def build(workload: str, batching: str):
+  name, kw, n, c, k, steps, batch, per = WORKLOADS[workload]
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(n * per, 28, 28, 1)).astype(np.float32)
+  y = rng.integers(0, 10, n * per).astype(np.int32)
+  data = client_data.from_partition(x, y, np.split(np.arange(n * per), n))
+  model = models.get_model(name, 10, **kw)
+  params = model.init(jax.random.PRNGKey(0), x[:1])["params"]
+  apply = lambda p, xb: model.apply({"params": p}, xb)
+  config = algorithms.preset("fedbuff", concurrency=c, buffer_size=k,
+                             local_steps=steps, batch_size=batch,
+                             client_lr=0.01, client_batching=batching)
+  flt = fleet.make_fleet(fleet.FleetConfig(num_clients=n,
+                                           straggler_fraction=0.5), 0)
+  env = engine.make_environment(config, data, flt,
+                                masks.full_plan(params, n))
+  sim = engine.make_simulator(config, apply)
+  return config, apply, params, env, sim
+
+
+def time_engine(workload: str, batching: str, rounds: int) -> float:
+  """Seconds per server step (compile excluded)."""
+  _, _, params, env, sim = build(workload, batching)
+  state = jax.jit(sim.init)(jax.random.PRNGKey(0), env, params)
+  step = jax.jit(sim.step, donate_argnums=1)
+  state, _ = step(env, state)
+  jax.block_until_ready(state)
+  box = [state]
+
+  def run():
+    s = box[0]
+    for _ in range(rounds):
+      s, _ = step(env, s)
+    box[0] = jax.block_until_ready(s)
+
+  return best_time(run, repeats=3) / rounds
+
+
+def time_floor(workload: str, batching: str) -> float:
+  """Seconds for the K clients' local training alone, one jitted call."""
+  config, apply, params, env, _ = build(workload, "vmap")
+  k = config.buffer_size
+  upd = make_client_update(apply, config.batch_size, config.client_lr,
+                           config.local_steps, unroll=True)
+  base = jax.tree.map(lambda p: jnp.broadcast_to(p, (k,) + p.shape), params)
+  ones = jax.tree.map(jnp.ones_like, base)
+  keys = jax.random.split(jax.random.PRNGKey(0), k)
+  rows, counts = env.data.indices[:k], env.data.counts[:k]
+  steps = jnp.full((k,), config.local_steps, jnp.int32)
+  x, y = env.data.x, env.data.y
+  if batching == "vmap":
+    f = jax.jit(lambda *a: jax.vmap(upd, (0, 0, 0, None, None, 0, 0, 0))(
+        a[0], a[1], a[2], x, y, a[3], a[4], a[5]))
+  else:
+    f = jax.jit(lambda *a: jax.lax.map(
+        lambda b: upd(b[0], b[1], b[2], x, y, b[3], b[4], b[5]), a))
+  args = (keys, base, ones, rows, counts, steps)
+  jax.block_until_ready(f(*args))
+  return best_time(lambda: jax.block_until_ready(f(*args)), repeats=5,
+                   number=3)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true",
+                      help="fewer timed rounds (smoke run)")
+  parser.add_argument("--workloads", default="mlp,cnn")
+  parser.add_argument("--json", default=None, help="also write results here")
+  args = parser.parse_args()
+  rounds = 3 if args.quick else 10
+  print("machine:", machine())
+  print(f"{'workload':8} {'path':5} {'floor upd/s':>12} {'engine upd/s':>13} "
+        f"{'ratio':>6} {'ratio vs vmap floor':>20}")
+  results = []
+  for w in args.workloads.split(","):
+    k = WORKLOADS[w][4]
+    floors = {b: time_floor(w, b) for b in ("vmap", "map")}
+    for b in ("vmap", "map"):
+      t = time_engine(w, b, rounds)
+      row = dict(workload=w, path=b, floor_updates_per_s=k / floors[b],
+                 engine_updates_per_s=k / t, ratio=t / floors[b],
+                 ratio_vs_vmap_floor=t / floors["vmap"])
+      results.append(row)
+      print(f"{w:8} {b:5} {row['floor_updates_per_s']:12.1f} "
+            f"{row['engine_updates_per_s']:13.1f} {row['ratio']:6.2f} "
+            f"{row['ratio_vs_vmap_floor']:20.2f}")
+  print("auto path on this backend:",
+        "map" if jax.default_backend() == "cpu" else "vmap")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"machine": machine(), "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
