@@ -105,7 +105,7 @@ _PRESET_DEFAULTS = {
     # This project's FTTE reconstruction: age x variance, sparse subset.
     "ftte": dict(staleness="polynomial", staleness_a=0.5, variance_beta=1.0,
                  data_weight_exponent=1.0, normalization="coordinate",
-                 mask="last_n"),
+                 mask="search"),
 }
 
 
