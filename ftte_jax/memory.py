@@ -13,7 +13,8 @@ layer ``l``'s input/output; ``e`` = the earliest layer with any trained group):
                          + [a kernel/scale of layer e trains] * in_e (b)
                          + out_{L-1} )                              (c)
                  and 0 when nothing trains;
-    workspace  = 4 * B * max_l (in_l + out_l)                       (d)
+    workspace  = 4 * max( max_{l < e} p_l, B * max_{l >= e} p_l )   (d)
+                 with p_l = in_l + out_l (e = L when nothing trains)
 
   (a) Backprop runs from the loss down to layer ``e`` only; layers before
       ``e`` store nothing. Between consecutive layers we assume one
@@ -30,7 +31,12 @@ layer ``l``'s input/output; ``e`` = the earliest layer with any trained group):
   (c) The loss keeps the logits/probabilities for its backward pass.
   (d) Transient buffers: the largest forward input+output pair, which also
       bounds the pair of activation-gradient buffers alive during backward.
-      Constant across masks; charged even when nothing trains.
+      The frozen prefix (layers before ``e``) stores nothing for backward,
+      so a device runs it one example at a time and only accumulates its
+      output, the batched input of layer ``e`` (as TinyTL-style on-device
+      training does); its pairs are charged per example, the rest per
+      batch. Non-increasing in ``e``, like ``stored``, which the exact
+      search relies on.
 
 FLOPs per example (what the engine uses for virtual task time):
   forward    = sum_l 2*MACs_l (+ out_l per bias; norms 8*out_l).
@@ -79,9 +85,20 @@ def stored_after(info: groups_lib.ModelInfo) -> np.ndarray:
   return suffix + outs[-1]
 
 
-def workspace_elements(info: groups_lib.ModelInfo) -> int:
+def workspace_after(info: groups_lib.ModelInfo, batch_size: int) -> np.ndarray:
+  """[L + 1] transient elements (batch included) if layer e is the earliest.
+
+  Term (d) of the module docstring; index L means nothing trains.
+  """
   ins, outs = layer_arrays(info)
-  return int((ins + outs).max()) if len(ins) else 0
+  pair = ins + outs
+  n = len(pair)
+  out = np.zeros(n + 1, np.int64)
+  for e in range(n + 1):
+    prefix = int(pair[:e].max()) if e > 0 else 0
+    suffix = int(pair[e:].max()) if e < n else 0
+    out[e] = max(prefix, int(batch_size) * suffix)
+  return out
 
 
 def _check(batch_size: int, optimizer: str) -> int:
@@ -101,18 +118,18 @@ def memory_from_sizes(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
   ins, _ = layer_arrays(info)
   on = sizes > 0
   stored = 0
+  e = len(info.layers)
   if on.any():
     e = int(spec.layer[on].min())
     stored = int(stored_after(info)[e])
     if (on & spec.needs_input & (spec.layer == e)).any():
       stored += int(ins[e])
-  work = workspace_elements(info)
   out = {
       "weights": float(BYTES * info.num_params),
       "gradients": float(BYTES * trained),
       "optimizer_state": float(BYTES * slots * trained),
       "activations_stored": float(BYTES * batch_size * stored),
-      "workspace": float(BYTES * batch_size * work),
+      "workspace": float(BYTES * workspace_after(info, batch_size)[e]),
   }
   out["activations"] = out["activations_stored"] + out["workspace"]
   out["total"] = (out["weights"] + out["gradients"] + out["optimizer_state"]

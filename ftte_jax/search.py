@@ -92,6 +92,10 @@ def make_problem(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   act = memory_lib.BYTES * batch_size
   ins, _ = memory_lib.layer_arrays(info)
+  # The workspace depends on the earliest trained layer like the stored
+  # activations do: the excess over the nothing-trains workspace joins
+  # stored_bytes[e], the rest is base.
+  work = memory_lib.BYTES * memory_lib.workspace_after(info, batch_size)
   return SearchProblem(
       option_bytes=(memory_lib.BYTES * (1 + slots) * spec.numel).astype(
           np.float64),
@@ -99,9 +103,9 @@ def make_problem(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
       tensor_layer=spec.layer.copy(),
       needs_input=spec.needs_input.copy(),
       input_bytes=(act * ins).astype(np.float64),
-      stored_bytes=(act * memory_lib.stored_after(info)).astype(np.float64),
-      base_bytes=float(memory_lib.BYTES * info.num_params
-                       + act * memory_lib.workspace_elements(info)))
+      stored_bytes=(act * memory_lib.stored_after(info) + work[:-1]
+                    - work[-1]).astype(np.float64),
+      base_bytes=float(memory_lib.BYTES * info.num_params + work[-1]))
 
 
 def problem_memory(problem: SearchProblem, levels: np.ndarray) -> float:

@@ -45,18 +45,19 @@ def _mask(spec, params, **levels):
 
 def test_mlp_hand_computed():
   # in/out per example: layer0 4/3, layer1 3/2. Batch 5, 4 bytes.
-  # weights 4*23 = 92; workspace 4*5*max(4+3, 3+2) = 140.
+  # weights 4*23 = 92; pairs in+out p = [7, 5]; workspace by earliest
+  # trained layer e: e=0: 4*5*7 = 140; e=1: 4*max(7, 5*5) = 100; none: 4*7.
   params, info, spec = _setup(_MLP(), (1, 4))
   mem = lambda m, opt: memory.training_memory(info, spec, params, m, 5, opt)
   # Dense_1 bias only: earliest layer 1, no input: stored = logits 2.
   m = mem(_mask(spec, params, Dense_1__bias=1), "sgd")
   assert m == {"weights": 92.0, "gradients": 8.0, "optimizer_state": 0.0,
-               "activations_stored": 40.0, "workspace": 140.0,
-               "activations": 180.0, "total": 280.0}
+               "activations_stored": 40.0, "workspace": 100.0,
+               "activations": 140.0, "total": 240.0}
   # Dense_1 kernel+bias, adam: stored = in1 3 + logits 2.
   m = mem(_mask(spec, params, Dense_1__kernel=1, Dense_1__bias=1), "adam")
   assert (m["gradients"], m["optimizer_state"], m["activations_stored"],
-          m["total"]) == (32.0, 64.0, 100.0, 428.0)
+          m["total"]) == (32.0, 64.0, 100.0, 388.0)
   # Everything, momentum: stored = in0 4 + in1 3 + logits 2.
   ones = jax.tree.map(lambda p: np.ones(p.shape), params)
   m = mem(ones, "momentum")
@@ -65,9 +66,9 @@ def test_mlp_hand_computed():
   # Dense_0 bias only: earliest 0 but no input: stored = in1 3 + logits 2.
   m = mem(_mask(spec, params, Dense_0__bias=1), "sgd")
   assert (m["activations_stored"], m["total"]) == (100.0, 344.0)
-  # Nothing trains: weights + workspace.
+  # Nothing trains: weights + one example's workspace.
   assert mem(jax.tree.map(lambda p: np.zeros(p.shape), params),
-             "sgd")["total"] == 232.0
+             "sgd")["total"] == 120.0
 
   flops = lambda m: memory.training_flops(info, spec, params, m)
   # forward 2*12 + 3 + 2*6 + 2 = 41.
