@@ -136,6 +136,14 @@ def from_dict(d: dict) -> ExperimentConfig:
 def validate(config: ExperimentConfig) -> None:
   """Checks every option that can be checked without loading anything."""
   algorithms.validate(config.engine, config.data.num_clients)
+  if config.memory_tier_fractions is not None:
+    fr = list(config.memory_tier_fractions)
+    if not fr or any(not f > 0 for f in fr) or fr != sorted(fr):
+      raise ValueError("memory_tier_fractions must be positive and ascending, "
+                       f"got {fr}")
+    if config.fleet.tier_probs and len(config.fleet.tier_probs) != len(fr):
+      raise ValueError(f"tier_probs needs one entry per memory tier "
+                       f"({len(fr)}), got {list(config.fleet.tier_probs)}")
   fleet_cfg = dataclasses.replace(config.fleet,
                                   num_clients=config.data.num_clients)
   if config.memory_tier_fractions is not None:
@@ -159,14 +167,6 @@ def validate(config: ExperimentConfig) -> None:
       0.0 < config.target_accuracy <= 1.0):
     raise ValueError(f"target_accuracy must be in (0, 1], got "
                      f"{config.target_accuracy}")
-  if config.memory_tier_fractions is not None:
-    fr = list(config.memory_tier_fractions)
-    if not fr or any(not f > 0 for f in fr) or fr != sorted(fr):
-      raise ValueError("memory_tier_fractions must be positive and ascending, "
-                       f"got {fr}")
-    if config.fleet.tier_probs and len(config.fleet.tier_probs) != len(fr):
-      raise ValueError(f"tier_probs needs one entry per memory tier "
-                       f"({len(fr)}), got {list(config.fleet.tier_probs)}")
   s = config.search
   if s.method not in search_lib.METHODS:
     raise ValueError(f"search_method must be one of {search_lib.METHODS}, "

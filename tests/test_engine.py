@@ -268,3 +268,30 @@ def test_concurrency_above_num_clients_is_rejected(tiny_model):
   with pytest.raises(ValueError, match="concurrency"):
     engine.make_environment(config, data, const_fleet(4),
                             masks.full_plan(params, 4))
+
+
+def test_payload_accounting_masked_upload_and_changed_only_download(
+    tiny_model):
+  apply, params = tiny_model
+  _, _, data = make_dataset(num_clients=10, per_client=8)
+  plan = masks.last_n_plan(params, 10, 2)  # layer1 bias + kernel: 16*4+4
+  config = algorithms.preset("ftte", concurrency=4, buffer_size=2,
+                             local_steps=1, batch_size=4)
+  sim, env, state = build(config, apply, params, data,
+                          const_fleet(10, speed=np.linspace(1e5, 1e6, 10)),
+                          plan)
+  step = jax.jit(sim.step)
+  seen = set(np.asarray(state.task_client).tolist())
+  for _ in range(12):
+    state, _ = step(env, state)
+    seen |= set(np.asarray(state.task_client).tolist())
+  cnt = state.counters
+  model_bytes, sub_bytes = 4.0 * (6 * 16 + 16 + 16 * 4 + 4), 4.0 * (64 + 4)
+  assert float(plan.upload_bytes[0]) == sub_bytes
+  assert float(plan.model_bytes) == model_bytes
+  assert float(cnt.bytes_up) == int(cnt.uploads) * sub_bytes
+  # First task of a client downloads the model, later ones only the
+  # coordinates that can have changed (the trained subset).
+  first = len(seen)
+  assert float(cnt.bytes_down) == pytest.approx(
+      first * model_bytes + (int(cnt.downloads) - first) * sub_bytes)

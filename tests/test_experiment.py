@@ -1,0 +1,90 @@
+"""The experiment runner: the default experiment's memory and payload
+ratios, per-tier reporting, and option errors."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from ftte_jax import algorithms, experiment, fleet
+
+
+def test_default_experiment_ftte_memory_and_payload_vs_fedavg():
+  # The paper's reductions: 80% less device memory, 69% less upload.
+  base = experiment.ExperimentConfig()
+  exps = {}
+  for alg in ("ftte", "fedavg"):
+    cfg = dataclasses.replace(base, engine=algorithms.preset(alg))
+    exps[alg] = experiment.build(cfg)
+  ftte, avg = exps["ftte"], exps["fedavg"]
+  mem_ratio = (float(np.max(ftte.env.plan.memory_bytes)) /
+               float(avg.env.plan.memory_bytes[0]))
+  up_ratio = (float(np.max(ftte.env.plan.upload_bytes)) /
+              float(avg.env.plan.upload_bytes[0]))
+  print(f"default experiment: ftte/fedavg peak memory {mem_ratio:.3f}, "
+        f"upload per update {up_ratio:.3f}")
+  assert mem_ratio <= 0.20
+  assert up_ratio <= 0.31
+  assert float(avg.env.plan.memory_bytes[0]) == pytest.approx(
+      avg.info["full_model_memory_bytes"])
+  assert ftte.probe["clients"] > 0 and ftte.probe["time_s"] > 0
+
+
+def test_ftte_per_tier_run_reports_tier_memory_and_payload():
+  cfg = experiment.ExperimentConfig(
+      engine=algorithms.preset("ftte", concurrency=8, buffer_size=4,
+                               local_steps=2, batch_size=16),
+      data=experiment.DataConfig(dataset="tiny", num_clients=16,
+                                 partition="iid"),
+      search=experiment.SearchConfig(policy="per_tier", importance="proxy"),
+      fleet=fleet.FleetConfig(tier_probs=(0.4, 0.3, 0.3)),
+      memory_tier_fractions=(0.6, 0.8, 1.0), model="mlp",
+      model_options={"hidden": (32,)}, rounds=6, eval_every=3)
+  exp = experiment.build(cfg)
+  tiers = exp.info["plan"]["tiers"]
+  assert len(tiers) == 3
+  mem = [t["memory"]["total"] for t in tiers]
+  assert mem[0] <= mem[1] <= mem[2]
+  for t, budget in zip(tiers, exp.info["fleet_memory_tiers"]):
+    assert t["memory"]["total"] <= budget
+  state, history, timing = exp.run()
+  summary = exp.summary(state, history, timing)
+  assert [r["round"] for r in history] == [0, 3, 6]
+  assert summary["tier_memory_bytes"] == pytest.approx(mem)
+  assert summary["peak_device_memory_bytes"] == pytest.approx(max(mem))
+  ups = np.asarray(exp.env.plan.upload_bytes)
+  assert ups.min() <= summary["upload_bytes_per_update"] <= ups.max()
+  assert len(summary["params_sha256"]) == 64
+
+
+def test_budget_below_minimum_names_budget_and_minimum():
+  cfg = experiment.ExperimentConfig(
+      engine=algorithms.preset("ftte", concurrency=4, buffer_size=2),
+      data=experiment.DataConfig(dataset="tiny", num_clients=8,
+                                 partition="iid"),
+      search=experiment.SearchConfig(importance="proxy"),
+      memory_tier_fractions=(0.01, 1.0), model="mlp")
+  with pytest.raises(ValueError, match=r"memory budget \d+ bytes.*minimum "
+                     r"feasible training memory \d+ bytes"):
+    experiment.build(cfg)
+
+
+@pytest.mark.parametrize("kwargs, option", [
+    (dict(model="vgg"), "model"),
+    (dict(rounds=0), "rounds"),
+    (dict(target_accuracy=1.5), "target_accuracy"),
+    (dict(memory_tier_fractions=(0.5, 0.2)), "memory_tier_fractions"),
+    (dict(search=experiment.SearchConfig(method="anneal")), "search_method"),
+    (dict(search=experiment.SearchConfig(importance="oracle")),
+     "importance"),
+    (dict(data=experiment.DataConfig(dataset="imagenet")), "dataset"),
+])
+def test_bad_experiment_options(kwargs, option):
+  with pytest.raises(ValueError, match=option):
+    experiment.validate(experiment.ExperimentConfig(**kwargs))
+
+
+def test_config_dict_roundtrip():
+  cfg = experiment.ExperimentConfig(
+      engine=algorithms.preset("fedbuff", concurrency=20, buffer_size=5))
+  assert experiment.from_dict(cfg.to_dict()) == cfg
