@@ -1,0 +1,175 @@
+"""Checkpoints of a whole simulation: SimState, metric history, config hash.
+
+A checkpoint holds everything a run needs to continue bit-identically: the
+engine's ``SimState`` (global params, optimizer state, ring buffer, in-flight
+tasks, clock, key, counters), the metric rows logged so far, and the SHA-256
+of the resolved configuration, so a checkpoint is never resumed under a
+different configuration. Saving is orbax's ``CheckpointManager`` (async;
+an interrupted save leaves a temporary directory that orbax ignores, so the
+latest finished checkpoint is always readable).
+
+Typical use (the launcher's)::
+
+  ckpt = checkpointing.Checkpointer(workdir / "checkpoints", config_hash)
+  restored = ckpt.restore_latest(jax.eval_shape(exp.init_state))
+  state, history = restored if restored else (None, None)
+  exp.run(state, history, on_step=lambda s: ckpt.maybe_save(s, history))
+  ckpt.close()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+
+class ConfigMismatchError(ValueError):
+  """A checkpoint was written under a different configuration."""
+
+
+def config_hash(config_dict: dict) -> str:
+  """SHA-256 of a configuration dict in canonical JSON (sorted keys)."""
+  text = json.dumps(config_dict, sort_keys=True, default=_json_default)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _json_default(x):
+  if isinstance(x, (np.integer,)):
+    return int(x)
+  if isinstance(x, (np.floating,)):
+    return float(x)
+  if isinstance(x, (np.ndarray, jax.Array)):
+    return np.asarray(x).tolist()
+  if isinstance(x, (tuple, set)):
+    return list(x)
+  if dataclasses.is_dataclass(x):
+    return dataclasses.asdict(x)
+  raise TypeError(f"not JSON serializable: {type(x).__name__}")
+
+
+def write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> None:
+  """Writes JSON atomically (temporary file, fsync, rename)."""
+  write_text(path, json.dumps(obj, indent=indent, default=_json_default) +
+             "\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+  """Writes text atomically, so a reader never sees a half-written file."""
+  path = os.fspath(path)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def to_jsonable(obj):
+  """Round-trips ``obj`` through JSON (numpy scalars to Python numbers)."""
+  return json.loads(json.dumps(obj, default=_json_default))
+
+
+@dataclasses.dataclass
+class Checkpointer:
+  """Saves and restores (SimState, history) under one directory.
+
+  Attributes:
+    directory: checkpoint root (one subdirectory per saved step).
+    config_sha256: hash of the resolved config; stored with every save and
+      checked on restore.
+    every: save when the server version is a multiple of this.
+    max_to_keep: number of most recent checkpoints kept.
+  """
+
+  directory: str | os.PathLike
+  config_sha256: str
+  every: int = 10
+  max_to_keep: int = 3
+  manager: ocp.CheckpointManager = dataclasses.field(init=False)
+
+  def __post_init__(self):
+    if self.every < 1:
+      raise ValueError(f"checkpoint_every must be >= 1, got {self.every}")
+    if self.max_to_keep < 1:
+      raise ValueError(f"max_to_keep must be >= 1, got {self.max_to_keep}")
+    self.directory = os.path.abspath(os.fspath(self.directory))
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=self.max_to_keep,
+                                             create=True))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, state: PyTree, history: list[dict]) -> int:
+    """Saves ``state`` and ``history`` at step ``state.version`` (async).
+
+    The state is copied to host memory first: the server step donates its
+    input buffers, so device arrays may be reused before an async save
+    has read them.
+    """
+    step = int(state.version)
+    host_state = jax.device_get(state)
+    meta = {"config_sha256": self.config_sha256, "step": step,
+            "history": to_jsonable(history)}
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(host_state),
+        meta=ocp.args.JsonSave(meta)), force=True)
+    return step
+
+  def maybe_save(self, state: PyTree, history: list[dict]) -> bool:
+    """Saves if ``state.version`` is a multiple of ``every``."""
+    if int(state.version) % self.every:
+      return False
+    self.save(state, history)
+    return True
+
+  def restore(self, step: int, target: PyTree) -> tuple[PyTree, list[dict]]:
+    """Restores (state, history) of ``step``.
+
+    Args:
+      step: a saved step.
+      target: the state's tree with arrays or ``jax.ShapeDtypeStruct``
+        leaves (e.g. ``jax.eval_shape(exp.init_state)``).
+
+    Returns:
+      (state with jax arrays, history rows).
+
+    Raises:
+      ConfigMismatchError: the checkpoint was written under another config.
+    """
+    meta = self.manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))["meta"]
+    if meta.get("config_sha256") != self.config_sha256:
+      raise ConfigMismatchError(
+          f"checkpoint {self.directory}/{step} was written under config "
+          f"{str(meta.get('config_sha256'))[:12]}, not "
+          f"{self.config_sha256[:12]}")
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), target)
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))
+    state = jax.tree.map(jax.numpy.asarray, out["state"])
+    return state, list(meta["history"])
+
+  def restore_latest(self, target: PyTree
+                     ) -> tuple[PyTree, list[dict]] | None:
+    """Restores the latest checkpoint, or returns None if there is none."""
+    step = self.latest_step()
+    if step is None:
+      return None
+    return self.restore(step, target)
+
+  def close(self) -> None:
+    """Waits for pending saves to finish, then releases the manager."""
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,0 +1,229 @@
+r"""Runs one federated experiment from absl flags; resumes from checkpoints.
+
+  python -m launch.main                       # default FTTE run on MNIST
+  python -m launch.main --flagfile=experiments/smoke.flags --algorithm=fedbuff
+
+Every option of ``ExperimentConfig`` is a flag (see ``launch/flags.py``;
+``--helpfull`` lists them). Outputs in ``--workdir``:
+
+  config.json     the resolved configuration, its SHA-256, the flags given.
+  metrics.jsonl   one JSON row per evaluation.
+  summary.json    the end-of-run summary (``Experiment.summary``).
+  checkpoints/    orbax checkpoints of the whole simulation state.
+
+Running the same command again resumes from the latest checkpoint (and
+rewrites metrics.jsonl to the checkpoint's rows first, so no row is
+duplicated); a workdir holding a different configuration is refused unless
+``--overwrite``. Bad input exits with status 2 and one line naming the flag.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from launch import flags as flags_lib
+
+flags_lib.define_config_flags()
+flags_lib.define_run_flags()
+FLAGS = flags.FLAGS
+
+_OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "checkpoints")
+# Summary fields printed at the end (all of them go to summary.json).
+_SHOWN = ("algorithm", "final_accuracy", "best_accuracy", "target_accuracy",
+          "time_to_target_s", "rounds", "virtual_time_s", "client_updates",
+          "client_updates_per_s", "wall_s", "compile_s",
+          "peak_device_memory_bytes", "upload_bytes_per_update",
+          "download_bytes_per_update", "mean_staleness", "params_sha256")
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+  """Dotted names of the entries that differ between two config dicts."""
+  out = []
+  for k in sorted(set(old) | set(new)):
+    a, b = old.get(k), new.get(k)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _diff(a, b, f"{prefix}{k}.")
+    elif a != b:
+      out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+  return out
+
+
+def _prepare_workdir(workdir: str, config_dict: dict, sha: str,
+                     overwrite: bool) -> None:
+  """Refuses a workdir holding another configuration; clears it if asked."""
+  path = os.path.join(workdir, "config.json")
+  if overwrite:
+    for name in _OUTPUTS:
+      p = os.path.join(workdir, name)
+      if os.path.isdir(p):
+        shutil.rmtree(p)
+      elif os.path.exists(p):
+        os.remove(p)
+    return
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        stored = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      flags_lib.fail(f"--workdir={workdir}: unreadable config.json ({e}); "
+                     "pass --overwrite to start fresh")
+    if stored.get("config_sha256") != sha:
+      diff = _diff(stored.get("experiment", {}), config_dict)
+      flags_lib.fail(
+          f"--workdir={workdir} holds a run with a different configuration "
+          f"({'; '.join(diff[:3]) or 'hash differs'}"
+          f"{'; ...' if len(diff) > 3 else ''}); pass --overwrite to discard "
+          "it, or choose another --workdir")
+  elif os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(
+      os.path.join(workdir, "checkpoints")):
+    flags_lib.fail(f"--workdir={workdir} holds checkpoints but no "
+                   "config.json; pass --overwrite to discard them")
+
+
+def _finished(config, state) -> bool:
+  return int(state.version) >= config.rounds or (
+      config.max_virtual_time is not None and
+      float(state.clock) >= config.max_virtual_time)
+
+
+def _log_row(row: dict) -> None:
+  logging.info(
+      "round %5d  virtual_time %10.1fs  accuracy %.4f  loss %.4f  "
+      "updates %6d  updates/s %7.1f  wall %6.1fs", row["round"],
+      row["virtual_time_s"], row["test_accuracy"], row["test_loss"],
+      row["updates_applied"], row["client_updates_per_s"], row["wall_s"])
+
+
+class _QuietLibraries(logging.logging.Filter):
+  """Drops INFO chatter of orbax (per-save thread messages) from the log."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= logging.logging.WARNING or not any(
+        lib in record.pathname for lib in ("orbax", "xla_bridge"))
+
+
+def main(argv: list[str]) -> None:
+  logging.get_absl_logger().addFilter(_QuietLibraries())
+  if len(argv) > 1:
+    flags_lib.fail(f"unexpected positional arguments {argv[1:]}; flags are "
+                   "written --name=value")
+  try:
+    resolved = flags_lib.resolve(FLAGS)
+  except ValueError as e:
+    flags_lib.fail(e)
+  config = resolved.config
+  # Imported after validation: a bad flag should not pay for JAX start-up.
+  import jax  # pylint: disable=g-import-not-at-top
+  from ftte_jax import checkpointing, datasets, experiment  # pylint: disable=g-import-not-at-top
+
+  config_dict = checkpointing.to_jsonable(config.to_dict())
+  sha = checkpointing.config_hash(config_dict)
+  workdir = FLAGS.workdir or os.path.join(
+      "runs", f"{config.engine.algorithm}-{sha[:8]}")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    flags_lib.fail(f"--workdir={workdir} exists and is not a directory")
+  _prepare_workdir(workdir, config_dict, sha, FLAGS.overwrite)
+  os.makedirs(workdir, exist_ok=True)
+  checkpointing.write_json(os.path.join(workdir, "config.json"), {
+      "experiment": config_dict,
+      "config_sha256": sha,
+      "algorithm": config.engine.algorithm,
+      "flags_given": resolved.given,
+      "data_dir_resolved": str(datasets.default_data_dir(
+          config.data.data_dir)),
+      "launch": {"workdir": os.path.abspath(workdir),
+                 "checkpoint_every": FLAGS.checkpoint_every,
+                 "keep_checkpoints": FLAGS.keep_checkpoints,
+                 "argv": sys.argv},
+      "versions": {"python": sys.version.split()[0],
+                   "jax": jax.__version__},
+      "backend": jax.default_backend(),
+  })
+  logging.info("workdir %s (config %s)", workdir, sha[:12])
+
+  t0 = time.perf_counter()
+  try:
+    exp = experiment.build(config)
+  except ValueError as e:
+    flags_lib.fail(e)
+  build_s = time.perf_counter() - t0
+  logging.info("built %s on %s in %.1fs: %d clients, %d eligible", config.model,
+               config.data.dataset, build_s, config.data.num_clients,
+               int(exp.env.eligible.sum()))
+
+  ckpt = checkpointing.Checkpointer(
+      os.path.join(workdir, "checkpoints"), sha, every=FLAGS.checkpoint_every,
+      max_to_keep=FLAGS.keep_checkpoints)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  summary_path = os.path.join(workdir, "summary.json")
+  try:
+    restored = ckpt.restore_latest(jax.eval_shape(exp.init_state))
+  except checkpointing.ConfigMismatchError as e:
+    ckpt.close()
+    flags_lib.fail(f"--workdir={workdir}: {e}; pass --overwrite to discard "
+                   "it")
+  state, history = restored if restored else (None, [])
+  resumed_from = int(state.version) if state is not None else None
+  if state is not None and _finished(config, state) and os.path.exists(
+      summary_path):
+    ckpt.close()
+    logging.info("run already complete at round %d; summary in %s",
+                 resumed_from, summary_path)
+    with open(summary_path) as f:
+      _print_summary(json.load(f), workdir)
+    return
+  if resumed_from is not None:
+    logging.info("resuming from round %d (%d metric rows)", resumed_from,
+                 len(history))
+  # The checkpoint's rows are the truth: drop any logged after it.
+  checkpointing.write_text(metrics_path, "".join(
+      json.dumps(r) + "\n" for r in history))
+  rows = list(history)
+
+  with open(metrics_path, "a") as metrics:
+
+    def on_eval(state, row):
+      del state
+      rows.append(row)
+      metrics.write(json.dumps(checkpointing.to_jsonable(row)) + "\n")
+      metrics.flush()
+      _log_row(row)
+
+    state, history, timing = exp.run(
+        state, history, on_eval=on_eval,
+        on_step=lambda s: ckpt.maybe_save(s, rows))
+  if ckpt.latest_step() != int(state.version):
+    ckpt.save(state, rows)
+  summary = exp.summary(state, history, timing)
+  summary.update(config_sha256=sha, workdir=os.path.abspath(workdir),
+                 build_s=build_s, resumed_from_round=resumed_from,
+                 num_params=exp.info.get("num_params"))
+  ckpt.close()
+  checkpointing.write_json(summary_path, summary)
+  _print_summary(checkpointing.to_jsonable(summary), workdir)
+
+
+def _print_summary(summary: dict, workdir: str) -> None:
+  width = max(len(k) for k in _SHOWN)
+  lines = [f"summary ({os.path.join(workdir, 'summary.json')}):"]
+  for k in _SHOWN:
+    v = summary.get(k)
+    text = f"{v:.6g}" if isinstance(v, float) else str(v)
+    lines.append(f"  {k:<{width}}  {text}")
+  print("\n".join(lines), flush=True)
+
+
+def run() -> None:
+  app.run(main, flags_parser=flags_lib.parse_or_exit)
+
+
+if __name__ == "__main__":
+  run()
