@@ -56,18 +56,19 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
   return out
 
 
-def _prepare_workdir(workdir: str, config_dict: dict, sha: str,
-                     overwrite: bool) -> None:
-  """Refuses a workdir holding another configuration; clears it if asked."""
+def _clear_workdir(workdir: str) -> None:
+  """Removes this launcher's outputs (only those) from ``workdir``."""
+  for name in _OUTPUTS:
+    p = os.path.join(workdir, name)
+    if os.path.isdir(p):
+      shutil.rmtree(p)
+    elif os.path.exists(p):
+      os.remove(p)
+
+
+def _check_workdir(workdir: str, config_dict: dict, sha: str) -> None:
+  """Refuses (exit 2) a workdir that holds another configuration's run."""
   path = os.path.join(workdir, "config.json")
-  if overwrite:
-    for name in _OUTPUTS:
-      p = os.path.join(workdir, name)
-      if os.path.isdir(p):
-        shutil.rmtree(p)
-      elif os.path.exists(p):
-        os.remove(p)
-    return
   if os.path.exists(path):
     try:
       with open(path) as f:
@@ -130,7 +131,24 @@ def main(argv: list[str]) -> None:
       "runs", f"{config.engine.algorithm}-{sha[:8]}")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     flags_lib.fail(f"--workdir={workdir} exists and is not a directory")
-  _prepare_workdir(workdir, config_dict, sha, FLAGS.overwrite)
+  if not FLAGS.overwrite:
+    _check_workdir(workdir, config_dict, sha)
+  logging.info("workdir %s (config %s)", workdir, sha[:12])
+
+  t0 = time.perf_counter()
+  try:
+    exp = experiment.build(config)
+  except ValueError as e:
+    flags_lib.fail(e)
+  build_s = time.perf_counter() - t0
+  logging.info("built %s on %s in %.1fs: %d clients, %d eligible", config.model,
+               config.data.dataset, build_s, config.data.num_clients,
+               int(exp.env.eligible.sum()))
+
+  # Written only once the build succeeded: a failed start leaves nothing
+  # that a corrected command would be refused for.
+  if FLAGS.overwrite:
+    _clear_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   checkpointing.write_json(os.path.join(workdir, "config.json"), {
       "experiment": config_dict,
@@ -147,18 +165,6 @@ def main(argv: list[str]) -> None:
                    "jax": jax.__version__},
       "backend": jax.default_backend(),
   })
-  logging.info("workdir %s (config %s)", workdir, sha[:12])
-
-  t0 = time.perf_counter()
-  try:
-    exp = experiment.build(config)
-  except ValueError as e:
-    flags_lib.fail(e)
-  build_s = time.perf_counter() - t0
-  logging.info("built %s on %s in %.1fs: %d clients, %d eligible", config.model,
-               config.data.dataset, build_s, config.data.num_clients,
-               int(exp.env.eligible.sum()))
-
   ckpt = checkpointing.Checkpointer(
       os.path.join(workdir, "checkpoints"), sha, every=FLAGS.checkpoint_every,
       max_to_keep=FLAGS.keep_checkpoints)

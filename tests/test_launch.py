@@ -1,0 +1,151 @@
+"""End-to-end tests of ``python -m launch.main`` as a subprocess.
+
+Each subprocess pays JAX start-up and compilation (~5-10 s), so the runs are
+tiny (generated 8x8 images, an MLP, 16 clients) and few.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = str(REPO / "experiments" / "smoke.flags")
+# Long enough (about 8 s of steps) that a kill after the first checkpoint
+# lands mid-run.
+LONG = ["--rounds=1500", "--eval_every=100", "--checkpoint_every=100"]
+
+
+def launch(*args, **kw):
+  return subprocess.Popen(
+      [sys.executable, "-m", "launch.main", *args], cwd=REPO,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def run(*args, timeout=300):
+  p = launch(*args)
+  out, err = p.communicate(timeout=timeout)
+  return p.returncode, out, err
+
+
+def summary(workdir):
+  return json.loads((Path(workdir) / "summary.json").read_text())
+
+
+def metrics(workdir):
+  lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  return [json.loads(line) for line in lines]
+
+
+def finished_steps(workdir):
+  ckpt = Path(workdir) / "checkpoints"
+  if not ckpt.is_dir():
+    return []
+  return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+
+
+def test_kill_and_resume_is_exact(tmp_path):
+  ref_dir, dir_ = tmp_path / "reference", tmp_path / "killed"
+  args = [f"--flagfile={SMOKE}", *LONG]
+  # The uninterrupted reference runs alongside the run that gets killed.
+  ref = launch(*args, f"--workdir={ref_dir}")
+  victim = launch(*args, f"--workdir={dir_}")
+  deadline = time.time() + 240
+  while not finished_steps(dir_) and victim.poll() is None:
+    assert time.time() < deadline, "no checkpoint appeared"
+    time.sleep(0.05)
+  assert victim.poll() is None, "run ended before it could be killed"
+  victim.send_signal(signal.SIGKILL)
+  victim.communicate()
+  assert not (dir_ / "summary.json").exists()
+  killed_at = finished_steps(dir_)[-1]
+  assert killed_at < 1500
+
+  code, out, err = run(*args, f"--workdir={dir_}")
+  assert code == 0, err
+  assert f"resuming from round {killed_at}" in err
+  ref_out, ref_err = ref.communicate(timeout=300)
+  assert ref.returncode == 0, ref_err
+
+  got, want = summary(dir_), summary(ref_dir)
+  assert got["resumed_from_round"] == killed_at
+  assert got["params_sha256"] == want["params_sha256"]
+  assert got["params_sha256"] in out
+  for key in ("final_accuracy", "client_updates", "virtual_time_s",
+              "bytes_up", "mean_staleness", "time_to_target_s"):
+    assert got[key] == want[key], key
+  # No duplicated rows: the metric log equals the uninterrupted one.
+  strip = lambda rows: [{k: v for k, v in r.items()
+                         if k not in ("wall_s", "client_updates_per_s")}
+                        for r in rows]
+  assert strip(metrics(dir_)) == strip(metrics(ref_dir))
+  assert [r["round"] for r in metrics(dir_)] == list(range(0, 1501, 100))
+
+  # A finished run re-run is not recomputed.
+  code, out, err = run(*args, f"--workdir={dir_}")
+  assert code == 0 and "already complete" in err
+  assert want["params_sha256"] in out
+
+
+def test_outputs_mismatch_and_overwrite(tmp_path):
+  code, out, err = run(f"--flagfile={SMOKE}", f"--workdir={tmp_path}")
+  assert code == 0, err
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert config["experiment"]["engine"]["algorithm"] == "ftte"
+  assert config["experiment"]["engine"]["concurrency"] == 8
+  # Unset engine flags come from the preset.
+  assert config["experiment"]["engine"]["mask"] == "search"
+  assert config["flags_given"]["buffer_size"] == 4
+  s = summary(tmp_path)
+  for key in ("algorithm", "final_accuracy", "target_accuracy",
+              "time_to_target_s", "client_updates", "client_updates_per_s",
+              "wall_s", "compile_s", "peak_device_memory_bytes",
+              "upload_bytes_per_update", "download_bytes_per_update",
+              "params_sha256"):
+    assert key in s, key
+  rows = metrics(tmp_path)
+  assert [r["round"] for r in rows] == [0, 5, 10, 15, 20]
+  for key in ("virtual_time_s", "test_accuracy", "test_loss",
+              "updates_applied", "updates_dropped", "mean_staleness",
+              "bytes_up", "bytes_down", "wall_s"):
+    assert key in rows[-1], key
+  assert "accuracy" in err and "round    20" in err  # progress lines
+
+  code, out, err = run(f"--flagfile={SMOKE}", f"--workdir={tmp_path}",
+                       "--buffer_size=2")
+  assert code == 2
+  line = err.strip().splitlines()[-1]
+  assert "--workdir" in line and "different configuration" in line
+  assert "buffer_size" in line and "--overwrite" in line
+  assert "Traceback" not in err
+
+  code, out, err = run(f"--flagfile={SMOKE}", f"--workdir={tmp_path}",
+                       "--buffer_size=2", "--algorithm=fedbuff",
+                       "--overwrite")
+  assert code == 0, err
+  s = summary(tmp_path)
+  assert s["algorithm"] == "fedbuff" and s["resumed_from_round"] is None
+  assert json.loads((tmp_path / "config.json").read_text())[
+      "experiment"]["engine"]["buffer_size"] == 2
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--algorithm=sgd"], "--algorithm"),
+    (["--num_clients=-5"], "--num_clients"),
+    (["--data_dir=/no/such/dir"], "--data_dir"),
+    (["--flagfile=/no/such.flags"], "--flagfile"),
+    (["--algorithm=fedasync", "--buffer_size=4"], "buffer_size"),
+    (["--memory_tier_fractions=2,1"], "memory_tier_fractions"),
+])
+def test_bad_input_exits_2_in_one_line(tmp_path, args, flag):
+  code, out, err = run(*args, f"--workdir={tmp_path / 'w'}", timeout=120)
+  assert code == 2
+  assert "Traceback" not in err
+  lines = [l for l in err.splitlines() if "error:" in l]
+  assert len(lines) == 1 and flag in lines[0], err
+  assert not (tmp_path / "w").exists()  # nothing written on bad input
