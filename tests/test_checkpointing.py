@@ -1,0 +1,99 @@
+"""Checkpoint round trips of a whole SimState are bit-identical."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from ftte_jax import algorithms, checkpointing, experiment
+
+
+@pytest.fixture(scope="module")
+def exp():
+  config = experiment.ExperimentConfig(
+      engine=algorithms.preset("ftte", concurrency=8, buffer_size=4,
+                               local_steps=2, batch_size=8),
+      data=experiment.DataConfig(dataset="tiny", num_clients=16,
+                                 partition="iid"),
+      search=experiment.SearchConfig(importance="proxy"),
+      memory_tier_fractions=(0.6, 2.0), model="mlp", rounds=6, eval_every=3)
+  return experiment.build(config)
+
+
+def assert_bit_identical(a, b):
+  la, ta = jax.tree.flatten(a)
+  lb, tb = jax.tree.flatten(b)
+  assert ta == tb
+  for x, y in zip(la, lb):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape
+    assert x.tobytes() == y.tobytes()
+
+
+def test_round_trip_is_bit_identical_and_resumes_exactly(exp, tmp_path):
+  state = exp.init_state()
+  for _ in range(3):
+    state, _ = exp.step_fn(exp.env, state)
+  history = [{"round": 3, "test_accuracy": np.float32(0.5)}]
+  ckpt = checkpointing.Checkpointer(tmp_path, "hash-a", every=3)
+  assert ckpt.maybe_save(state, history)
+  ckpt.close()
+
+  ckpt = checkpointing.Checkpointer(tmp_path, "hash-a")
+  assert ckpt.latest_step() == 3
+  for target in (jax.eval_shape(exp.init_state), exp.init_state()):
+    restored, rows = ckpt.restore_latest(target)
+    assert_bit_identical(restored, state)
+    assert rows == [{"round": 3, "test_accuracy": 0.5}]
+  ckpt.close()
+  # The restored state continues exactly as the original.
+  a, _ = exp.step_fn(exp.env, jax.tree.map(np.copy, restored))
+  b, _ = exp.step_fn(exp.env, state)
+  assert_bit_identical(a, b)
+
+
+def test_other_config_is_refused(exp, tmp_path):
+  ckpt = checkpointing.Checkpointer(tmp_path, "hash-a")
+  ckpt.save(exp.init_state(), [])
+  ckpt.close()
+  other = checkpointing.Checkpointer(tmp_path, "hash-b")
+  with pytest.raises(checkpointing.ConfigMismatchError, match="hash-b"[:6]):
+    other.restore_latest(jax.eval_shape(exp.init_state))
+  other.close()
+
+
+def test_every_and_max_to_keep(exp, tmp_path):
+  ckpt = checkpointing.Checkpointer(tmp_path, "h", every=2, max_to_keep=2)
+  state = exp.init_state()
+  saved = []
+  for _ in range(6):
+    state, _ = exp.step_fn(exp.env, state)
+    saved.append(ckpt.maybe_save(state, []))
+  ckpt.close()
+  assert saved == [False, True, False, True, False, True]
+  assert ckpt.manager.all_steps() == [4, 6]
+  assert checkpointing.Checkpointer(tmp_path, "h").restore_latest(
+      jax.eval_shape(exp.init_state)) is not None
+
+
+def test_empty_directory_restores_nothing(exp, tmp_path):
+  ckpt = checkpointing.Checkpointer(tmp_path / "new", "h")
+  assert ckpt.restore_latest(jax.eval_shape(exp.init_state)) is None
+  ckpt.close()
+
+
+def test_config_hash_and_atomic_json(exp, tmp_path):
+  d = exp.config.to_dict()
+  same = experiment.from_dict(json.loads(json.dumps(
+      checkpointing.to_jsonable(d)))).to_dict()
+  assert checkpointing.config_hash(d) == checkpointing.config_hash(same)
+  changed = dataclasses.replace(exp.config, seed=1).to_dict()
+  assert checkpointing.config_hash(d) != checkpointing.config_hash(changed)
+  path = tmp_path / "x.json"
+  checkpointing.write_json(path, {"a": np.float32(1.5), "b": (1, 2)})
+  assert json.loads(path.read_text()) == {"a": 1.5, "b": [1, 2]}
+  assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+  with pytest.raises(ValueError, match="checkpoint_every"):
+    checkpointing.Checkpointer(tmp_path, "h", every=0)
