@@ -1,0 +1,81 @@
+"""launch.sweep: grid parsing, validation up front, gathering summaries."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch import sweep
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = str(REPO / "experiments" / "smoke.flags")
+
+
+def test_parse_grid():
+  assert sweep.parse_grid(["buffer_size=2,4", "--memory_tier_fractions="
+                           "0.5,2;1,2"]) == [
+                               ("buffer_size", ["2", "4"]),
+                               ("memory_tier_fractions", ["0.5,2", "1,2"])]
+  for bad, match in [("buffer_size", "NAME="), ("nope=1", "not a config"),
+                     ("rounds=1,,2", "empty"),
+                     ]:
+    with pytest.raises(ValueError, match=match):
+      sweep.parse_grid([bad])
+
+
+def test_make_jobs_validates_every_run():
+  jobs = sweep.make_jobs([f"--flagfile={SMOKE}"],
+                         sweep.parse_grid(["buffer_size=2,4"]), ["0", "1"])
+  assert [j.name for j in jobs] == ["buffer_size-2_seed-0",
+                                    "buffer_size-2_seed-1",
+                                    "buffer_size-4_seed-0",
+                                    "buffer_size-4_seed-1"]
+  assert jobs[-1].args[-2:] == ["--buffer_size=4", "--seed=1"]
+  with pytest.raises(ValueError, match="buffer_size-9.*buffer_size"):
+    sweep.make_jobs([f"--flagfile={SMOKE}"],
+                    sweep.parse_grid(["buffer_size=2,9"]), [])
+
+
+def test_average_over_seeds():
+  rows = [{"lr": "a", "final_accuracy": 0.5, "time_to_target_s": 2.0},
+          {"lr": "a", "final_accuracy": 0.7, "time_to_target_s": None}]
+  (row,) = sweep.average_over_seeds(rows, ["lr"])
+  assert row["final_accuracy"] == pytest.approx(0.6)
+  assert row["final_accuracy_std"] == pytest.approx(0.1)
+  assert row["time_to_target_s"] == 2.0 and row["reached_target"] == "1/2"
+
+
+def test_sweep_gathers_summaries(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.sweep", f"--flagfile={SMOKE}",
+       "--rounds=5", "--grid=algorithm=ftte,fedbuff", "--seeds=3",
+       "--parallel=2", f"--sweep_dir={tmp_path}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  rows = json.loads((tmp_path / "results.json").read_text())
+  assert [(r["algorithm"], r["seed"], r["exit"]) for r in rows] == [
+      ("ftte", "3", 0), ("fedbuff", "3", 0)]
+  for r in rows:
+    summary = json.loads((tmp_path / r["run"] / "summary.json").read_text())
+    assert r["params_sha256"] == summary["params_sha256"]
+    assert r["rounds"] == 5
+    assert (tmp_path / r["run"] / "run.log").exists()
+  with open(tmp_path / "results.csv") as f:
+    assert len(list(csv.DictReader(f))) == 2
+  md = (tmp_path / "results.md").read_text()
+  assert md.startswith("| run |") and "fedbuff" in md
+  assert "algorithm-fedbuff_seed-3" in proc.stdout
+
+
+def test_sweep_bad_grid_exits_2(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.sweep", f"--flagfile={SMOKE}",
+       "--grid=algorithm=ftte,fedasync", f"--sweep_dir={tmp_path}"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert "Traceback" not in proc.stderr
+  assert "algorithm-fedasync" in proc.stderr and "buffer_size" in proc.stderr
+  assert not any(tmp_path.iterdir())
