@@ -1,8 +1,11 @@
 """The server's aggregation: a pure function over a buffer of K updates.
 
-Every leaf of ``deltas`` and ``masks`` carries a leading buffer axis K. The
-aggregate is coordinate-wise over the clients that trained each coordinate,
-so clients with different masks (memory tiers) mix correctly.
+Every leaf of ``deltas`` carries a leading buffer axis K. Client i trained
+the coordinates of its tier's mask ``tier_masks[tier[i]]`` (leaves
+[T, ...], 0/1), and its delta is zero elsewhere. The aggregate is
+coordinate-wise over the clients that trained each coordinate, so clients
+with different masks (memory tiers) mix correctly. Masks enter only through
+per-tier sums, so no [K, ...] mask tensor is ever built.
 """
 
 from __future__ import annotations
@@ -23,40 +26,55 @@ def _wsum(weights: jnp.ndarray, leaf: jnp.ndarray) -> jnp.ndarray:
   return jnp.tensordot(weights, leaf, axes=1)
 
 
-def weighted_mean(deltas: PyTree, masks: PyTree, weights: jnp.ndarray,
-                  eps: float = 1e-12) -> PyTree:
-  """``sum_i a_i d_i / max(sum_i a_i m_i, eps)`` per coordinate.
+def _rows(leaf: jnp.ndarray) -> jnp.ndarray:
+  return leaf.reshape(leaf.shape[0], -1)
 
-  ``deltas`` must already be zero outside each client's mask (the engine's
-  are: only masked coordinates are trained), which saves a pass over K x P.
+
+def tier_weights(weights: jnp.ndarray, tier: jnp.ndarray,
+                 num_tiers: int) -> jnp.ndarray:
+  """[T] total weight of the buffer's clients in each tier."""
+  return jax.ops.segment_sum(weights, tier, num_segments=num_tiers)
+
+
+def weighted_mean(deltas: PyTree, tier_masks: PyTree, tier: jnp.ndarray,
+                  weights: jnp.ndarray, eps: float = 1e-12) -> PyTree:
+  """``sum_i a_i d_i / max(sum_i a_i m_i, eps)`` per coordinate."""
+  num_tiers = jax.tree.leaves(tier_masks)[0].shape[0]
+  tw = tier_weights(weights, tier, num_tiers)
+  return jax.tree.map(
+      lambda d, m: _wsum(weights, d) / jnp.maximum(_wsum(tw, m), eps),
+      deltas, tier_masks)
+
+
+def deviation(deltas: PyTree, tier_masks: PyTree, tier: jnp.ndarray,
+              mean: PyTree, eps: float = 1e-12) -> jnp.ndarray:
+  """``d_i = ||m_i (D_i - mean)||^2 / ||m_i mean||^2``, shape [K].
+
+  Expanded as ``||D_i||^2 - 2 <D_i, mean> + ||m_i mean||^2`` (D_i is zero
+  off its mask), so every term is a row sum, a GEMV or a per-tier sum.
   """
-  def leaf(d, m):
-    return _wsum(weights, d) / jnp.maximum(_wsum(weights, m), eps)
-  return jax.tree.map(leaf, deltas, masks)
+  leaves = lambda t: jax.tree.leaves(t)
+  sq = sum(jnp.sum(_rows(d) ** 2, axis=1) for d in leaves(deltas))
+  cross = sum(_rows(d) @ mu.reshape(-1)
+              for d, mu in zip(leaves(deltas), leaves(mean)))
+  # Masks are 0/1, so (m * mu)^2 = m * mu^2.
+  tier_norm = sum(_rows(m) @ (mu ** 2).reshape(-1)
+                  for m, mu in zip(leaves(tier_masks), leaves(mean)))
+  own = tier_norm[tier]
+  return jnp.maximum(sq - 2.0 * cross + own, 0.0) / jnp.maximum(own, eps)
 
 
-def deviation(deltas: PyTree, masks: PyTree, mean: PyTree,
-              eps: float = 1e-12) -> jnp.ndarray:
-  """``d_i = ||m_i (D_i - mean)||^2 / ||m_i mean||^2``, shape [K]."""
-  def num(d, m, mu):
-    return jnp.sum((m * (d - mu)) ** 2, axis=tuple(range(1, d.ndim)))
-  def den(d, m, mu):
-    return jnp.sum((m * mu) ** 2, axis=tuple(range(1, d.ndim)))
-  n = sum(jax.tree.leaves(jax.tree.map(num, deltas, masks, mean)))
-  z = sum(jax.tree.leaves(jax.tree.map(den, deltas, masks, mean)))
-  return n / jnp.maximum(z, eps)
-
-
-def aggregate(deltas: PyTree, masks: PyTree, weights: jnp.ndarray,
-              normalization: str = "coordinate",
+def aggregate(deltas: PyTree, tier_masks: PyTree, tier: jnp.ndarray,
+              weights: jnp.ndarray, normalization: str = "coordinate",
               eps: float = 1e-12) -> PyTree:
   """Aggregates a buffer of masked updates.
 
   Args:
-    deltas: leaves [K, ...]: ``m_i * (w_local - w_base)``, zero outside the
+    deltas: leaves [K, ...]: ``w_local - w_base``, zero outside the client's
       mask; invalid rows must already be finite (zeroed) because their weight
       is 0 and 0 * NaN = NaN.
-    masks: leaves [K, ...] in {0, 1}: which coordinates client i trained.
+    tier_masks: leaves [T, ...] in {0, 1}: coordinates each tier trains.
+    tier: [K] int32 tier of each buffered update.
     weights: [K] non-negative ``a_i``; 0 for invalid updates.
     normalization: ``coordinate``: divide each coordinate by the total weight
       of the clients that trained it (FTTE, and FedAvg with full masks);
@@ -68,7 +86,7 @@ def aggregate(deltas: PyTree, masks: PyTree, weights: jnp.ndarray,
     The aggregate update, shaped like one client's delta.
   """
   if normalization == "coordinate":
-    return weighted_mean(deltas, masks, weights, eps)
+    return weighted_mean(deltas, tier_masks, tier, weights, eps)
   if normalization == "buffer":
     n_valid = jnp.maximum(jnp.sum(weights > 0), 1).astype(jnp.float32)
     return jax.tree.map(lambda d: _wsum(weights, d) / n_valid, deltas)

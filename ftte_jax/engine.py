@@ -203,13 +203,28 @@ def make_simulator(config: EngineConfig, apply_fn: ApplyFn,
   if batching == "auto":
     batching = "map" if jax.default_backend() == "cpu" else "vmap"
 
-  def train_clients(keys, base, masks, x, y, rows, counts, steps):
+  def train_clients(env, ring, keys, ring_slot, tier, rows, counts, steps):
+    """Trains K clients; returns their deltas (leaves [K, ...]) and losses.
+
+    Base parameters and masks are gathered inside the per-client function,
+    so the lax.map path never materializes [K, ...] copies of them.
+    """
+    single_tier = env.plan.num_tiers == 1  # static
+
+    def one(key, slot, t, row, count, n_steps):
+      base = jax.tree.map(lambda r: r[slot], ring)
+      mask = jax.tree.map(lambda m: m[0] if single_tier else m[t],
+                          env.plan.masks)
+      local, loss = client_update(key, base, mask, env.data.x, env.data.y,
+                                  row, count, n_steps)
+      # Masked gradients leave unmasked coordinates exactly where they were,
+      # so the delta is already zero outside the client's mask.
+      return jax.tree.map(jnp.subtract, local, base), loss
+
+    args = (keys, ring_slot, tier, rows, counts, steps)
     if batching == "vmap":
-      return jax.vmap(client_update, in_axes=(0, 0, 0, None, None, 0, 0, 0))(
-          keys, base, masks, x, y, rows, counts, steps)
-    return jax.lax.map(
-        lambda a: client_update(a[0], a[1], a[2], x, y, a[3], a[4], a[5]),
-        (keys, base, masks, rows, counts, steps))
+      return jax.vmap(one)(*args)
+    return jax.lax.map(lambda a: one(*a), args)
 
   def dispatch(env: Environment, key, busy, synced, clock, n: int):
     """Starts n tasks on idle eligible clients; returns their bookkeeping."""
@@ -275,21 +290,12 @@ def make_simulator(config: EngineConfig, apply_fn: ApplyFn,
     fresh = state.ring_version[ring_slot] == versions
 
     # 2. Train each from the version it pulled, with its own mask and data.
-    base = jax.tree.map(lambda r: r[ring_slot], state.ring)
     tier = env.plan.client_tier[clients]
-    if env.plan.num_tiers == 1:  # static: broadcast, don't gather K copies
-      masks = jax.tree.map(lambda m: jnp.broadcast_to(m, (k,) + m.shape[1:]),
-                           env.plan.masks)
-    else:
-      masks = jax.tree.map(lambda m: m[tier], env.plan.masks)
     counts = env.data.counts[clients]
     keys = jax.vmap(jax.random.fold_in, (None, 0))(k_train, clients)
-    local, train_loss = train_clients(
-        keys, base, masks, env.data.x, env.data.y, env.data.indices[clients],
+    delta, train_loss = train_clients(
+        env, state.ring, keys, ring_slot, tier, env.data.indices[clients],
         counts, env.num_steps[clients])
-    # Masked gradients leave unmasked coordinates exactly where they were, so
-    # the delta is already zero outside each client's mask.
-    delta = jax.tree.map(jnp.subtract, local, base)
     # A row sum is non-finite iff the row has NaN/Inf (or overflows, which
     # is rejected too); one contiguous pass instead of isfinite + all.
     finite = jnp.isfinite(sum(jnp.sum(d.reshape(k, -1), axis=1)
@@ -304,12 +310,14 @@ def make_simulator(config: EngineConfig, apply_fn: ApplyFn,
     weights = (counts.astype(jnp.float32) ** config.data_weight_exponent *
                s_age(tau) * valid)
     if config.variance_beta > 0:
-      consensus = aggregation.weighted_mean(delta, masks, weights)
-      dev = aggregation.deviation(delta, masks, consensus)
+      consensus = aggregation.weighted_mean(delta, env.plan.masks, tier,
+                                            weights)
+      dev = aggregation.deviation(delta, env.plan.masks, tier, consensus)
       weights = weights * staleness.variance_weight(dev, config.variance_beta)
 
     # 4. Aggregate and apply; a step with nothing valid leaves the model.
-    agg = aggregation.aggregate(delta, masks, weights, config.normalization)
+    agg = aggregation.aggregate(delta, env.plan.masks, tier, weights,
+                                config.normalization)
     any_valid = jnp.any(valid)
     updates, opt_state = server_opt.update(
         jax.tree.map(jnp.negative, agg), state.opt_state, state.params)
