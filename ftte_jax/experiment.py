@@ -50,6 +50,8 @@ class DataConfig:
   shards_per_client: int = 2
   quantity_sigma: float = 1.0
   num_test: int = 2000
+  synthetic_alpha: float = 1.0  # FedProx Synthetic(alpha, beta) only.
+  synthetic_beta: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,6 +342,8 @@ def _load_data(config: ExperimentConfig):
   if d.dataset in ("mnist", "fashion_mnist", "cifar10"):
     opts["num_test"] = d.num_test
   partition = None if d.dataset == "synthetic" else d.partition
+  if d.dataset == "synthetic":
+    opts.update(alpha=d.synthetic_alpha, beta=d.synthetic_beta)
   if partition == "dirichlet":
     opts["alpha"] = d.dirichlet_alpha
   elif partition == "shards":
