@@ -139,7 +139,11 @@ def main(argv: list[str]) -> None:
   try:
     exp = experiment.build(config)
   except ValueError as e:
-    flags_lib.fail(e)
+    msg = flags_lib.one_line(e)
+    if msg.startswith("memory budget"):
+      msg += ("; raise the smallest --memory_tier_fractions (or "
+              "--memory_tiers), or lower --batch_size")
+    flags_lib.fail(msg)
   build_s = time.perf_counter() - t0
   logging.info("built %s on %s in %.1fs: %d clients, %d eligible", config.model,
                config.data.dataset, build_s, config.data.num_clients,

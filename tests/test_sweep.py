@@ -79,3 +79,25 @@ def test_sweep_bad_grid_exits_2(tmp_path):
   assert "Traceback" not in proc.stderr
   assert "algorithm-fedasync" in proc.stderr and "buffer_size" in proc.stderr
   assert not any(tmp_path.iterdir())
+
+
+def test_compare_arguments_and_rows():
+  # experiments.compare runs on launch.sweep's runner; its pure parts here.
+  from experiments import compare
+  args = compare.algorithm_args(
+      [f"--flagfile={SMOKE}", "--rounds=10"], ["ftte", "fedasync", "fedavg"],
+      ["fedavg:--local_steps=3"])
+  assert "--buffer_size=1" in args["fedasync"]
+  assert "--rounds=40" in args["fedasync"]  # K=4 times the shared rounds
+  assert args["fedavg"][-2:] == ["--concurrency=4", "--local_steps=3"]
+  with pytest.raises(ValueError, match="ALG:--flag"):
+    compare.algorithm_args([], ["ftte"], ["ftte:rounds=3"])
+  rows = compare.comparison_rows({
+      "ftte": {"time_to_target_s": 2.0, "peak_device_memory_bytes": 20.0,
+               "upload_bytes_per_update": 3.0},
+      "fedavg": {"time_to_target_s": 8.0, "peak_device_memory_bytes": 100.0,
+                 "upload_bytes_per_update": 10.0}})
+  assert rows[0]["speedup_vs_fedavg"] == pytest.approx(0.75)
+  assert rows[0]["memory_ratio_vs_fedavg"] == pytest.approx(0.2)
+  assert rows[0]["upload_ratio_vs_fedavg"] == pytest.approx(0.3)
+  assert rows[1]["speedup_vs_fedavg"] == 0.0

@@ -1,0 +1,227 @@
+r"""FTTE against FedBuff, FedAsync and FedAvg on one data split, fleet and seed.
+
+  python -m experiments.compare --flagfile=experiments/smoke.flags
+  python -m experiments.compare --flagfile=experiments/mnist_paper.flags \
+      --compare_dir=runs/compare-mnist --algo_flags=fedavg:--rounds=60
+
+Every config flag of ``launch.main`` sets the shared setup (data, model,
+fleet, seed, rounds, target accuracy...). Each algorithm runs as its own
+``launch.main`` process (sequentially; each already uses every core) in
+``<compare_dir>/<algorithm>``, so an interrupted comparison resumes from
+checkpoints when re-run. Per-algorithm overrides: ``--algo_flags=ALG:--flag
+=value`` (repeatable). Two are added unless overridden, because the presets
+require them: fedasync gets ``--buffer_size=1``, and fedavg, synchronous,
+gets ``--concurrency`` equal to its buffer size. FedAsync applies one update
+per server step, so it also gets K times the shared ``--rounds`` and
+``--eval_every`` (K: the shared buffer size): every algorithm then applies
+the same number of client updates. Set ``--max_virtual_time`` to compare on
+an equal virtual-time budget instead.
+
+Writes ``compare.md`` and ``compare.json`` (final accuracy, time to target,
+speed-up versus FedAvg ``1 - t/t_fedavg``, peak device memory and its ratio
+to FedAvg, upload payload per update and its ratio, mean staleness) and,
+when matplotlib is importable (extra ``plot``), ``compare.png``: accuracy
+over virtual time and over total bytes communicated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from launch import flags as flags_lib
+from launch import sweep
+
+FLAGS = flags.FLAGS
+ALGORITHMS = ("ftte", "fedbuff", "fedasync", "fedavg")
+BASELINE = "fedavg"
+
+
+def define_flags() -> None:
+  flags_lib.define_config_flags()
+  flags.DEFINE_list("algorithms", list(ALGORITHMS), "algorithms to compare "
+                    f"(speed-up and ratios are against {BASELINE} when it is "
+                    "among them)")
+  flags.DEFINE_multi_string("algo_flags", [], "ALG:--flag=value, a flag for "
+                            "one algorithm only (repeatable)")
+  flags.DEFINE_string("compare_dir", None, "parent of the runs' workdirs and "
+                      "of the tables (default runs/compare-<time>)")
+  flags.DEFINE_integer("checkpoint_every", 25, "passed to every run",
+                       lower_bound=1)
+  flags.DEFINE_bool("overwrite", False, "passed to every run: start afresh")
+
+
+def algorithm_args(base: list[str], algorithms: list[str],
+                   algo_flags: list[str]) -> dict[str, list[str]]:
+  """The launch.main arguments of each algorithm, validated.
+
+  Raises:
+    ValueError: an unknown algorithm, a malformed --algo_flags, or an
+      invalid configuration (the message names the algorithm and the flag).
+  """
+  extra: dict[str, list[str]] = {a: [] for a in algorithms}
+  for spec in algo_flags:
+    alg, sep, arg = spec.partition(":")
+    if not sep or not arg.startswith("--"):
+      raise ValueError(f"algo_flags: expected ALG:--flag=value, got {spec!r}")
+    if alg not in extra:
+      raise ValueError(f"algo_flags: {alg!r} is not in --algorithms "
+                       f"{algorithms}")
+    extra[alg].append(arg)
+  shared = flags_lib.resolve_args(base).config
+  out = {}
+  for alg in algorithms:
+    if alg not in ALGORITHMS:
+      raise ValueError(f"algorithms: unknown {alg!r}; valid: "
+                       f"{list(ALGORITHMS)}")
+    args = [a for a in base if not a.startswith("--algorithm=")]
+    args.append(f"--algorithm={alg}")
+    given = {a.split("=")[0] for a in extra[alg]}
+    if alg == "fedasync" and "--buffer_size" not in given:
+      args.append("--buffer_size=1")
+    if alg == "fedasync" and not {"--rounds", "--eval_every"} & given:
+      # One update per step: K times the steps give every algorithm the same
+      # number of client updates and evaluation points.
+      k = shared.engine.buffer_size
+      args += [f"--rounds={shared.rounds * k}",
+               f"--eval_every={shared.eval_every * k}"]
+    if alg == "fedavg" and "--concurrency" not in given:
+      k = flags_lib.resolve_args(
+          [a for a in args + extra[alg] if not a.startswith(
+              "--concurrency=")]).config.engine.buffer_size
+      args = [a for a in args if not a.startswith("--concurrency=")]
+      args.append(f"--concurrency={k}")
+    args += extra[alg]
+    try:
+      flags_lib.resolve_args(args)
+    except ValueError as e:
+      raise ValueError(f"{alg}: {flags_lib.one_line(e)}") from None
+    out[alg] = args
+  return out
+
+
+def _ratio(a, b):
+  return a / b if isinstance(a, (int, float)) and b else None
+
+
+def comparison_rows(summaries: dict[str, dict]) -> list[dict]:
+  """One row per algorithm; speed-up and ratios are against FedAvg."""
+  base = summaries.get(BASELINE) or {}
+  t_base = base.get("time_to_target_s")
+  rows = []
+  for alg, s in summaries.items():
+    t = s.get("time_to_target_s")
+    rows.append({
+        "algorithm": alg,
+        "final_accuracy": s.get("final_accuracy"),
+        "best_accuracy": s.get("best_accuracy"),
+        "time_to_target_s": t,
+        "speedup_vs_fedavg": (1.0 - t / t_base if t is not None and t_base
+                              else None),
+        "peak_device_memory_bytes": s.get("peak_device_memory_bytes"),
+        "memory_ratio_vs_fedavg": _ratio(s.get("peak_device_memory_bytes"),
+                                         base.get("peak_device_memory_bytes")),
+        "upload_bytes_per_update": s.get("upload_bytes_per_update"),
+        "upload_ratio_vs_fedavg": _ratio(s.get("upload_bytes_per_update"),
+                                         base.get("upload_bytes_per_update")),
+        "mean_staleness": s.get("mean_staleness"),
+        "client_updates": s.get("client_updates"),
+        "virtual_time_s": s.get("virtual_time_s"),
+        "eligible_clients": s.get("eligible_clients"),
+        "wall_s": s.get("wall_s"),
+    })
+  return rows
+
+
+def plot(curves: dict[str, list[dict]], target, path: str) -> str | None:
+  """Accuracy over virtual time and over bytes; None if no matplotlib."""
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(11, 4))
+  for alg, rows in curves.items():
+    acc = [r["test_accuracy"] for r in rows]
+    ax_t.plot([r["virtual_time_s"] for r in rows], acc, label=alg)
+    ax_b.plot([r["bytes_up"] + r["bytes_down"] for r in rows], acc,
+              label=alg)
+  for ax, xlabel in ((ax_t, "virtual time (s)"),
+                     (ax_b, "bytes communicated (up + down)")):
+    if target:
+      ax.axhline(target, color="grey", ls=":", lw=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+  ax_b.set_xscale("log")
+  ax_t.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    flags_lib.fail(f"unexpected positional arguments {argv[1:]}")
+  try:
+    per_alg = algorithm_args(flags_lib.given_args(FLAGS), FLAGS.algorithms,
+                             FLAGS.algo_flags)
+  except ValueError as e:
+    flags_lib.fail(e)
+  out_dir = FLAGS.compare_dir or os.path.join(
+      "runs", "compare-" + time.strftime("%Y%m%d-%H%M%S"))
+  jobs = [sweep.Job(alg, {"algorithm": alg}, args,
+                    workdir=os.path.abspath(os.path.join(out_dir, alg)))
+          for alg, args in per_alg.items()]
+  extra = [f"--checkpoint_every={FLAGS.checkpoint_every}"]
+  if FLAGS.overwrite:
+    extra.append("--overwrite")
+  sweep.run_jobs(jobs, parallel=1, extra_args=extra)
+
+  summaries, curves = {}, {}
+  for job in jobs:
+    s = sweep.read_summary(job.workdir)
+    if job.returncode != 0 or s is None:
+      logging.error("%s failed (exit %s): see %s", job.name, job.returncode,
+                    os.path.join(job.workdir, "run.log"))
+      continue
+    summaries[job.name] = s
+    with open(os.path.join(job.workdir, "metrics.jsonl")) as f:
+      curves[job.name] = [json.loads(line) for line in f]
+  rows = comparison_rows(summaries)
+  target = next((s.get("target_accuracy") for s in summaries.values()), None)
+  note = (f"\nTarget accuracy: {target}. speedup_vs_fedavg = 1 - "
+          "t_target/t_target(fedavg), in virtual time; ratios are to "
+          "fedavg.\n")
+  png = plot(curves, target, os.path.join(out_dir, "compare.png"))
+  if png is None:
+    note += ("\nNo plot: matplotlib is not installed (pip install "
+             "'ftte_jax[plot]').\n")
+  from ftte_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  md = sweep.markdown_table(rows) + note
+  os.makedirs(out_dir, exist_ok=True)
+  checkpointing.write_text(os.path.join(out_dir, "compare.md"), md)
+  checkpointing.write_json(os.path.join(out_dir, "compare.json"), {
+      "rows": rows, "args": per_alg, "summaries": summaries})
+  print(md, flush=True)
+  print(f"written: {os.path.join(out_dir, 'compare.md')}, compare.json"
+        f"{', compare.png' if png else ''}")
+  if len(summaries) < len(jobs):
+    sys.exit(1)
+
+
+def run() -> None:
+  define_flags()
+  app.run(main, flags_parser=flags_lib.parse_or_exit)
+
+
+if __name__ == "__main__":
+  run()
