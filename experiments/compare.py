@@ -74,6 +74,7 @@ def algorithm_args(base: list[str], algorithms: list[str],
       raise ValueError(f"algo_flags: {alg!r} is not in --algorithms "
                        f"{algorithms}")
     extra[alg].append(arg)
+  base = flags_lib.expand_args(base)
   shared = flags_lib.resolve_args(base).config
   out = {}
   for alg in algorithms:

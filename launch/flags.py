@@ -279,19 +279,34 @@ def given_args(fv: flags.FlagValues = flags.FLAGS) -> list[str]:
   return out
 
 
+def _parse_args(args: Sequence[str]) -> flags.FlagValues:
+  fv = flags.FlagValues()
+  define_config_flags(fv)
+  try:
+    rest = fv(["resolve"] + list(args))
+  except flags.Error as e:
+    raise ValueError(one_line(e)) from None
+  if len(rest) > 1:
+    raise ValueError(f"unexpected positional arguments {rest[1:]}")
+  return fv
+
+
 def resolve_args(args: Sequence[str]) -> Resolved:
   """Resolves a config from command-line arguments, without global flags.
 
   Raises:
     ValueError: bad flag syntax or an invalid option (message names it).
   """
-  fv = flags.FlagValues()
-  define_config_flags(fv)
-  try:
-    fv(["resolve"] + list(args))
-  except flags.Error as e:
-    raise ValueError(one_line(e)) from None
-  return resolve(fv)
+  return resolve(_parse_args(args))
+
+
+def expand_args(args: Sequence[str]) -> list[str]:
+  """Config arguments with flagfiles expanded, one ``--flag=value`` each.
+
+  Raises:
+    ValueError: bad flag syntax (the message names the flag).
+  """
+  return given_args(_parse_args(args))
 
 
 def one_line(error: BaseException | str) -> str:
