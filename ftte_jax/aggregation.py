@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 PyTree = Any
-NORMALIZATIONS = ("coordinate", "buffer")
+NORMALIZATIONS = ("coordinate", "damped", "buffer")
 
 
 def _wsum(weights: jnp.ndarray, leaf: jnp.ndarray) -> jnp.ndarray:
@@ -66,7 +66,8 @@ def deviation(deltas: PyTree, tier_masks: PyTree, tier: jnp.ndarray,
 
 def aggregate(deltas: PyTree, tier_masks: PyTree, tier: jnp.ndarray,
               weights: jnp.ndarray, normalization: str = "coordinate",
-              eps: float = 1e-12) -> PyTree:
+              eps: float = 1e-12,
+              base_weights: jnp.ndarray | None = None) -> PyTree:
   """Aggregates a buffer of masked updates.
 
   Args:
@@ -78,15 +79,27 @@ def aggregate(deltas: PyTree, tier_masks: PyTree, tier: jnp.ndarray,
     weights: [K] non-negative ``a_i``; 0 for invalid updates.
     normalization: ``coordinate``: divide each coordinate by the total weight
       of the clients that trained it (FTTE, and FedAvg with full masks);
+      ``damped``: coordinate-wise, but the denominator sums
+      ``base_weights`` (data size x validity), so the age and variance
+      factors in ``weights`` shrink the step rather than cancel out;
       ``buffer``: divide by the number of valid updates (FedBuff's 1/K, and
       FedAsync's mixing when K = 1).
     eps: floor of the denominator, so untouched coordinates get 0.
+    base_weights: [K] weights without the staleness factors (``damped``).
 
   Returns:
     The aggregate update, shaped like one client's delta.
   """
   if normalization == "coordinate":
     return weighted_mean(deltas, tier_masks, tier, weights, eps)
+  if normalization == "damped":
+    if base_weights is None:
+      raise ValueError("normalization='damped' needs base_weights")
+    num_tiers = jax.tree.leaves(tier_masks)[0].shape[0]
+    tw = tier_weights(base_weights, tier, num_tiers)
+    return jax.tree.map(
+        lambda d, m: _wsum(weights, d) / jnp.maximum(_wsum(tw, m), eps),
+        deltas, tier_masks)
   if normalization == "buffer":
     n_valid = jnp.maximum(jnp.sum(weights > 0), 1).astype(jnp.float32)
     return jax.tree.map(lambda d: _wsum(weights, d) / n_valid, deltas)

@@ -307,17 +307,27 @@ def make_simulator(config: EngineConfig, apply_fn: ApplyFn,
 
     # 3. Weights.
     valid = ok & fresh & finite
-    weights = (counts.astype(jnp.float32) ** config.data_weight_exponent *
-               s_age(tau) * valid)
+    base_weights = (counts.astype(jnp.float32) ** config.data_weight_exponent
+                    * valid)
+    weights = base_weights * s_age(tau)
     if config.variance_beta > 0:
       consensus = aggregation.weighted_mean(delta, env.plan.masks, tier,
                                             weights)
       dev = aggregation.deviation(delta, env.plan.masks, tier, consensus)
-      weights = weights * staleness.variance_weight(dev, config.variance_beta)
+      s_var = staleness.variance_weight(dev, config.variance_beta)
+      # Mean 1 over the valid updates: with heterogeneous clients every d_i
+      # is large, and an absolute 1/(1+beta*d) would shrink every step to
+      # nothing (measured: no learning at all under 'damped'); normalized, it
+      # only moves weight from outliers to the consensus.
+      n_valid = jnp.maximum(jnp.sum(valid), 1)
+      s_var = s_var / jnp.maximum(jnp.sum(jnp.where(valid, s_var, 0.0)) /
+                                  n_valid, 1e-12)
+      weights = weights * s_var
 
     # 4. Aggregate and apply; a step with nothing valid leaves the model.
     agg = aggregation.aggregate(delta, env.plan.masks, tier, weights,
-                                config.normalization)
+                                config.normalization,
+                                base_weights=base_weights)
     any_valid = jnp.any(valid)
     updates, opt_state = server_opt.update(
         jax.tree.map(jnp.negative, agg), state.opt_state, state.params)

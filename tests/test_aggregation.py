@@ -91,3 +91,19 @@ def test_bad_staleness_and_normalization():
   with pytest.raises(ValueError, match="normalization"):
     aggregation.aggregate({"w": jnp.ones((1, 1))}, {"w": jnp.ones((1, 1))},
                           jnp.zeros(1, jnp.int32), jnp.ones(1), "sum")
+
+
+def test_damped_normalization_shrinks_stale_updates_absolutely():
+  # Two full-model updates, equal data; ages 0 and 3 with (1+tau)^-0.5.
+  deltas = {"w": jnp.array([[2.0], [4.0]])}
+  masks = {"w": jnp.ones((1, 1))}
+  tier = jnp.zeros(2, jnp.int32)
+  base = jnp.array([1.0, 1.0])
+  w = base * jnp.array([1.0, 0.5])
+  damped = aggregation.aggregate(deltas, masks, tier, w, "damped",
+                                 base_weights=base)
+  np.testing.assert_allclose(damped["w"], [(2.0 + 0.5 * 4.0) / 2.0])
+  coord = aggregation.aggregate(deltas, masks, tier, w, "coordinate")
+  np.testing.assert_allclose(coord["w"], [(2.0 + 2.0) / 1.5])
+  with pytest.raises(ValueError, match="base_weights"):
+    aggregation.aggregate(deltas, masks, tier, w, "damped")
