@@ -314,14 +314,8 @@ def make_simulator(config: EngineConfig, apply_fn: ApplyFn,
       consensus = aggregation.weighted_mean(delta, env.plan.masks, tier,
                                             weights)
       dev = aggregation.deviation(delta, env.plan.masks, tier, consensus)
-      s_var = staleness.variance_weight(dev, config.variance_beta)
-      # Mean 1 over the valid updates: with heterogeneous clients every d_i
-      # is large, and an absolute 1/(1+beta*d) would shrink every step to
-      # nothing (measured: no learning at all under 'damped'); normalized, it
-      # only moves weight from outliers to the consensus.
-      n_valid = jnp.maximum(jnp.sum(valid), 1)
-      s_var = s_var / jnp.maximum(jnp.sum(jnp.where(valid, s_var, 0.0)) /
-                                  n_valid, 1e-12)
+      s_var = staleness.buffer_variance_weight(dev, valid,
+                                               config.variance_beta)
       weights = weights * s_var
 
     # 4. Aggregate and apply; a step with nothing valid leaves the model.

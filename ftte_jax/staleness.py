@@ -49,3 +49,18 @@ def make_staleness_fn(name: str, a: float = 0.5,
 def variance_weight(deviation: jnp.ndarray, beta: float) -> jnp.ndarray:
   """FTTE's ``s_var = 1 / (1 + beta * d)``; ``beta = 0`` switches it off."""
   return 1.0 / (1.0 + beta * deviation)
+
+
+def buffer_variance_weight(deviation: jnp.ndarray, valid: jnp.ndarray,
+                           beta: float) -> jnp.ndarray:
+  """``s_var`` scaled to mean 1 over a step's valid updates.
+
+  With heterogeneous clients every ``d_i`` is large, and an absolute
+  ``1/(1+beta*d)`` shrinks every step to nothing (measured: no learning at
+  all on MNIST under the ``damped`` normalization); scaled, it only moves
+  weight from outliers towards the consensus. Invalid entries are ignored.
+  """
+  s = variance_weight(deviation, beta)
+  n_valid = jnp.maximum(jnp.sum(valid), 1)
+  mean = jnp.sum(jnp.where(valid, s, 0.0)) / n_valid
+  return s / jnp.maximum(mean, 1e-12)

@@ -107,3 +107,11 @@ def test_damped_normalization_shrinks_stale_updates_absolutely():
   np.testing.assert_allclose(coord["w"], [(2.0 + 2.0) / 1.5])
   with pytest.raises(ValueError, match="base_weights"):
     aggregation.aggregate(deltas, masks, tier, w, "damped")
+
+
+def test_buffer_variance_weight_has_mean_one_over_valid_updates():
+  # d = 0, 1, 3 with beta = 1: raw 1, 1/2, 1/4; the third is invalid, so the
+  # mean over valid updates is 3/4 and the weights become 4/3, 2/3, 1/3.
+  w = staleness.buffer_variance_weight(jnp.array([0.0, 1.0, 3.0]),
+                                       jnp.array([True, True, False]), 1.0)
+  np.testing.assert_allclose(w, [4 / 3, 2 / 3, 1 / 3], rtol=1e-6)
