@@ -29,6 +29,9 @@ class EngineConfig:
     concurrency: C, client tasks in flight at once.
     buffer_size: K, updates per server step (K <= C).
     ring_size: S, global versions kept; older updates are dropped as stale.
+      ``preset`` sets it to max(16, 4 * ceil(C / K)) unless given: the
+      typical staleness is about C / K (FedAsync with C = 100, K = 1 lost
+      98% of its updates to a fixed S = 16).
     local_steps: local SGD steps per task (the maximum when local_epochs set).
     local_epochs: if set, client i takes ceil(local_epochs * n_i / batch)
       steps (no more than local_steps would allow is *not* enforced: the
@@ -140,6 +143,11 @@ def preset(name: str, **overrides) -> EngineConfig:
   if name == "fedasync" and kw["buffer_size"] != 1:
     raise ValueError(f"fedasync applies every update alone: buffer_size must "
                      f"be 1, got {kw['buffer_size']}")
+  if "ring_size" not in overrides:
+    c = kw.get("concurrency", EngineConfig.concurrency)
+    k = kw.get("buffer_size", EngineConfig.buffer_size)
+    if isinstance(c, int) and isinstance(k, int) and k >= 1:
+      kw["ring_size"] = max(16, 4 * math.ceil(c / k))
   config = EngineConfig(**kw)
   validate(config)
   return config

@@ -295,3 +295,11 @@ def test_payload_accounting_masked_upload_and_changed_only_download(
   first = len(seen)
   assert float(cnt.bytes_down) == pytest.approx(
       first * model_bytes + (int(cnt.downloads) - first) * sub_bytes)
+
+
+def test_preset_sizes_the_ring_to_the_expected_staleness():
+  assert algorithms.preset("fedasync", concurrency=100).ring_size == 400
+  assert algorithms.preset("fedbuff", concurrency=20, buffer_size=10
+                           ).ring_size == 16
+  assert algorithms.preset("ftte", concurrency=100, buffer_size=10,
+                           ring_size=8).ring_size == 8
