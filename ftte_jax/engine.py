@@ -50,7 +50,7 @@ class Environment:
 
   data: ClientData
   fleet: Fleet
-  plan: MaskPlan
+  plan: MaskPlan  # the initial plan; the step reads SimState.plan.
   eligible: jnp.ndarray  # [N] bool: may be sampled (memory policy).
   num_steps: jnp.ndarray  # [N] int32: local steps of each client's task.
   deadline: jnp.ndarray  # [] float32: virtual seconds before a task is dropped.
@@ -89,6 +89,7 @@ class SimState:
   client_busy: jnp.ndarray  # [N] bool: has a task in flight.
   client_synced: jnp.ndarray  # [N] bool: holds an earlier copy of the model.
   counters: Counters
+  plan: MaskPlan  # live masks and their costs (a re-search replaces it).
   key: jnp.ndarray  # [2] uint32: the run's root key.
 
 
@@ -203,18 +204,19 @@ def make_simulator(config: EngineConfig, apply_fn: ApplyFn,
   if batching == "auto":
     batching = "map" if jax.default_backend() == "cpu" else "vmap"
 
-  def train_clients(env, ring, keys, ring_slot, tier, rows, counts, steps):
+  def train_clients(env, plan, ring, keys, ring_slot, tier, rows, counts,
+                    steps):
     """Trains K clients; returns their deltas (leaves [K, ...]) and losses.
 
     Base parameters and masks are gathered inside the per-client function,
     so the lax.map path never materializes [K, ...] copies of them.
     """
-    single_tier = env.plan.num_tiers == 1  # static
+    single_tier = plan.num_tiers == 1  # static
 
     def one(key, slot, t, row, count, n_steps):
       base = jax.tree.map(lambda r: r[slot], ring)
       mask = jax.tree.map(lambda m: m[0] if single_tier else m[t],
-                          env.plan.masks)
+                          plan.masks)
       local, loss = client_update(key, base, mask, env.data.x, env.data.y,
                                   row, count, n_steps)
       # Masked gradients leave unmasked coordinates exactly where they were,
@@ -226,13 +228,14 @@ def make_simulator(config: EngineConfig, apply_fn: ApplyFn,
       return jax.vmap(one)(*args)
     return jax.lax.map(lambda a: one(*a), args)
 
-  def dispatch(env: Environment, key, busy, synced, clock, n: int):
+  def dispatch(env: Environment, plan: MaskPlan, key, busy, synced, clock,
+               n: int):
     """Starts n tasks on idle eligible clients; returns their bookkeeping."""
     k_pick, k_time, k_drop = jax.random.split(key, 3)
     avail = env.eligible & ~busy
     scores = jnp.where(avail, jax.random.uniform(k_pick, busy.shape), -1.0)
     _, clients = jax.lax.top_k(scores, n)
-    f, plan = env.fleet, env.plan
+    f = env.fleet
     tier = plan.client_tier[clients]
     down = jnp.where(synced[clients], plan.union_bytes, plan.model_bytes)
     up = plan.upload_bytes[tier]
@@ -256,7 +259,8 @@ def make_simulator(config: EngineConfig, apply_fn: ApplyFn,
     synced = jnp.zeros((n,), bool)
     clock = jnp.zeros((), jnp.float32)
     clients, arrival, ok, down, busy, synced = dispatch(
-        env, jax.random.fold_in(key, _KEY_INIT), busy, synced, clock, c)
+        env, env.plan, jax.random.fold_in(key, _KEY_INIT), busy, synced,
+        clock, c)
     zero_i, zero_f = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)
     counters = Counters(
         updates_applied=zero_i, updates_dropped=zero_i, updates_stale=zero_i,
@@ -270,7 +274,7 @@ def make_simulator(config: EngineConfig, apply_fn: ApplyFn,
         clock=clock, task_client=clients.astype(jnp.int32),
         task_version=jnp.zeros((c,), jnp.int32), task_arrival=arrival,
         task_ok=ok, client_busy=busy, client_synced=synced,
-        counters=counters, key=jnp.asarray(key))
+        counters=counters, plan=env.plan, key=jnp.asarray(key))
 
   def step(env: Environment, state: SimState) -> tuple[SimState, dict]:
     """One server step; returns the new state and a flat dict of scalars."""
@@ -290,11 +294,13 @@ def make_simulator(config: EngineConfig, apply_fn: ApplyFn,
     fresh = state.ring_version[ring_slot] == versions
 
     # 2. Train each from the version it pulled, with its own mask and data.
-    tier = env.plan.client_tier[clients]
+    plan = state.plan
+    tier = plan.client_tier[clients]
     counts = env.data.counts[clients]
     keys = jax.vmap(jax.random.fold_in, (None, 0))(k_train, clients)
     delta, train_loss = train_clients(
-        env, state.ring, keys, ring_slot, tier, env.data.indices[clients],
+        env, plan, state.ring, keys, ring_slot, tier,
+        env.data.indices[clients],
         counts, env.num_steps[clients])
     # A row sum is non-finite iff the row has NaN/Inf (or overflows, which
     # is rejected too); one contiguous pass instead of isfinite + all.
@@ -311,15 +317,15 @@ def make_simulator(config: EngineConfig, apply_fn: ApplyFn,
                     * valid)
     weights = base_weights * s_age(tau)
     if config.variance_beta > 0:
-      consensus = aggregation.weighted_mean(delta, env.plan.masks, tier,
+      consensus = aggregation.weighted_mean(delta, plan.masks, tier,
                                             weights)
-      dev = aggregation.deviation(delta, env.plan.masks, tier, consensus)
+      dev = aggregation.deviation(delta, plan.masks, tier, consensus)
       s_var = staleness.buffer_variance_weight(dev, valid,
                                                config.variance_beta)
       weights = weights * s_var
 
     # 4. Aggregate and apply; a step with nothing valid leaves the model.
-    agg = aggregation.aggregate(delta, env.plan.masks, tier, weights,
+    agg = aggregation.aggregate(delta, plan.masks, tier, weights,
                                 config.normalization,
                                 base_weights=base_weights)
     any_valid = jnp.any(valid)
@@ -336,9 +342,9 @@ def make_simulator(config: EngineConfig, apply_fn: ApplyFn,
     # 5. Dispatch K new tasks from the new version.
     busy = state.client_busy.at[clients].set(False)
     new_clients, arrival, new_ok, down, busy, synced = dispatch(
-        env, k_dispatch, busy, state.client_synced, clock, k)
+        env, plan, k_dispatch, busy, state.client_synced, clock, k)
 
-    up = jnp.sum(jnp.where(ok, env.plan.upload_bytes[tier], 0.0))
+    up = jnp.sum(jnp.where(ok, plan.upload_bytes[tier], 0.0))
     applied = valid & (weights > 0)
     n_applied = jnp.sum(applied).astype(jnp.int32)
     tau_sum = jnp.sum(jnp.where(applied, tau, 0)).astype(jnp.float32)

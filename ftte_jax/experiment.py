@@ -69,6 +69,12 @@ class SearchConfig:
     probe_clients: devices in the probe round.
     probe_examples: examples per probe device (or proxy examples in total).
     num_cells: DP resolution cells.
+    research_every: every this many server steps, search again with
+      importance measured at the current global model (0: never). The new
+      masks apply to tasks trained from then on; the re-search probe's bytes
+      are counted, its time is not (capable devices probe alongside
+      training). The plan lives in the checkpointed state, so a resumed run
+      replays it.
   """
 
   method: str = "exact"
@@ -78,6 +84,7 @@ class SearchConfig:
   probe_clients: int = 10
   probe_examples: int = 32
   num_cells: int = 1024
+  research_every: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +186,11 @@ def validate(config: ExperimentConfig) -> None:
   if s.importance not in IMPORTANCE_SOURCES:
     raise ValueError(f"importance must be one of {IMPORTANCE_SOURCES}, got "
                      f"{s.importance!r}")
+  if s.research_every < 0:
+    raise ValueError(f"research_every must be >= 0, got {s.research_every}")
+  if s.research_every and config.engine.mask != "search":
+    raise ValueError("research_every needs mask='search', got mask="
+                     f"{config.engine.mask!r}")
   for name in ("probe_clients", "probe_examples", "num_cells"):
     if getattr(s, name) < 1:
       raise ValueError(f"{name} must be >= 1, got {getattr(s, name)}")
@@ -280,6 +292,9 @@ class Experiment:
       state, _ = self.step_fn(self.env, state)
       steps_done += 1
       r = int(state.version)
+      every = cfg.search.research_every
+      if every and r % every == 0 and r < cfg.rounds:
+        state = self.research(state)
       if r % cfg.eval_every == 0 or r == cfg.rounds:
         log(state)
       if on_step:
@@ -289,6 +304,21 @@ class Experiment:
     return state, history, {"wall_s": time.perf_counter() - t_start,
                             "compile_s": compile_s, "steps": steps_done}
 
+  def research(self, state: engine.SimState) -> engine.SimState:
+    """Searches again with importance at the current global model."""
+    key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed),
+                             _KEY_PROBE)
+    plan, report, probe = _search_plan(
+        self.config, self.model, self.apply_fn, state.params, self.env.data,
+        self.env.fleet, self.info["full_model_memory_bytes"],
+        jax.random.fold_in(key, int(state.version)),
+        self.info["data"]["input_shape"])
+    self.info["plan"] = report
+    cnt = state.counters
+    return state.replace(plan=plan, counters=cnt.replace(
+        bytes_up=cnt.bytes_up + probe["bytes_up"],
+        bytes_down=cnt.bytes_down + probe["bytes_down"]))
+
   def summary(self, state: engine.SimState, history: list[dict],
               timing: dict) -> dict:
     """The end-of-run summary (written to summary.json by the launcher)."""
@@ -297,7 +327,7 @@ class Experiment:
     reached = [r for r in history
                if target is not None and r["test_accuracy"] >= target]
     counters = engine.summary_counters(state)
-    plan = self.env.plan
+    plan = state.plan
     tier_mem = np.asarray(plan.memory_bytes, np.float64)
     used = np.unique(np.asarray(plan.client_tier)[np.asarray(
         self.env.eligible)])
@@ -408,16 +438,9 @@ def build(config: ExperimentConfig) -> Experiment:
     plan = masks_lib.make_plan(params, [mask], np.zeros(n, np.int32),
                                flops_per_example=[f], memory_bytes=[m])
   else:
-    fisher, probe = _importance(config, model, apply_fn, params, data, fleet,
-                                full_mem, root)
-    s = config.search
-    plan, report = search_lib.build_plan(
-        model, params, (e.batch_size,) + tuple(data_info["input_shape"]),
-        fisher, np.asarray(fleet.memory),
-        tier_of_client=np.asarray(fleet.tier) if s.policy == "per_tier"
-        else None, policy=s.policy, batch_size=e.batch_size, optimizer=opt,
-        method=s.method, channel_fractions=s.channel_fractions,
-        num_cells=s.num_cells)
+    plan, report, probe = _search_plan(
+        config, model, apply_fn, params, data, fleet, full_mem,
+        jax.random.fold_in(root, _KEY_PROBE), data_info["input_shape"])
   env = engine.make_environment(e, data, fleet, plan)
   sim = engine.make_simulator(e, apply_fn, int(np.asarray(env.num_steps).max()))
   info = {"data": data_info, "plan": report,
@@ -431,8 +454,24 @@ def build(config: ExperimentConfig) -> Experiment:
                     info=info, probe=probe)
 
 
-def _importance(config, model, apply_fn, params, data, fleet, full_mem, root):
-  """Diagonal Fisher at the initial model, from a probe round or proxy data.
+def _search_plan(config, model, apply_fn, params, data, fleet, full_mem, key,
+                 input_shape):
+  """Importance at ``params``, then the memory-budgeted search: a MaskPlan."""
+  e, s = config.engine, config.search
+  fisher, probe = _importance(config, model, apply_fn, params, data, fleet,
+                              full_mem, key)
+  plan, report = search_lib.build_plan(
+      model, params, (e.batch_size,) + tuple(input_shape), fisher,
+      np.asarray(fleet.memory),
+      tier_of_client=np.asarray(fleet.tier) if s.policy == "per_tier"
+      else None, policy=s.policy, batch_size=e.batch_size,
+      optimizer=_client_optimizer(e), method=s.method,
+      channel_fractions=s.channel_fractions, num_cells=s.num_cells)
+  return plan, report, probe
+
+
+def _importance(config, model, apply_fn, params, data, fleet, full_mem, key):
+  """Diagonal Fisher at ``params``, from a probe round or proxy data.
 
   The probe round is synchronous: the chosen devices download the model,
   compute per-example squared gradients on ``probe_examples`` of their own
@@ -442,7 +481,6 @@ def _importance(config, model, apply_fn, params, data, fleet, full_mem, root):
   """
   s = config.search
   loss = lambda p, batch: cross_entropy(apply_fn, p, batch[0], batch[1])
-  key = jax.random.fold_in(root, _KEY_PROBE)
   probe = {"time_s": 0.0, "bytes_up": 0.0, "bytes_down": 0.0, "clients": 0}
   if s.importance == "proxy":
     m = data.x.shape[0]
