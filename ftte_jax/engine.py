@@ -19,7 +19,6 @@ Randomness: the run's root key lives in the state; step r draws from
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -30,7 +29,7 @@ from flax import struct
 
 from ftte_jax import aggregation, staleness
 from ftte_jax.algorithms import EngineConfig, validate
-from ftte_jax.client import cross_entropy, make_client_update
+from ftte_jax.client import make_client_update
 from ftte_jax.client_data import ClientData
 from ftte_jax.fleet import Fleet
 from ftte_jax.masks import MaskPlan
@@ -146,8 +145,8 @@ def make_environment(config: EngineConfig, data: ClientData, fleet: Fleet,
   if config.deadline_s is not None:
     deadline = config.deadline_s
   else:
-    nominal = _nominal_duration(config, fleet, plan, steps, np.asarray(
-        np.ones(n, bool)))
+    # Worst case: a first task downloads the whole model.
+    nominal = _nominal_duration(config, fleet, plan, steps, np.zeros(n, bool))
     deadline = config.deadline_factor * float(nominal[eligible].max())
   return Environment(data=data, fleet=fleet, plan=plan,
                      eligible=jnp.asarray(eligible),

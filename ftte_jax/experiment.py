@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import time
 from typing import Any, Callable, Sequence
 
@@ -511,14 +510,13 @@ def _importance(config, model, apply_fn, params, data, fleet, full_mem, key):
       lambda a: per_client(*a), (xs, ys)))(x, y)
   weights = jnp.asarray(counts, jnp.float32) / float(counts.sum())
   fisher = jax.tree.map(lambda f: jnp.tensordot(weights, f, axes=1), fishers)
-  spec = groups_lib.make_groups(
-      groups_lib.analyze(model, params, (1,) + tuple(data.x.shape[1:])),
-      s.channel_fractions)
+  analysis = groups_lib.analyze(model, params, (1,) + tuple(data.x.shape[1:]))
+  spec = groups_lib.make_groups(analysis, s.channel_fractions)
   model_bytes = 4.0 * masks_lib.param_count(params)
   score_bytes = 4.0 * spec.num_groups
   full_flops = memory_lib.training_flops(
-      groups_lib.analyze(model, params, (1,) + tuple(data.x.shape[1:])), spec,
-      params, jax.tree.map(lambda p: np.ones(p.shape, bool), params))
+      analysis, spec, params,
+      jax.tree.map(lambda p: np.ones(p.shape, bool), params))
   f = jax.device_get(fleet)
   t = (model_bytes / f.bw_down[chosen] +
        s.probe_examples * full_flops / f.speed[chosen] +

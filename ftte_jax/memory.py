@@ -197,3 +197,34 @@ def training_flops(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
   """Training FLOPs per example (forward + backward) of training ``mask``."""
   return flops_from_sizes(info, spec,
                           groups_lib.mask_to_sizes(spec, params, mask))
+
+
+def xla_training_memory(model, params: PyTree, batch_shape, optimizer: str
+                        = "sgd") -> float:
+  """XLA's compiled memory (bytes) of one full-model training step.
+
+  The independent yardstick for the analytic model: arguments + outputs -
+  aliased (donated) + temporaries from ``compile().memory_analysis()`` of a
+  jitted SGD/momentum/Adam step on a batch of ``batch_shape`` (labels int32).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+
+  optimizer_slots(optimizer)
+  tx = {"sgd": optax.sgd(0.1), "momentum": optax.sgd(0.1, 0.9),
+        "adam": optax.adam(1e-3)}[optimizer]
+  x = jnp.zeros(tuple(batch_shape))
+  y = jnp.zeros(batch_shape[0], jnp.int32)
+
+  def train_step(p, s, x, y):
+    def loss(p):
+      logits = model.apply({"params": p}, x)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    u, s = tx.update(jax.grad(loss)(p), s, p)
+    return optax.apply_updates(p, u), s
+
+  stats = jax.jit(train_step, donate_argnums=(0, 1)).lower(
+      params, tx.init(params), x, y).compile().memory_analysis()
+  return float(stats.argument_size_in_bytes + stats.output_size_in_bytes
+               - stats.alias_size_in_bytes + stats.temp_size_in_bytes)

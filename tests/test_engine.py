@@ -4,7 +4,6 @@ determinism, virtual time and input validation."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from conftest import make_dataset

@@ -5,7 +5,6 @@ tiny (generated 8x8 images, an MLP, 16 clients) and few.
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys

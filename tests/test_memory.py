@@ -4,7 +4,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from ftte_jax import groups
@@ -122,23 +121,8 @@ def xla_ratio(model, shape, batch_size, optimizer="sgd"):
   spec = groups.make_groups(info)
   ours = memory.memory_from_sizes(info, spec, spec.sizes[:, -1], batch_size,
                                   optimizer)["total"]
-  tx = {"sgd": optax.sgd(0.1), "momentum": optax.sgd(0.1, 0.9),
-        "adam": optax.adam(1e-3)}[optimizer]
-  x = jnp.zeros((batch_size,) + tuple(shape[1:]))
-  y = jnp.zeros(batch_size, jnp.int32)
-
-  def train_step(p, s, x, y):
-    def loss(p):
-      logits = model.apply({"params": p}, x)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    g = jax.grad(loss)(p)
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
-
-  stats = jax.jit(train_step, donate_argnums=(0, 1)).lower(
-      params, tx.init(params), x, y).compile().memory_analysis()
-  xla = (stats.argument_size_in_bytes + stats.output_size_in_bytes
-         - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+  xla = memory.xla_training_memory(model, params,
+                                   (batch_size,) + tuple(shape[1:]), optimizer)
   return ours / xla, ours, xla
 
 

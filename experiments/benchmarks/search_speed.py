@@ -16,7 +16,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from ftte_jax import groups
 from ftte_jax import memory
@@ -150,22 +149,8 @@ def xla_ratio(model, shape, batch_size, optimizer):
   spec = groups.make_groups(info)
   ours = memory.memory_from_sizes(info, spec, spec.sizes[:, -1], batch_size,
                                   optimizer)
-  tx = {"sgd": optax.sgd(0.1), "momentum": optax.sgd(0.1, 0.9),
-        "adam": optax.adam(1e-3)}[optimizer]
-  x = jnp.zeros((batch_size,) + tuple(shape[1:]))
-  y = jnp.zeros(batch_size, jnp.int32)
-
-  def train_step(p, s, x, y):
-    def loss(p):
-      logits = model.apply({"params": p}, x)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    u, s = tx.update(jax.grad(loss)(p), s, p)
-    return optax.apply_updates(p, u), s
-
-  st = jax.jit(train_step, donate_argnums=(0, 1)).lower(
-      params, tx.init(params), x, y).compile().memory_analysis()
-  xla = (st.argument_size_in_bytes + st.output_size_in_bytes
-         - st.alias_size_in_bytes + st.temp_size_in_bytes)
+  xla = memory.xla_training_memory(model, params,
+                                   (batch_size,) + tuple(shape[1:]), optimizer)
   return ours, xla
 
 
