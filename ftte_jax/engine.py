@@ -146,7 +146,10 @@ def make_environment(config: EngineConfig, data: ClientData, fleet: Fleet,
     deadline = config.deadline_s
   else:
     # Worst case: a first task downloads the whole model.
-    nominal = _nominal_duration(config, fleet, plan, steps, np.zeros(n, bool))
+    nominal, _ = nominal_duration(config.batch_size, fleet, plan,
+                                  jnp.arange(n), jnp.asarray(steps),
+                                  jnp.zeros(n, bool))
+    nominal = np.asarray(nominal)
     deadline = config.deadline_factor * float(nominal[eligible].max())
   return Environment(data=data, fleet=fleet, plan=plan,
                      eligible=jnp.asarray(eligible),
@@ -154,15 +157,21 @@ def make_environment(config: EngineConfig, data: ClientData, fleet: Fleet,
                      deadline=jnp.asarray(deadline, jnp.float32))
 
 
-def _nominal_duration(config, fleet, plan, steps, synced):
-  """Task time without jitter: download + compute + upload (numpy)."""
-  tier = np.asarray(plan.client_tier)
-  down = np.where(synced, float(plan.union_bytes), float(plan.model_bytes))
-  up = np.asarray(plan.upload_bytes)[tier]
-  flops = np.asarray(plan.flops_per_example)[tier]
-  return (down / np.asarray(fleet.bw_down) +
-          steps * config.batch_size * flops / np.asarray(fleet.speed) +
-          up / np.asarray(fleet.bw_up))
+def nominal_duration(batch_size: int, fleet: Fleet, plan: MaskPlan,
+                     clients: jnp.ndarray, steps: jnp.ndarray,
+                     synced: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Task time without jitter, and the bytes each task downloads.
+
+  ``download/bw_down + steps*batch*flops(mask)/speed + upload/bw_up``; a
+  client that synced before downloads only the coordinates that can change.
+  """
+  tier = plan.client_tier[clients]
+  down = jnp.where(synced, plan.union_bytes, plan.model_bytes)
+  up = plan.upload_bytes[tier]
+  compute = (steps * batch_size * plan.flops_per_example[tier] /
+             fleet.speed[clients])
+  return (down / fleet.bw_down[clients] + compute +
+          up / fleet.bw_up[clients]), down
 
 
 def _select(pred: jnp.ndarray, new: PyTree, old: PyTree) -> PyTree:
@@ -235,12 +244,8 @@ def make_simulator(config: EngineConfig, apply_fn: ApplyFn,
     scores = jnp.where(avail, jax.random.uniform(k_pick, busy.shape), -1.0)
     _, clients = jax.lax.top_k(scores, n)
     f = env.fleet
-    tier = plan.client_tier[clients]
-    down = jnp.where(synced[clients], plan.union_bytes, plan.model_bytes)
-    up = plan.upload_bytes[tier]
-    compute = (env.num_steps[clients] * config.batch_size *
-               plan.flops_per_example[tier] / f.speed[clients])
-    nominal = down / f.bw_down[clients] + compute + up / f.bw_up[clients]
+    nominal, down = nominal_duration(config.batch_size, f, plan, clients,
+                                     env.num_steps[clients], synced[clients])
     duration = nominal * jnp.exp(f.task_sigma * jax.random.normal(k_time, (n,)))
     abandoned = jax.random.uniform(k_drop, (n,)) < f.dropout[clients]
     ok = ~abandoned & (duration <= env.deadline)
