@@ -41,3 +41,10 @@ def tiny_model():
   params = model.init(jax.random.PRNGKey(0), np.zeros((1, 6), np.float32))
   apply = lambda p, x: model.apply({"params": p}, x)
   return apply, params["params"]
+
+
+@pytest.fixture
+def mnist_available():
+  from ftte_jax import datasets  # pylint: disable=g-import-not-at-top
+  return (datasets.default_data_dir() / "mnist" /
+          "t10k-images-idx3-ubyte.gz").exists()
