@@ -25,7 +25,9 @@ from typing import Sequence
 
 import jax
 
-from ftte_jax import algorithms, experiment, fleet
+from ftte_jax.core import algorithms
+from ftte_jax import experiment
+from ftte_jax.core import fleet
 
 TABLE_KEYS = ("algorithm", "partition", "rounds", "final_accuracy",
               "best_accuracy", "virtual_time_s", "rounds_to_target",

@@ -41,8 +41,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ftte_jax import algorithms, datasets, engine, fleet as fleet_lib
-from ftte_jax import masks as masks_lib
+from ftte_jax.core import algorithms
+from ftte_jax.data import datasets
+from ftte_jax.core import engine
+from ftte_jax.core import fleet as fleet_lib
+from ftte_jax.core import masks as masks_lib
 from ftte_jax import models as models_lib
 
 METRICS = ("train_loss", "gap", "train_accuracy", "test_loss", "test_accuracy")
@@ -110,7 +113,7 @@ def run_one(args: argparse.Namespace, alpha: float, beta: float,
   step = jax.jit(sim.step, donate_argnums=1)
   evaluate = jax.jit(sim.evaluate)
   x_test, y_test = jnp.asarray(x_test), jnp.asarray(y_test)
-  state = jax.jit(sim.init)(jax.random.PRNGKey(seed + 1), env, params)
+  state = jax.jit(sim.init)(jax.random.PRNGKey(seed + 1), env, params, plan)
   # The pooled (centralized) optimum: datasets differ in how separable they
   # are, so the gap to it, not the raw loss, measures FedAvg's slowdown.
   x_all, y_all = env.data.x, env.data.y

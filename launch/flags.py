@@ -29,9 +29,15 @@ from typing import Any, Sequence
 
 from absl import flags
 
-from ftte_jax import aggregation, algorithms, datasets, experiment
-from ftte_jax import fleet as fleet_lib
-from ftte_jax import models, partition, search, staleness
+from ftte_jax.core import aggregation
+from ftte_jax.core import algorithms
+from ftte_jax.data import datasets
+from ftte_jax import experiment
+from ftte_jax.core import fleet as fleet_lib
+from ftte_jax import models
+from ftte_jax.data import partition
+from ftte_jax.search import solver as search
+from ftte_jax.core import staleness
 
 EXIT_USAGE = 2  # exit status for bad command-line input.
 
@@ -74,7 +80,7 @@ _POSITIVE_INTS = {
 _EXTRA_HELP = {
     "dataset": "dataset name",
     "data_dir": "directory holding the dataset files; default: "
-                "$FTTE_DATA_DIR, else <repo>/../shared/data",
+                "$FTTE_DATA_DIR, else ~/.cache/ftte_jax",
     "num_clients": "number of simulated clients (devices), N",
     "partition": "how the training pool is split across clients",
     "dirichlet_alpha": "Dirichlet label-skew concentration (smaller = more "

@@ -123,7 +123,9 @@ def main(argv: list[str]) -> None:
   config = resolved.config
   # Imported after validation: a bad flag should not pay for JAX start-up.
   import jax  # pylint: disable=g-import-not-at-top
-  from ftte_jax import checkpointing, datasets, experiment  # pylint: disable=g-import-not-at-top
+  from ftte_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from ftte_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  from ftte_jax import experiment  # pylint: disable=g-import-not-at-top
 
   config_dict = checkpointing.to_jsonable(config.to_dict())
   sha = checkpointing.config_hash(config_dict)

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftte_jax import aggregation, staleness
+from ftte_jax.core import aggregation
+from ftte_jax.core import staleness
 
 
 def test_fedbuff_three_updates_staleness_0_1_3_both_normalizations():

@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 
-from ftte_jax import client_data as cdl
+from ftte_jax.data import client_data as cdl
 
 X = np.arange(20, dtype=np.float32)[:, None]
 Y = np.arange(20) % 3

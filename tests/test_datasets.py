@@ -9,8 +9,8 @@ import warnings
 import numpy as np
 import pytest
 
-from ftte_jax import client_data as cdl
-from ftte_jax import datasets as D
+from ftte_jax.data import client_data as cdl
+from ftte_jax.data import datasets as D
 
 MNIST_DIR = D.default_data_dir()
 HAVE_MNIST = (MNIST_DIR / "mnist" / "t10k-images-idx3-ubyte.gz").exists()
@@ -106,10 +106,11 @@ def test_data_dir_resolution(tmp_path, monkeypatch):
   assert D.default_data_dir("/x") == D.default_data_dir("/x")
   assert str(D.default_data_dir("/x")) == "/x"
   monkeypatch.delenv("FTTE_DATA_DIR")
-  assert D.default_data_dir().parts[-2:] == ("shared", "data")
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  assert D.default_data_dir() == tmp_path / "cache" / "ftte_jax"
 
 
-@pytest.mark.skipif(not HAVE_MNIST, reason="shared MNIST test split absent")
+@pytest.mark.skipif(not HAVE_MNIST, reason="MNIST test split absent from FTTE_DATA_DIR")
 def test_real_mnist_test_split():
   x, y = D.load_mnist(split="test")
   assert x.shape == (10000, 28, 28, 1) and y.shape == (10000,)
@@ -325,7 +326,7 @@ def test_load_federated_tiny_and_synthetic():
   assert cd2.num_clients == 4
 
 
-@pytest.mark.skipif(not HAVE_MNIST, reason="shared MNIST test split absent")
+@pytest.mark.skipif(not HAVE_MNIST, reason="MNIST test split absent from FTTE_DATA_DIR")
 def test_load_federated_mnist_pool_deterministic():
   cd, (xte, yte), info = D.load_federated("mnist", 10, "iid", seed=0)
   assert info["num_train"] == 8000 and xte.shape == (2000, 28, 28, 1)

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from conftest import make_dataset
-from ftte_jax import algorithms, engine, masks
-from ftte_jax.fleet import Fleet
+from ftte_jax.core import algorithms
+from ftte_jax.core import engine
+from ftte_jax.core import masks
+from ftte_jax.core.fleet import Fleet
 
 
 def const_fleet(n, speed=1e6, memory=1e12, dropout=0.0, sigma=0.0):
@@ -25,7 +27,7 @@ def build(config, apply, params, data, fleet, plan=None, seed=1):
   plan = plan or masks.full_plan(params, data.num_clients)
   env = engine.make_environment(config, data, fleet, plan)
   sim = engine.make_simulator(config, apply, int(env.num_steps.max()))
-  state = jax.jit(sim.init)(jax.random.PRNGKey(seed), env, params)
+  state = jax.jit(sim.init)(jax.random.PRNGKey(seed), env, params, plan)
   return sim, env, state
 
 
@@ -65,7 +67,7 @@ def test_fedavg_matches_python_loop_reference(tiny_model):
   grad = jax.jit(jax.grad(loss))
   ref = jax.tree.map(np.asarray, params0)
   for r in range(4):
-    clients = np.asarray(state.task_client)  # the engine's sampling
+    clients = np.asarray(state.tasks.client)  # the engine's sampling
     k_train = jax.random.fold_in(
         jax.random.fold_in(jax.random.fold_in(root, 1), r), 0)
     deltas, sizes = [], []
@@ -211,7 +213,7 @@ def test_memory_policy_excludes_devices_that_cannot_train(tiny_model):
   np.testing.assert_array_equal(np.asarray(env.eligible), [0] * 4 + [1] * 6)
   step = jax.jit(sim.step)
   for _ in range(10):
-    assert (np.asarray(state.task_client) >= 4).all()
+    assert (np.asarray(state.tasks.client) >= 4).all()
     state, _ = step(env, state)
   with pytest.raises(ValueError, match="memory_policy"):
     engine.make_environment(algorithms.preset("fedavg", buffer_size=7),
@@ -280,10 +282,10 @@ def test_payload_accounting_masked_upload_and_changed_only_download(
                           const_fleet(10, speed=np.linspace(1e5, 1e6, 10)),
                           plan)
   step = jax.jit(sim.step)
-  seen = set(np.asarray(state.task_client).tolist())
+  seen = set(np.asarray(state.tasks.client).tolist())
   for _ in range(12):
     state, _ = step(env, state)
-    seen |= set(np.asarray(state.task_client).tolist())
+    seen |= set(np.asarray(state.tasks.client).tolist())
   cnt = state.counters
   model_bytes, sub_bytes = 4.0 * (6 * 16 + 16 + 16 * 4 + 4), 4.0 * (64 + 4)
   assert float(plan.upload_bytes[0]) == sub_bytes

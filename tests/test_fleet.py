@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ftte_jax import fleet
+from ftte_jax.core import fleet
 
 
 def test_stragglers_and_tiers_are_drawn_as_asked():

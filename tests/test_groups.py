@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftte_jax import groups
+from ftte_jax.search import groups
 
 
 class _Net(nn.Module):

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftte_jax import groups
-from ftte_jax import importance
+from ftte_jax.search import groups
+from ftte_jax.search import importance
 
 
 def _loss(p, batch):

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftte_jax import groups
-from ftte_jax import memory
+from ftte_jax.search import groups
+from ftte_jax.search import memory
 
 
 class _MLP(nn.Module):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ftte_jax import partition as P
+from ftte_jax.data import partition as P
 
 LABELS = np.repeat(np.arange(10), 60)  # 600 examples, 10 balanced classes.
 

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftte_jax import groups
-from ftte_jax import masks
-from ftte_jax import memory
-from ftte_jax import search
+from ftte_jax.search import groups
+from ftte_jax.core import masks
+from ftte_jax.search import memory
+from ftte_jax.search import solver as search
 
 
 def _random_problem(rng, num_tensors, num_levels, num_layers):

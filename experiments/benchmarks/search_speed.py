@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftte_jax import groups
-from ftte_jax import memory
-from ftte_jax import search
+from ftte_jax.search import groups
+from ftte_jax.search import memory
+from ftte_jax.search import solver as search
 
 
 class DeepMLP(nn.Module):

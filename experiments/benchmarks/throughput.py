@@ -22,8 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.benchmarks.common import best_time, machine
-from ftte_jax import algorithms, client_data, engine, fleet, masks, models
-from ftte_jax.client import make_client_update
+from ftte_jax.core import algorithms
+from ftte_jax.data import client_data
+from ftte_jax.core import engine
+from ftte_jax.core import fleet
+from ftte_jax.core import masks
+from ftte_jax import models
+from ftte_jax.core.client import make_client_update
 
 WORKLOADS = {
     # name: (model, kwargs, N, C, K, local steps, batch, examples per client)
@@ -46,16 +51,16 @@ def build(workload: str, batching: str):
                              client_lr=0.01, client_batching=batching)
   flt = fleet.make_fleet(fleet.FleetConfig(num_clients=n,
                                            straggler_fraction=0.5), 0)
-  env = engine.make_environment(config, data, flt,
-                                masks.full_plan(params, n))
+  plan = masks.full_plan(params, n)
+  env = engine.make_environment(config, data, flt, plan)
   sim = engine.make_simulator(config, apply)
-  return config, apply, params, env, sim
+  return config, apply, params, env, sim, plan
 
 
 def time_engine(workload: str, batching: str, rounds: int) -> float:
   """Seconds per server step (compile excluded)."""
-  _, _, params, env, sim = build(workload, batching)
-  state = jax.jit(sim.init)(jax.random.PRNGKey(0), env, params)
+  _, _, params, env, sim, plan = build(workload, batching)
+  state = jax.jit(sim.init)(jax.random.PRNGKey(0), env, params, plan)
   step = jax.jit(sim.step, donate_argnums=1)
   state, _ = step(env, state)
   jax.block_until_ready(state)
@@ -72,7 +77,7 @@ def time_engine(workload: str, batching: str, rounds: int) -> float:
 
 def time_floor(workload: str, batching: str) -> float:
   """Seconds for the K clients' local training alone, one jitted call."""
-  config, apply, params, env, _ = build(workload, "vmap")
+  config, apply, params, env, _, _ = build(workload, "vmap")
   k = config.buffer_size
   upd = make_client_update(apply, config.batch_size, config.client_lr,
                            config.local_steps, unroll=True)

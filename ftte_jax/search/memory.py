@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from ftte_jax import groups as groups_lib
+from ftte_jax.search import groups as groups_lib
 
 PyTree = Any
 BYTES = 4  # float32 weights, gradients, optimizer slots and activations.

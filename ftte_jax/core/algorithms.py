@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ftte_jax import aggregation, staleness
+from ftte_jax.core import aggregation
+from ftte_jax.core import staleness
 
 PRESETS = ("fedavg", "fedbuff", "fedasync", "ftte")
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")

@@ -45,10 +45,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from ftte_jax import groups as groups_lib
-from ftte_jax import importance as importance_lib
-from ftte_jax import masks as masks_lib
-from ftte_jax import memory as memory_lib
+from ftte_jax.search import groups as groups_lib
+from ftte_jax.search import importance as importance_lib
+from ftte_jax.core import masks as masks_lib
+from ftte_jax.search import memory as memory_lib
 
 PyTree = Any
 METHODS = ("exact", "greedy")

@@ -7,8 +7,9 @@ generated set for smoke tests. Images come back NHWC float32 in [0, 1], labels
 int32.
 
 Data directory: an explicit ``data_dir`` argument, else the ``FTTE_DATA_DIR``
-environment variable, else ``<repo>/../shared/data``. Files are read in place;
-nothing is copied into the repository.
+environment variable, else the user cache directory ``$XDG_CACHE_HOME/ftte_jax``
+(``~/.cache/ftte_jax``), where ``download`` puts verified files. Files are read
+in place; nothing is copied into the repository.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from ftte_jax import client_data as client_data_lib
-from ftte_jax import partition as partition_lib
+from ftte_jax.data import client_data as client_data_lib
+from ftte_jax.data import partition as partition_lib
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "npz", "synthetic", "digits",
             "tiny")
@@ -48,7 +49,7 @@ class DatasetNotFoundError(ValueError):
 
 
 def default_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-  """Resolves the data directory: argument, then $FTTE_DATA_DIR, then shared.
+  """Resolves the data directory: argument, $FTTE_DATA_DIR, then the cache.
 
   Args:
     data_dir: explicit directory, or None.
@@ -61,7 +62,9 @@ def default_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
   env = os.environ.get("FTTE_DATA_DIR")
   if env:
     return Path(env)
-  return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+  cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+      os.path.expanduser("~"), ".cache")
+  return Path(cache) / "ftte_jax"
 
 
 # name -> list of (relative path in data_dir, url, size in bytes, sha256).

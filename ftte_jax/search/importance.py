@@ -21,7 +21,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from ftte_jax import groups as groups_lib
+from ftte_jax.search import groups as groups_lib
 
 PyTree = Any
 

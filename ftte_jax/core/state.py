@@ -1,0 +1,122 @@
+"""The engine's state types: frozen pytrees, built by their constructors.
+
+State is kept apart from the logic that moves it (``ftte_jax.core.engine``).
+Every field has a shape comment; ``N`` clients, ``C`` tasks in flight,
+``S`` versions in the ring, ``T`` mask tiers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from ftte_jax.core.fleet import Fleet
+from ftte_jax.core.masks import MaskPlan
+from ftte_jax.core.typing import PyTree
+from ftte_jax.data.client_data import ClientData
+
+
+@struct.dataclass
+class Environment:
+  """Everything static across server steps; an argument of the jitted step
+  (not a closure constant, so the dataset is not baked into the program)."""
+
+  data: ClientData
+  fleet: Fleet
+  eligible: jnp.ndarray  # [N] bool: may be sampled (memory policy).
+  num_steps: jnp.ndarray  # [N] int32: local steps of each client's task.
+  deadline: jnp.ndarray  # [] float32: virtual seconds before a task is dropped.
+
+
+@struct.dataclass
+class Ring:
+  """The last S global versions, so a stale client trains from its own."""
+
+  params: PyTree  # leaves [S, ...]: the global model at each held version.
+  version: jnp.ndarray  # [S] int32: version held by each slot (-1 none).
+
+  @classmethod
+  def create(cls, params: PyTree, size: int) -> Ring:
+    """A ring holding ``params`` as version 0."""
+    return cls(
+        params=jax.tree.map(lambda p: jnp.broadcast_to(p, (size,) + p.shape),
+                            params),
+        version=jnp.full((size,), -1, jnp.int32).at[0].set(0))
+
+  @property
+  def size(self) -> int:
+    return int(self.version.shape[0])
+
+  def push(self, version: jnp.ndarray, params: PyTree) -> Ring:
+    """Stores ``params`` as ``version`` in slot ``version % S``."""
+    slot = version % self.size
+    return Ring(params=jax.tree.map(lambda r, p: r.at[slot].set(p),
+                                    self.params, params),
+                version=self.version.at[slot].set(version))
+
+
+@struct.dataclass
+class Tasks:
+  """The C client tasks in flight."""
+
+  client: jnp.ndarray  # [C] int32: client running each task.
+  version: jnp.ndarray  # [C] int32: global version the task started from.
+  arrival: jnp.ndarray  # [C] float32: virtual arrival (or deadline) time.
+  ok: jnp.ndarray  # [C] bool: False if abandoned or past the deadline.
+
+
+@struct.dataclass
+class Counters:
+  """Cumulative accounting since the start of the run."""
+
+  updates_applied: jnp.ndarray  # [] int32: updates with non-zero weight.
+  updates_dropped: jnp.ndarray  # [] int32: abandoned or past the deadline.
+  updates_stale: jnp.ndarray  # [] int32: pulled a version older than S.
+  updates_nonfinite: jnp.ndarray  # [] int32: NaN/Inf in the update.
+  staleness_sum: jnp.ndarray  # [] float32: sum of tau over applied updates.
+  staleness_hist: jnp.ndarray  # [S + 1] int32: tau of arrivals; bin S: >= S.
+  bytes_up: jnp.ndarray  # [] float32: bytes uploaded by arrived tasks.
+  bytes_down: jnp.ndarray  # [] float32: bytes downloaded by dispatched tasks.
+  uploads: jnp.ndarray  # [] int32: tasks that arrived and uploaded.
+  downloads: jnp.ndarray  # [] int32: tasks dispatched.
+
+  @classmethod
+  def create(cls, ring_size: int, bytes_up=0.0, bytes_down=0.0,
+             downloads=0) -> Counters:
+    """Counters at the start of a run (traffic before it: a probe round)."""
+    zero_i = jnp.zeros((), jnp.int32)
+    return cls(
+        updates_applied=zero_i, updates_dropped=zero_i, updates_stale=zero_i,
+        updates_nonfinite=zero_i, staleness_sum=jnp.zeros((), jnp.float32),
+        staleness_hist=jnp.zeros((ring_size + 1,), jnp.int32),
+        bytes_up=jnp.asarray(bytes_up, jnp.float32),
+        bytes_down=jnp.asarray(bytes_down, jnp.float32),
+        uploads=zero_i, downloads=jnp.asarray(downloads, jnp.int32))
+
+
+@struct.dataclass
+class Start:
+  """Where a run starts: the virtual time and traffic spent before it
+  (a probe round), so ``init`` builds the state already shifted."""
+
+  clock: float | jnp.ndarray = 0.0  # [] virtual seconds.
+  bytes_up: float | jnp.ndarray = 0.0  # [] bytes.
+  bytes_down: float | jnp.ndarray = 0.0  # [] bytes.
+
+
+@struct.dataclass
+class SimState:
+  """The whole simulation state; saving it is enough to resume exactly."""
+
+  params: PyTree  # global model.
+  opt_state: PyTree  # server optimizer state.
+  ring: Ring  # the last S global versions.
+  version: jnp.ndarray  # [] int32: server steps taken so far.
+  clock: jnp.ndarray  # [] float32: virtual time, seconds.
+  tasks: Tasks  # the C tasks in flight.
+  client_busy: jnp.ndarray  # [N] bool: has a task in flight.
+  client_synced: jnp.ndarray  # [N] bool: holds an earlier copy of the model.
+  counters: Counters
+  plan: MaskPlan  # live masks and their costs (a re-search replaces it).
+  key: jnp.ndarray  # [2] uint32: the run's root key.

@@ -1,0 +1,243 @@
+"""Building a run: data, model, fleet and the mask plan (with its probe round).
+
+``make_setup(config)`` does every host-side step once, in order: load and
+partition the data, initialize the model, analyse it (one analysis serves
+the memory yardstick, the probe and the search), draw the fleet, and choose
+the mask plan (full model, the ``last_n`` rule, or the memory-budgeted
+subset search after a probe round). The result is a ``Setup``: named
+fields, nothing to patch afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftte_jax import models as models_lib
+from ftte_jax.core import fleet as fleet_lib
+from ftte_jax.core import masks as masks_lib
+from ftte_jax.core.client import cross_entropy
+from ftte_jax.core.typing import PyTree
+from ftte_jax.data import client_data as client_data_lib
+from ftte_jax.data import datasets
+from ftte_jax.experiment.config import ExperimentConfig
+from ftte_jax.search import groups as groups_lib
+from ftte_jax.search import importance as importance_lib
+from ftte_jax.search import memory as memory_lib
+from ftte_jax.search import solver as search_lib
+
+# Named streams of the run's root key (fold_in(root, name)).
+KEY_PARAMS, KEY_ENGINE, KEY_PROBE = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+  """What a probe round cost: virtual time and traffic (zeros: no round)."""
+
+  time_s: float = 0.0
+  bytes_up: float = 0.0
+  bytes_down: float = 0.0
+  clients: int = 0
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """A model with its parameters and its one static analysis."""
+
+  module: Any  # flax linen module.
+  input_shape: tuple[int, ...]  # one example's shape.
+  apply_fn: Callable  # apply_fn(params, x) -> logits.
+  params: PyTree  # initial parameters.
+  analysis: groups_lib.ModelInfo  # layers at the engine's batch size.
+  spec: groups_lib.GroupSpec  # parameter groups at the search fractions.
+  full_memory_bytes: float  # analytic memory of full-model training.
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything a run needs before the engine is built."""
+
+  config: ExperimentConfig
+  data: client_data_lib.ClientData
+  test: tuple[jnp.ndarray, jnp.ndarray]  # held-out (x, y).
+  data_info: dict  # from datasets.load_federated.
+  model: Model
+  fleet: fleet_lib.Fleet
+  fleet_memory_tiers: tuple[float, ...]  # bytes, as drawn.
+  plan: masks_lib.MaskPlan
+  plan_report: dict  # the search's report ({} without a search).
+  probe: Probe
+
+
+def load_data(config: ExperimentConfig):
+  """Loads and partitions the dataset named by ``config.data``."""
+  d = config.data
+  opts: dict[str, Any] = {}
+  if d.dataset in ("mnist", "fashion_mnist", "cifar10"):
+    opts["num_test"] = d.num_test
+  partition = None if d.dataset == "synthetic" else d.partition
+  if d.dataset == "synthetic":
+    opts.update(alpha=d.synthetic_alpha, beta=d.synthetic_beta)
+  if partition == "dirichlet":
+    opts["alpha"] = d.dirichlet_alpha
+  elif partition == "shards":
+    opts["shards_per_client"] = d.shards_per_client
+  elif partition == "quantity":
+    opts["sigma"] = d.quantity_sigma
+  return datasets.load_federated(d.dataset, d.num_clients, partition,
+                                 seed=config.seed, data_dir=d.data_dir, **opts)
+
+
+def client_optimizer_name(config: ExperimentConfig) -> str:
+  return "momentum" if config.engine.client_momentum > 0 else "sgd"
+
+
+def make_model(config: ExperimentConfig, input_shape, num_classes: int,
+               key: jax.Array) -> Model:
+  """Initializes the model and analyses it once, at the engine's batch size."""
+  e = config.engine
+  module = models_lib.get_model(config.model, num_classes,
+                                **config.model_options)
+  example = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
+  params = module.init(key, example)["params"]
+  analysis = groups_lib.analyze(module, params,
+                                (e.batch_size,) + tuple(input_shape))
+  spec = groups_lib.make_groups(analysis, config.search.channel_fractions)
+  ones = jax.tree.map(lambda p: np.ones(p.shape, bool), params)
+  full = memory_lib.training_memory(analysis, spec, params, ones, e.batch_size,
+                                    client_optimizer_name(config))["total"]
+  return Model(module=module, input_shape=tuple(input_shape),
+               apply_fn=lambda p, x: module.apply({"params": p}, x),
+               params=params, analysis=analysis, spec=spec,
+               full_memory_bytes=float(full))
+
+
+def make_fleet(config: ExperimentConfig, full_memory_bytes: float):
+  """Draws the fleet; tier fractions are scaled by full training memory."""
+  fleet_cfg = dataclasses.replace(config.fleet,
+                                  num_clients=config.data.num_clients)
+  if config.memory_tier_fractions is not None:
+    fleet_cfg = dataclasses.replace(fleet_cfg, memory_tiers=tuple(
+        f * full_memory_bytes for f in config.memory_tier_fractions))
+  return (fleet_lib.make_fleet(fleet_cfg, config.seed),
+          tuple(float(m) for m in fleet_cfg.memory_tiers))
+
+
+def rule_plan(config: ExperimentConfig, model: Model,
+              num_clients: int) -> masks_lib.MaskPlan:
+  """The plan of a fixed mask rule (``full`` or ``last_n``), with its costs."""
+  e = config.engine
+  params = model.params
+  if e.mask == "full":
+    mask = jax.tree.map(lambda p: np.ones(p.shape, bool), params)
+  else:
+    mask = jax.tree.map(lambda x: np.asarray(x, bool),
+                        masks_lib.last_n_mask(params, e.last_n_tensors))
+  flops = memory_lib.training_flops(model.analysis, model.spec, params, mask)
+  mem = memory_lib.training_memory(model.analysis, model.spec, params, mask,
+                                   e.batch_size,
+                                   client_optimizer_name(config))["total"]
+  return masks_lib.make_plan(params, [mask], np.zeros(num_clients, np.int32),
+                             flops_per_example=[flops], memory_bytes=[mem])
+
+
+def make_setup(config: ExperimentConfig) -> Setup:
+  """Loads everything a run needs; no engine is compiled yet."""
+  data, (x_test, y_test), data_info = load_data(config)
+  root = jax.random.PRNGKey(config.seed)
+  model = make_model(config, data_info["input_shape"],
+                     data_info["num_classes"],
+                     jax.random.fold_in(root, KEY_PARAMS))
+  fleet, tiers = make_fleet(config, model.full_memory_bytes)
+  if config.engine.mask == "search":
+    plan, report, probe = search_plan(config, model, model.params, data,
+                                      fleet,
+                                      jax.random.fold_in(root, KEY_PROBE))
+  else:
+    plan, report, probe = rule_plan(config, model, data.num_clients), {}, \
+        Probe()
+  return Setup(config=config, data=data,
+               test=(jnp.asarray(x_test, jnp.float32),
+                     jnp.asarray(y_test, jnp.int32)),
+               data_info=data_info, model=model, fleet=fleet,
+               fleet_memory_tiers=tiers, plan=plan, plan_report=report,
+               probe=probe)
+
+
+def search_plan(config: ExperimentConfig, model: Model, params: PyTree,
+                data: client_data_lib.ClientData, fleet: fleet_lib.Fleet,
+                key: jax.Array) -> tuple[masks_lib.MaskPlan, dict, Probe]:
+  """Importance at ``params``, then the memory-budgeted search."""
+  e, s = config.engine, config.search
+  fisher, probe = importance(config, model, params, data, fleet, key)
+  plan, report = search_lib.build_plan(
+      model.module, params, (e.batch_size,) + model.input_shape, fisher,
+      np.asarray(fleet.memory),
+      tier_of_client=np.asarray(fleet.tier) if s.policy == "per_tier"
+      else None, policy=s.policy, batch_size=e.batch_size,
+      optimizer=client_optimizer_name(config), method=s.method,
+      channel_fractions=s.channel_fractions, num_cells=s.num_cells)
+  return plan, report, probe
+
+
+def importance(config: ExperimentConfig, model: Model, params: PyTree,
+               data: client_data_lib.ClientData, fleet: fleet_lib.Fleet,
+               key: jax.Array) -> tuple[PyTree, Probe]:
+  """Diagonal Fisher at ``params``, from a probe round or proxy data.
+
+  The probe round is synchronous: the chosen devices download the model,
+  compute per-example squared gradients on ``probe_examples`` of their own
+  examples, and upload one score per parameter group; the round lasts as
+  long as its slowest device. Only devices that can hold full-model
+  training take part (a Fisher probe needs every gradient).
+  """
+  s = config.search
+  loss = lambda p, batch: cross_entropy(model.apply_fn, p, batch[0], batch[1])
+  if s.importance == "proxy":
+    m = data.x.shape[0]
+    idx = jax.random.choice(key, m, (min(s.probe_examples, m),),
+                            replace=False)
+    fisher = jax.jit(lambda b: importance_lib.fisher_diagonal(loss, params,
+                                                              b))(
+        (data.x[idx], data.y[idx]))
+    return fisher, Probe()
+  full_mem = model.full_memory_bytes
+  capable = np.flatnonzero(np.asarray(fleet.memory) >= full_mem)
+  if capable.size == 0:
+    raise ValueError(
+        "importance='clients' needs devices that can train the full model "
+        f"for the probe round ({full_mem:.0f} bytes), and none can; use "
+        "importance='proxy' or larger memory tiers")
+  k = min(s.probe_clients, capable.size)
+  chosen = np.asarray(jax.random.choice(key, capable, (k,), replace=False))
+  counts = np.asarray(data.counts)[chosen]
+  rows = np.asarray(data.indices)[chosen]
+  take = np.stack([rows[i, np.arange(s.probe_examples) % counts[i]]
+                   for i in range(k)])
+  x, y = data.x[take], data.y[take]
+
+  def per_client(xb, yb):
+    return importance_lib.fisher_diagonal(loss, params, (xb, yb))
+
+  fishers = jax.jit(lambda xs, ys: jax.lax.map(
+      lambda a: per_client(*a), (xs, ys)))(x, y)
+  weights = jnp.asarray(counts, jnp.float32) / float(counts.sum())
+  fisher = jax.tree.map(lambda f: jnp.tensordot(weights, f, axes=1), fishers)
+  model_bytes = 4.0 * masks_lib.param_count(params)
+  score_bytes = 4.0 * model.spec.num_groups
+  full_flops = memory_lib.training_flops(
+      model.analysis, model.spec, params,
+      jax.tree.map(lambda p: np.ones(p.shape, bool), params))
+  f = jax.device_get(fleet)
+  t = (model_bytes / f.bw_down[chosen] +
+       s.probe_examples * full_flops / f.speed[chosen] +
+       score_bytes / f.bw_up[chosen])
+  return fisher, Probe(time_s=float(t.max()), bytes_up=score_bytes * k,
+                       bytes_down=model_bytes * k, clients=int(k))

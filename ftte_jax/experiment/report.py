@@ -1,0 +1,87 @@
+"""What a run reports: counter rows, the end-of-run summary, the params hash."""
+
+from __future__ import annotations
+
+import hashlib
+
+import jax
+import numpy as np
+
+from ftte_jax.core import engine
+from ftte_jax.core.typing import PyTree
+
+
+def params_sha256(params: PyTree) -> str:
+  """SHA-256 of the parameters' bytes in flattening order (for repro checks)."""
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(jax.device_get(params)):
+    a = np.ascontiguousarray(leaf)
+    h.update(str(a.dtype).encode() + str(a.shape).encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def counters_row(state: engine.SimState) -> dict:
+  """Host-side cumulative counters as plain Python numbers."""
+  cnt = jax.device_get(state.counters)
+  applied = int(cnt.updates_applied)
+  return {
+      "round": int(state.version),
+      "virtual_time_s": float(state.clock),
+      "updates_applied": applied,
+      "updates_dropped": int(cnt.updates_dropped),
+      "updates_stale": int(cnt.updates_stale),
+      "updates_nonfinite": int(cnt.updates_nonfinite),
+      "mean_staleness": float(cnt.staleness_sum) / max(applied, 1),
+      "staleness_hist": [int(v) for v in cnt.staleness_hist],
+      "bytes_up": float(cnt.bytes_up),
+      "bytes_down": float(cnt.bytes_down),
+      "upload_bytes_per_update": float(cnt.bytes_up) / max(int(cnt.uploads), 1),
+      "download_bytes_per_update": float(cnt.bytes_down) / max(
+          int(cnt.downloads), 1),
+  }
+
+
+def time_to_target(history: list[dict], target: float | None) -> dict | None:
+  """The first evaluation row at or above ``target`` (None: never)."""
+  if target is None:
+    return None
+  return next((r for r in history if r["test_accuracy"] >= target), None)
+
+
+def summary(config, setup, env, info: dict, state: engine.SimState,
+            history: list[dict], timing: dict) -> dict:
+  """The end-of-run summary (written to summary.json by the launcher)."""
+  reached = time_to_target(history, config.target_accuracy)
+  counters = counters_row(state)
+  tier_mem = np.asarray(state.plan.memory_bytes, np.float64)
+  used = np.unique(np.asarray(state.plan.client_tier)[np.asarray(
+      env.eligible)])
+  out = {
+      "algorithm": config.engine.algorithm,
+      "final_accuracy": history[-1]["test_accuracy"],
+      "final_loss": history[-1]["test_loss"],
+      "best_accuracy": max(r["test_accuracy"] for r in history),
+      "target_accuracy": config.target_accuracy,
+      "time_to_target_s": reached["virtual_time_s"] if reached else None,
+      "rounds_to_target": reached["round"] if reached else None,
+      "rounds": counters["round"],
+      "virtual_time_s": counters["virtual_time_s"],
+      "client_updates": counters["updates_applied"],
+      "client_updates_per_s": (timing["steps"] * config.engine.buffer_size /
+                               max(timing["wall_s"] - timing["compile_s"],
+                                   1e-9)),
+      "wall_s": timing["wall_s"],
+      "compile_s": timing["compile_s"],
+      "peak_device_memory_bytes": float(np.nanmax(tier_mem[used])),
+      "tier_memory_bytes": [float(m) for m in tier_mem],
+      "full_model_memory_bytes": info["full_model_memory_bytes"],
+      "eligible_clients": int(np.asarray(env.eligible).sum()),
+      "probe": setup.probe.to_dict(),
+      "params_sha256": params_sha256(state.params),
+  }
+  for k in ("upload_bytes_per_update", "download_bytes_per_update",
+            "bytes_up", "bytes_down", "mean_staleness", "staleness_hist",
+            "updates_dropped", "updates_stale", "updates_nonfinite"):
+    out[k] = counters[k]
+  return out

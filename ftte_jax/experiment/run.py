@@ -1,0 +1,166 @@
+"""Driving a built experiment: the jitted server step, evaluations, re-search.
+
+``build(config)`` runs the host-side planning once (``planning.make_setup``)
+and binds the engine to it. ``Experiment.run`` drives the jitted server
+step with evaluations every ``eval_every`` steps. Evaluation rounds are
+absolute (``round % eval_every == 0``), so a run resumed from a checkpoint
+logs exactly the rows an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+from ftte_jax.core import engine
+from ftte_jax.core import masks as masks_lib
+from ftte_jax.experiment import planning
+from ftte_jax.experiment import report
+from ftte_jax.experiment.config import ExperimentConfig
+from ftte_jax.experiment.config import validate
+
+
+@dataclasses.dataclass
+class Experiment:
+  """A built experiment: its setup, the engine bound to it, jitted functions."""
+
+  setup: planning.Setup
+  env: engine.Environment
+  sim: engine.Simulator
+  plan_report: dict  # the latest search's report (a re-search replaces it).
+  step_fn: Callable = dataclasses.field(init=False)
+  eval_fn: Callable = dataclasses.field(init=False)
+
+  def __post_init__(self):
+    self.step_fn = jax.jit(self.sim.step, donate_argnums=1)
+    self.eval_fn = jax.jit(self.sim.evaluate)
+
+  @property
+  def config(self) -> ExperimentConfig:
+    return self.setup.config
+
+  @property
+  def info(self) -> dict:
+    """Static facts about the run, for summaries and tests."""
+    s = self.setup
+    return {"data": s.data_info, "plan": self.plan_report,
+            "full_model_memory_bytes": s.model.full_memory_bytes,
+            "fleet_memory_tiers": list(s.fleet_memory_tiers),
+            "num_params": masks_lib.param_count(s.model.params)}
+
+  def init_state(self) -> engine.SimState:
+    """Round-0 state, starting when the probe round (if any) ended."""
+    probe = self.setup.probe
+    key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed),
+                             planning.KEY_ENGINE)
+    return jax.jit(self.sim.init)(
+        key, self.env, self.setup.model.params, self.setup.plan,
+        engine.Start(clock=probe.time_s, bytes_up=probe.bytes_up,
+                     bytes_down=probe.bytes_down))
+
+  def evaluate(self, params) -> dict:
+    out = self.eval_fn(params, *self.setup.test)
+    return {k: float(v) for k, v in jax.device_get(out).items()}
+
+  def compile(self, state: engine.SimState) -> float:
+    """Compiles the step and the evaluation; returns the seconds it took."""
+    t0 = time.perf_counter()
+    self.step_fn.lower(self.env, state).compile()
+    self.eval_fn.lower(state.params, *self.setup.test).compile()
+    return time.perf_counter() - t0
+
+  def finished(self, state: engine.SimState) -> bool:
+    """Whether ``rounds`` or ``max_virtual_time`` is reached."""
+    cfg = self.config
+    return int(state.version) >= cfg.rounds or (
+        cfg.max_virtual_time is not None and
+        float(state.clock) >= cfg.max_virtual_time)
+
+  def run(self, state: engine.SimState | None = None,
+          history: list[dict] | None = None,
+          on_eval: Callable[[engine.SimState, dict], None] | None = None,
+          on_step: Callable[[engine.SimState], None] | None = None,
+          ) -> tuple[engine.SimState, list[dict], dict]:
+    """Runs server steps until ``rounds`` or ``max_virtual_time``.
+
+    Args:
+      state: state to continue from (a restored checkpoint); fresh if None.
+      history: metric rows already logged before ``state`` (on resume).
+      on_eval: called with (state, row) after each evaluation (logging).
+      on_step: called with the state after every step (checkpointing).
+
+    Returns:
+      (final state, metric rows, timing dict with wall_s, compile_s, steps).
+    """
+    cfg = self.config
+    state = self.init_state() if state is None else state
+    history = list(history or [])
+    t_start = time.perf_counter()
+    compile_s = 0.0 if int(state.version) >= cfg.rounds else self.compile(
+        state)
+    steps_done = 0
+    t_loop = time.perf_counter()
+
+    def log(state):
+      row = report.counters_row(state)
+      row.pop("staleness_hist")
+      row.update(self.evaluate(state.params))
+      row["wall_s"] = time.perf_counter() - t_start
+      row["client_updates_per_s"] = (steps_done * cfg.engine.buffer_size /
+                                     max(time.perf_counter() - t_loop, 1e-9))
+      history.append(row)
+      if on_eval:
+        on_eval(state, row)
+
+    if not history:
+      log(state)
+    while not self.finished(state):
+      state, _ = self.step_fn(self.env, state)
+      steps_done += 1
+      r = int(state.version)
+      every = cfg.search.research_every
+      if every and r % every == 0 and r < cfg.rounds:
+        state = self.research(state)
+      if r % cfg.eval_every == 0 or r == cfg.rounds:
+        log(state)
+      if on_step:
+        on_step(state)
+    if history[-1]["round"] != int(state.version):
+      log(state)  # stopped by max_virtual_time between evaluations
+    return state, history, {"wall_s": time.perf_counter() - t_start,
+                            "compile_s": compile_s, "steps": steps_done}
+
+  def research(self, state: engine.SimState) -> engine.SimState:
+    """Searches again with importance at the current global model."""
+    key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed),
+                             planning.KEY_PROBE)
+    plan, self.plan_report, probe = planning.search_plan(
+        self.config, self.setup.model, state.params, self.setup.data,
+        self.setup.fleet, jax.random.fold_in(key, int(state.version)))
+    return engine.replan(state, plan, probe.bytes_up, probe.bytes_down)
+
+  def summary(self, state: engine.SimState, history: list[dict],
+              timing: dict) -> dict:
+    """The end-of-run summary (written to summary.json by the launcher)."""
+    return report.summary(self.config, self.setup, self.env, self.info, state,
+                          history, timing)
+
+
+def build(config: ExperimentConfig) -> Experiment:
+  """Loads everything and builds the engine for ``config``.
+
+  Raises:
+    ValueError: a bad option (named), before any training is compiled.
+  """
+  validate(config)
+  setup = planning.make_setup(config)
+  e = config.engine
+  env = engine.make_environment(e, setup.data, setup.fleet, setup.plan)
+  sim = engine.make_simulator(e, setup.model.apply_fn,
+                              int(np.asarray(env.num_steps).max()))
+  return Experiment(setup=setup, env=env, sim=sim,
+                    plan_report=setup.plan_report)
