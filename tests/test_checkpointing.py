@@ -7,21 +7,14 @@ import jax
 import numpy as np
 import pytest
 
-from ftte_jax.core import algorithms
+import helpers
 from ftte_jax import checkpointing
 from ftte_jax import experiment
 
 
 @pytest.fixture(scope="module")
 def exp():
-  config = experiment.ExperimentConfig(
-      engine=algorithms.preset("ftte", concurrency=8, buffer_size=4,
-                               local_steps=2, batch_size=8),
-      data=experiment.DataConfig(dataset="tiny", num_clients=16,
-                                 partition="iid"),
-      search=experiment.SearchConfig(importance="proxy"),
-      memory_tier_fractions=(0.6, 2.0), model="mlp", rounds=6, eval_every=3)
-  return experiment.build(config)
+  return experiment.build(helpers.tiny_config())
 
 
 def assert_bit_identical(a, b):

@@ -6,36 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import make_dataset
+from helpers import build_engine, const_fleet, make_dataset, run_steps
 from ftte_jax.core import algorithms
 from ftte_jax.core import engine
 from ftte_jax.core import masks
-from ftte_jax.core.fleet import Fleet
-
-
-def const_fleet(n, speed=1e6, memory=1e12, dropout=0.0, sigma=0.0):
-  speed = np.broadcast_to(np.asarray(speed, np.float32), (n,))
-  return Fleet(speed=jnp.asarray(speed), bw_up=jnp.full(n, 1e9, jnp.float32),
-               bw_down=jnp.full(n, 1e9, jnp.float32),
-               memory=jnp.full(n, memory, jnp.float32),
-               dropout=jnp.broadcast_to(jnp.asarray(dropout, jnp.float32), (n,)),
-               tier=jnp.zeros(n, jnp.int32),
-               task_sigma=jnp.asarray(sigma, jnp.float32))
-
-
-def build(config, apply, params, data, fleet, plan=None, seed=1):
-  plan = plan or masks.full_plan(params, data.num_clients)
-  env = engine.make_environment(config, data, fleet, plan)
-  sim = engine.make_simulator(config, apply, int(env.num_steps.max()))
-  state = jax.jit(sim.init)(jax.random.PRNGKey(seed), env, params, plan)
-  return sim, env, state
-
-
-def run(sim, env, state, rounds):
-  step = jax.jit(sim.step)
-  for _ in range(rounds):
-    state, _ = step(env, state)
-  return state
 
 
 def reference_batch_rows(key, row, count, step, batch):
@@ -54,7 +28,7 @@ def test_fedavg_matches_python_loop_reference(tiny_model):
   x, y, data = make_dataset(num_clients=10, per_client=20, equal=False)
   config = algorithms.preset("fedavg", buffer_size=4, local_steps=3,
                              batch_size=8, client_lr=0.2)
-  sim, env, state = build(config, apply, params0, data, const_fleet(10))
+  sim, env, state = build_engine(config, apply, params0, data, const_fleet(10))
   step = jax.jit(sim.step)
   root = jax.random.PRNGKey(1)
   indices, counts = np.asarray(data.indices), np.asarray(data.counts)
@@ -97,7 +71,7 @@ def test_fedbuff_equals_fedavg_with_equal_speeds_and_c_equals_k(tiny_model):
     config = algorithms.preset(name, buffer_size=4, concurrency=4,
                                local_steps=2, batch_size=8, client_lr=0.1,
                                server_lr=1.0)
-    out.append(run(*build(config, apply, params, data, const_fleet(8)), 5))
+    out.append(run_steps(*build_engine(config, apply, params, data, const_fleet(8)), 5))
   assert float(out[0].clock) == float(out[1].clock)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                out[0].params, out[1].params)
@@ -114,7 +88,7 @@ def test_over_stale_update_is_dropped_and_counted(tiny_model):
   config = algorithms.preset("fedbuff", buffer_size=1, concurrency=2,
                              ring_size=3, local_steps=2, batch_size=16,
                              deadline_s=100.0)
-  sim, env, state = build(config, apply, params, data, fleet)
+  sim, env, state = build_engine(config, apply, params, data, fleet)
   step = jax.jit(sim.step)
   for _ in range(9):
     state, _ = step(env, state)
@@ -136,7 +110,7 @@ def test_nonfinite_update_is_rejected_counted_and_model_stays_finite(
   data = data.replace(x=data.x.at[bad].set(jnp.inf))
   config = algorithms.preset("fedavg", buffer_size=4, local_steps=2,
                              batch_size=8)
-  state = run(*build(config, apply, params, data, const_fleet(4)), 3)
+  state = run_steps(*build_engine(config, apply, params, data, const_fleet(4)), 3)
   assert int(state.counters.updates_nonfinite) == 3
   assert int(state.counters.updates_applied) == 9
   for leaf in jax.tree.leaves(state.params):
@@ -150,16 +124,16 @@ def test_same_seed_is_bit_identical_and_resume_replays(tiny_model):
                              local_steps=2, batch_size=8)
   fleet = const_fleet(12, speed=np.linspace(1e5, 1e6, 12), sigma=0.3)
   plan = masks.last_n_plan(params, 12, 2)
-  sim, env, s0 = build(config, apply, params, data, fleet, plan, seed=7)
-  a = run(sim, env, s0, 6)
-  b = run(sim, env, s0, 6)
+  sim, env, s0 = build_engine(config, apply, params, data, fleet, plan, seed=7)
+  a = run_steps(sim, env, s0, 6)
+  b = run_steps(sim, env, s0, 6)
   jax.tree.map(np.testing.assert_array_equal, a, b)
   # Interrupt after 3 steps, round-trip the state through host memory, go on.
-  mid = jax.device_put(jax.device_get(run(sim, env, s0, 3)))
-  c = run(sim, env, mid, 3)
+  mid = jax.device_put(jax.device_get(run_steps(sim, env, s0, 3)))
+  c = run_steps(sim, env, mid, 3)
   jax.tree.map(np.testing.assert_array_equal, a, c)
-  _, _, other = build(config, apply, params, data, fleet, plan, seed=8)
-  d = run(sim, env, other, 6)
+  _, _, other = build_engine(config, apply, params, data, fleet, plan, seed=8)
+  d = run_steps(sim, env, other, 6)
   assert not np.array_equal(np.asarray(d.params["layer1"]["kernel"]),
                             np.asarray(a.params["layer1"]["kernel"]))
 
@@ -180,7 +154,7 @@ def test_virtual_time_fedavg_waits_for_stragglers_fedbuff_does_not(
   for name, c in (("fedavg", 10), ("fedbuff", 50)):
     config = algorithms.preset(name, buffer_size=10, concurrency=c,
                                local_steps=2, batch_size=8)
-    state = run(*build(config, apply, params, data, fleet, plan), 20)
+    state = run_steps(*build_engine(config, apply, params, data, fleet, plan), 20)
     per_step[name] = float(state.clock) / 20
   # P(no straggler among 10 of 90% stragglers) ~ 1e-10: every round waits.
   assert per_step["fedavg"] == pytest.approx(slow_task, rel=0.02)
@@ -193,7 +167,7 @@ def test_dropped_tasks_free_their_slot_at_the_deadline(tiny_model):
   _, _, data = make_dataset(num_clients=10, per_client=8)
   config = algorithms.preset("fedbuff", concurrency=5, buffer_size=2,
                              local_steps=1, batch_size=8, deadline_s=50.0)
-  state = run(*build(config, apply, params, data,
+  state = run_steps(*build_engine(config, apply, params, data,
                      const_fleet(10, dropout=0.5)), 30)
   cnt = state.counters
   assert int(cnt.updates_dropped) > 0
@@ -209,7 +183,7 @@ def test_memory_policy_excludes_devices_that_cannot_train(tiny_model):
   fleet = const_fleet(10).replace(
       memory=jnp.asarray([500.0] * 4 + [2000.0] * 6, jnp.float32))
   config = algorithms.preset("fedavg", buffer_size=3, local_steps=1)
-  sim, env, state = build(config, apply, params, data, fleet, plan)
+  sim, env, state = build_engine(config, apply, params, data, fleet, plan)
   np.testing.assert_array_equal(np.asarray(env.eligible), [0] * 4 + [1] * 6)
   step = jax.jit(sim.step)
   for _ in range(10):
@@ -220,24 +194,6 @@ def test_memory_policy_excludes_devices_that_cannot_train(tiny_model):
                             data, fleet, plan)
   loose = algorithms.preset("fedavg", buffer_size=7, memory_policy="ignore")
   assert bool(engine.make_environment(loose, data, fleet, plan).eligible.all())
-
-
-def test_server_step_compiles_once(tiny_model):
-  apply, params = tiny_model
-  _, _, data = make_dataset(num_clients=6, per_client=8)
-  config = algorithms.preset("fedbuff", concurrency=4, buffer_size=2,
-                             local_steps=1, batch_size=4)
-  sim, env, state = build(config, apply, params, data, const_fleet(6))
-  traces = []
-
-  def counted(env, state):
-    traces.append(1)
-    return sim.step(env, state)
-
-  step = jax.jit(counted)
-  for _ in range(4):
-    state, _ = step(env, state)
-  assert len(traces) == 1
 
 
 @pytest.mark.parametrize("kwargs, option", [
@@ -278,7 +234,7 @@ def test_payload_accounting_masked_upload_and_changed_only_download(
   plan = masks.last_n_plan(params, 10, 2)  # layer1 bias + kernel: 16*4+4
   config = algorithms.preset("ftte", concurrency=4, buffer_size=2,
                              local_steps=1, batch_size=4)
-  sim, env, state = build(config, apply, params, data,
+  sim, env, state = build_engine(config, apply, params, data,
                           const_fleet(10, speed=np.linspace(1e5, 1e6, 10)),
                           plan)
   step = jax.jit(sim.step)

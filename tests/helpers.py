@@ -1,0 +1,115 @@
+"""Shared test helpers: a tiny model and dataset, a constant fleet, builders.
+
+Every test module takes its small models and configs from here, so a change
+to the engine's or the experiment's API is mended in one place.
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftte_jax import experiment
+from ftte_jax.core import algorithms
+from ftte_jax.core import engine
+from ftte_jax.core import masks
+from ftte_jax.core.fleet import Fleet
+from ftte_jax.data import client_data
+
+
+class TinyMLP(nn.Module):
+  hidden: int = 16
+  classes: int = 4
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(self.hidden, name="layer0")(x))
+    return nn.Dense(self.classes, name="layer1")(x)
+
+
+def tiny_model(seed=0, dim=6):
+  """(apply_fn, params) of a TinyMLP on ``dim`` features."""
+  model = TinyMLP()
+  params = model.init(jax.random.PRNGKey(seed), np.zeros((1, dim), np.float32))
+  return (lambda p, x: model.apply({"params": p}, x)), params["params"]
+
+
+def make_dataset(num_clients=8, per_client=24, dim=6, classes=4, seed=0,
+                 equal=True):
+  """A linearly separable dataset split into clients (equal or not)."""
+  rng = np.random.default_rng(seed)
+  m = num_clients * per_client
+  w = rng.normal(size=(dim, classes))
+  x = rng.normal(size=(m, dim)).astype(np.float32)
+  y = np.argmax(x @ w, 1).astype(np.int32)
+  perm = rng.permutation(m)
+  if equal:
+    parts = np.array_split(perm, num_clients)
+  else:
+    cuts = np.sort(rng.choice(np.arange(1, m), num_clients - 1, replace=False))
+    parts = np.split(perm, cuts)
+  return x, y, client_data.from_partition(x, y, parts)
+
+
+def const_fleet(n, speed=1e6, memory=1e12, dropout=0.0, sigma=0.0):
+  """A fleet with fast links and the given speed/memory/dropout per device."""
+  speed = np.broadcast_to(np.asarray(speed, np.float32), (n,))
+  return Fleet(speed=jnp.asarray(speed), bw_up=jnp.full(n, 1e9, jnp.float32),
+               bw_down=jnp.full(n, 1e9, jnp.float32),
+               memory=jnp.full(n, memory, jnp.float32),
+               dropout=jnp.broadcast_to(jnp.asarray(dropout, jnp.float32), (n,)),
+               tier=jnp.zeros(n, jnp.int32),
+               task_sigma=jnp.asarray(sigma, jnp.float32))
+
+
+def build_engine(config, apply, params, data, fleet, plan=None, seed=1):
+  """(simulator, environment, initial state) of one engine config."""
+  plan = plan or masks.full_plan(params, data.num_clients)
+  env = engine.make_environment(config, data, fleet, plan)
+  sim = engine.make_simulator(config, apply, int(env.num_steps.max()))
+  state = jax.jit(sim.init)(jax.random.PRNGKey(seed), env, params, plan)
+  return sim, env, state
+
+
+def run_steps(sim, env, state, rounds):
+  step = jax.jit(sim.step)
+  for _ in range(rounds):
+    state, _ = step(env, state)
+  return state
+
+
+def tiny_config(algorithm="ftte", engine_kw=None, **kw):
+  """A seconds-long ExperimentConfig: generated 8x8 images, an MLP.
+
+  Args:
+    algorithm: preset name.
+    engine_kw: engine overrides on top of C=8, K=4, 2 local steps, batch 8.
+    **kw: ExperimentConfig fields (``data``/``search`` may be dicts of
+      overrides for DataConfig/SearchConfig).
+  """
+  e = dict(concurrency=8, buffer_size=4, local_steps=2, batch_size=8)
+  if algorithm == "fedavg":
+    e.pop("concurrency")
+  if algorithm == "fedasync":
+    e["buffer_size"] = 1
+  e.update(engine_kw or {})
+  data = dict(dataset="tiny", num_clients=16, partition="iid")
+  data.update(kw.pop("data", {}))
+  search = dict(importance="proxy")
+  search.update(kw.pop("search", {}))
+  base = dict(memory_tier_fractions=(0.6, 2.0), model="mlp", rounds=6,
+              eval_every=3)
+  base.update(kw)
+  return experiment.ExperimentConfig(
+      engine=algorithms.preset(algorithm, **e),
+      data=experiment.DataConfig(**data),
+      search=experiment.SearchConfig(**search), **base)
+
+
+def replace_engine(config, **kw):
+  """``config`` with engine fields replaced (no preset re-applied)."""
+  return dataclasses.replace(config, engine=dataclasses.replace(config.engine,
+                                                                **kw))
