@@ -9,6 +9,7 @@ import pytest
 from helpers import build_engine, const_fleet, make_dataset, run_steps
 from ftte_jax.core import algorithms
 from ftte_jax.core import engine
+from ftte_jax.core import exact
 from ftte_jax.core import masks
 
 
@@ -68,9 +69,11 @@ def test_fedbuff_equals_fedavg_with_equal_speeds_and_c_equals_k(tiny_model):
   _, _, data = make_dataset(num_clients=8, per_client=16, equal=True)
   out = []
   for name in ("fedavg", "fedbuff"):
+    # Step refill: with arrival refill, C = K tasks restart before the
+    # server step and train one version behind.
     config = algorithms.preset(name, buffer_size=4, concurrency=4,
                                local_steps=2, batch_size=8, client_lr=0.1,
-                               server_lr=1.0)
+                               server_lr=1.0, refill="step")
     out.append(run_steps(*build_engine(config, apply, params, data, const_fleet(8)), 5))
   assert float(out[0].clock) == float(out[1].clock)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
@@ -162,17 +165,26 @@ def test_virtual_time_fedavg_waits_for_stragglers_fedbuff_does_not(
   assert per_step["fedbuff"] > 0.5 * fast_task
 
 
-def test_dropped_tasks_free_their_slot_at_the_deadline(tiny_model):
+@pytest.mark.parametrize("refill, count_timeouts", [
+    ("step", False), ("arrival", True), ("arrival", False)])
+def test_dropped_tasks_free_their_slot_at_the_deadline(tiny_model, refill,
+                                                       count_timeouts):
   apply, params = tiny_model
   _, _, data = make_dataset(num_clients=10, per_client=8)
   config = algorithms.preset("fedbuff", concurrency=5, buffer_size=2,
-                             local_steps=1, batch_size=8, deadline_s=50.0)
+                             local_steps=1, batch_size=8, deadline_s=50.0,
+                             refill=refill, count_timeouts=count_timeouts)
   state = run_steps(*build_engine(config, apply, params, data,
                      const_fleet(10, dropout=0.5)), 30)
   cnt = state.counters
   assert int(cnt.updates_dropped) > 0
   assert int(cnt.updates_applied) > 0
-  assert int(cnt.updates_dropped) + int(cnt.updates_applied) == 60
+  if refill == "step" or count_timeouts:
+    # Timeouts take a place among the K of a step.
+    assert int(cnt.updates_dropped) + int(cnt.updates_applied) == 60
+  else:
+    # The server waits for K received updates, as the papers do.
+    assert int(cnt.updates_applied) == 60
   assert float(state.clock) >= 50.0  # some slot waited for its deadline
 
 
@@ -231,7 +243,9 @@ def test_payload_accounting_masked_upload_and_changed_only_download(
     tiny_model):
   apply, params = tiny_model
   _, _, data = make_dataset(num_clients=10, per_client=8)
-  plan = masks.last_n_plan(params, 10, 2)  # layer1 bias + kernel: 16*4+4
+  # layer1 bias + kernel: 16*4+4.
+  plan = masks.make_plan(params, [masks.last_n_mask(params, 2)],
+                         np.zeros(10, np.int32))
   config = algorithms.preset("ftte", concurrency=4, buffer_size=2,
                              local_steps=1, batch_size=4)
   sim, env, state = build_engine(config, apply, params, data,
@@ -246,11 +260,11 @@ def test_payload_accounting_masked_upload_and_changed_only_download(
   model_bytes, sub_bytes = 4.0 * (6 * 16 + 16 + 16 * 4 + 4), 4.0 * (64 + 4)
   assert float(plan.upload_bytes[0]) == sub_bytes
   assert float(plan.model_bytes) == model_bytes
-  assert float(cnt.bytes_up) == int(cnt.uploads) * sub_bytes
+  assert exact.value(cnt.bytes_up) == int(cnt.uploads) * sub_bytes
   # First task of a client downloads the model, later ones only the
   # coordinates that can have changed (the trained subset).
   first = len(seen)
-  assert float(cnt.bytes_down) == pytest.approx(
+  assert exact.value(cnt.bytes_down) == pytest.approx(
       first * model_bytes + (int(cnt.downloads) - first) * sub_bytes)
 
 

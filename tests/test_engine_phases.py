@@ -9,6 +9,7 @@ import pytest
 
 from ftte_jax.core import algorithms
 from ftte_jax.core import engine
+from ftte_jax.core import exact
 from ftte_jax.core import masks
 from ftte_jax.core import staleness
 from ftte_jax.core.state import Counters, Ring, SimState, Start, Tasks
@@ -48,10 +49,12 @@ def test_ring_holds_the_last_s_versions():
 
 
 def test_counters_start_with_the_probe_traffic():
-  c = Counters.create(5, bytes_up=10.0, bytes_down=20.0, downloads=3)
+  c = Counters.create(5, probe_bytes_up=exact.of(10.0),
+                      probe_bytes_down=exact.of(20.0))
   assert c.staleness_hist.shape == (6,)
-  assert float(c.bytes_up) == 10.0 and float(c.bytes_down) == 20.0
-  assert int(c.downloads) == 3 and int(c.updates_applied) == 0
+  assert exact.value(c.probe_bytes_up) == 10.0
+  assert exact.value(c.probe_bytes_down) == 20.0
+  assert exact.value(c.bytes_up) == 0.0 and int(c.downloads) == 0
 
 
 def test_take_arrivals_picks_the_k_earliest_and_advances_the_clock():
@@ -100,8 +103,8 @@ def test_train_buffer_trains_from_the_pulled_version_and_zeroes_nonfinite():
       ring_slot=jnp.asarray([0, 1, 1]), clock=jnp.asarray(0.0))
   for batching in ("map", "vmap"):
     delta, _, finite = engine.train_buffer(
-        fake_update, batching, env, plan, ring, jax.random.PRNGKey(0),
-        arrivals)
+        fake_update, batching, env, plan, ring,
+        jax.random.split(jax.random.PRNGKey(0), 3), arrivals)
     np.testing.assert_array_equal(finite, [True, True, False])
     # Client 0: tier 0 mask [1, 0], five local steps; client 1: tier 1 mask.
     np.testing.assert_allclose(delta["w"], [[5.0, 0.0], [5.0, 5.0],
@@ -196,21 +199,19 @@ def test_count_adds_one_step():
   w = engine.Weights(valid=jnp.asarray([True, False, False]),
                      base=jnp.asarray([1.0, 0.0, 0.0]),
                      weights=jnp.asarray([1.0, 0.0, 0.0]))
-  started = engine.Dispatch(
-      clients=jnp.arange(3), arrival=jnp.zeros(3), ok=jnp.ones(3, bool),
-      bytes_down=jnp.asarray(30.0), busy=jnp.zeros(3, bool),
-      synced=jnp.zeros(3, bool))
   c, n_applied, tau_sum = engine.count(counters, arrivals, w,
                                        jnp.asarray([5.0, 7.0, 11.0]),
-                                       started, 3)
+                                       jnp.asarray(30.0), jnp.asarray(3), 2)
   assert int(n_applied) == 1 and float(tau_sum) == 0.0
   assert int(c.updates_applied) == 1
-  assert int(c.updates_dropped) == 1
+  assert int(c.updates_dropped) == 1 + 2  # one in the buffer, two outside.
   assert int(c.updates_stale) == 0
   # Client 1 arrived and was fresh but invalid: it was non-finite.
   assert int(c.updates_nonfinite) == 1
   np.testing.assert_array_equal(c.staleness_hist, [1, 0, 1, 0, 0])
-  assert float(c.bytes_up) == 12.0 and float(c.bytes_down) == 30.0
+  assert exact.value(c.staleness_sum_arrivals) == 2.0
+  assert exact.value(c.bytes_up) == 12.0
+  assert exact.value(c.bytes_down) == 30.0
   assert int(c.uploads) == 2 and int(c.downloads) == 3
 
 
@@ -224,12 +225,15 @@ def test_init_starts_after_the_probe_and_counts_its_traffic(tiny_model):
   key = jax.random.PRNGKey(0)
   plain = jax.jit(sim.init)(key, env, params, plan)
   shifted = jax.jit(sim.init)(key, env, params, plan,
-                              Start(clock=7.0, bytes_up=3.0, bytes_down=5.0))
+                              Start.of(clock=7.0, bytes_up=3.0,
+                                       bytes_down=5.0))
   assert float(shifted.clock) == 7.0
   np.testing.assert_allclose(shifted.tasks.arrival, plain.tasks.arrival + 7.0)
-  assert float(shifted.counters.bytes_up) == 3.0
-  assert float(shifted.counters.bytes_down) == float(
-      plain.counters.bytes_down) + 5.0
+  assert exact.value(shifted.counters.probe_bytes_up) == 3.0
+  assert exact.value(shifted.counters.probe_bytes_down) == 5.0
+  # Probe traffic stays out of the task counters (per-update figures).
+  assert exact.value(shifted.counters.bytes_down) == exact.value(
+      plain.counters.bytes_down)
   chex.assert_trees_all_equal(shifted.tasks.client, plain.tasks.client)
 
 
@@ -239,8 +243,9 @@ def test_replan_swaps_the_plan_and_counts_the_probe():
                          np.zeros(2, np.int32))
   new = engine.replan(state, plan, bytes_up=4.0, bytes_down=6.0)
   assert float(new.plan.upload_bytes[0]) == 4.0
-  assert float(new.counters.bytes_up) == 4.0
-  assert float(new.counters.bytes_down) == 6.0
+  assert exact.value(new.counters.probe_bytes_up) == 4.0
+  assert exact.value(new.counters.probe_bytes_down) == 6.0
+  assert exact.value(new.counters.bytes_up) == 0.0
 
 
 @pytest.mark.parametrize("batching", ["map", "vmap"])

@@ -3,12 +3,14 @@ ratios, per-tier reporting, and option errors."""
 
 import dataclasses
 
+import chex
 import jax
 import numpy as np
 import pytest
 
 from ftte_jax.core import algorithms
 from ftte_jax import experiment
+from ftte_jax.core import exact
 from ftte_jax.core import fleet
 
 
@@ -105,7 +107,8 @@ def test_periodic_research_counts_probe_bytes_and_resumes_exactly():
   full = experiment.build(_research_config(6, 2))
   s_full, h_full, _ = full.run()
   # Two re-searches (rounds 2 and 4), each a probe of 4 devices.
-  extra = float(s_full.counters.bytes_down) - float(s_once.counters.bytes_down)
+  extra = (exact.value(s_full.counters.probe_bytes_down) -
+           exact.value(s_once.counters.probe_bytes_down))
   assert extra > 0
   # Interrupt after round 4 (just after a re-search; on_step sees the state
   # a checkpoint would save) and continue: the plan lives in the state, so
@@ -124,4 +127,4 @@ def test_periodic_research_counts_probe_bytes_and_resumes_exactly():
   assert (experiment.params_sha256(s_rest.params) ==
           experiment.params_sha256(s_full.params))
   assert [r["round"] for r in h_rest] == [r["round"] for r in h_full]
-  assert float(s_rest.counters.bytes_down) == float(s_full.counters.bytes_down)
+  chex.assert_trees_all_equal(s_rest.counters, s_full.counters)

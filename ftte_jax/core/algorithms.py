@@ -19,6 +19,8 @@ SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
 MASK_POLICIES = ("full", "last_n", "search")
 MEMORY_POLICIES = ("exclude", "ignore")
 CLIENT_BATCHING = ("vmap", "map", "auto")
+UPDATE_RULES = ("delta", "mixing")
+REFILLS = ("arrival", "step")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +68,19 @@ class EngineConfig:
     unroll_local_steps: fully unroll the local-step loop (fast on CPU for
       convolutions, DESIGN §5) instead of a rolled loop.
     eval_batch_size: batch size of the held-out evaluation.
+    update_rule: what a client contributes: ``delta`` (its change from the
+      version it pulled, ``w_client - w_pulled``: FedBuff, FTTE) or
+      ``mixing`` (``w_client - w_now``, so server SGD with rate alpha is Xie
+      et al.'s FedAsync ``w <- (1 - alpha_t) w + alpha_t w_client``; both
+      within the client's mask).
+    refill: when new tasks start: ``arrival`` (FedBuff's algorithm: every
+      arrival frees its slot and a new task starts at once from the current
+      version, so C tasks are always in flight) or ``step`` (the K slots of
+      a step refill together after the server update; synchronous FedAvg).
+    count_timeouts: ``refill='arrival'`` only: a task that was abandoned or
+      missed its deadline counts toward K (the server then applies fewer than
+      K updates). False, the papers' behaviour: the server waits for K
+      received updates.
   """
 
   algorithm: str = "ftte"
@@ -94,13 +109,16 @@ class EngineConfig:
   client_batching: str = "auto"
   unroll_local_steps: bool = True
   eval_batch_size: int = 1000
+  update_rule: str = "delta"
+  refill: str = "arrival"
+  count_timeouts: bool = False
 
 
 _PRESET_DEFAULTS = {
     # Synchronous: the server waits for all K clients it sampled.
     "fedavg": dict(staleness="constant", variance_beta=0.0,
                    data_weight_exponent=1.0, normalization="coordinate",
-                   mask="full"),
+                   mask="full", refill="step"),
     # Nguyen et al. 2022: buffer K of C in flight, (1+tau)^-0.5, mean over K.
     "fedbuff": dict(staleness="polynomial", staleness_a=0.5,
                     variance_beta=0.0, data_weight_exponent=0.0,
@@ -108,7 +126,8 @@ _PRESET_DEFAULTS = {
     # Xie et al. 2019: every arrival mixes in with alpha * (1+tau)^-a.
     "fedasync": dict(buffer_size=1, staleness="polynomial", staleness_a=0.5,
                      variance_beta=0.0, data_weight_exponent=0.0,
-                     normalization="buffer", mask="full", server_lr=0.6),
+                     normalization="buffer", mask="full", server_lr=0.6,
+                     update_rule="mixing"),
     # This project's FTTE reconstruction: age x variance, sparse subset.
     # 'damped', not DESIGN's 'coordinate': there the age weights cancel and
     # the default MNIST run collapsed from 0.70 to 0.27 accuracy (README).
@@ -214,3 +233,9 @@ def validate(config: EngineConfig, num_clients: int | None = None) -> None:
   if config.client_batching not in CLIENT_BATCHING:
     raise ValueError(f"client_batching must be one of {CLIENT_BATCHING}, got "
                      f"{config.client_batching!r}")
+  if config.update_rule not in UPDATE_RULES:
+    raise ValueError(f"update_rule must be one of {UPDATE_RULES}, got "
+                     f"{config.update_rule!r}")
+  if config.refill not in REFILLS:
+    raise ValueError(f"refill must be one of {REFILLS}, got "
+                     f"{config.refill!r}")

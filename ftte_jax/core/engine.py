@@ -3,8 +3,10 @@
 One server step is six named, pure phases (``docs/design.md`` describes
 them with the state they move):
 
-  1. ``take_arrivals``: of the C tasks in flight take the K that arrive
-     first and advance the virtual clock to the last of them;
+  1. ``take_arrivals`` (``refill='step'``) or ``collect_arrivals``
+     (``refill='arrival'``): the K updates of this step, in arrival order,
+     and the virtual clock of the last; with arrival refill every arrival
+     before the K-th restarts its slot at once (FedBuff's algorithm);
   2. ``train_buffer``: train those K clients, each from the global version
      it pulled (kept in a ring of the last S versions), with its own mask,
      data and step count; non-finite updates are zeroed and flagged;
@@ -13,9 +15,10 @@ them with the state they move):
      non-finite updates get weight 0;
   4. ``server_update``: aggregate coordinate-wise and apply a server
      optimizer; push the new version into the ring;
-  5. ``dispatch``: start K new tasks on idle, eligible clients and sample
+  5. ``dispatch``: start new tasks on idle, eligible clients and sample
      when they arrive (download + compute + upload time, jitter, dropout,
-     deadline);
+     deadline): the K freed slots (step refill) or the K-th arrival's slot
+     (arrival refill), from the new version;
   6. ``count``: cumulative accounting.
 
 ``make_simulator`` only binds a config to these phases. Randomness: the
@@ -35,6 +38,7 @@ import optax
 from flax import struct
 
 from ftte_jax.core import aggregation
+from ftte_jax.core import exact
 from ftte_jax.core import staleness
 from ftte_jax.core.algorithms import EngineConfig, validate
 from ftte_jax.core.client import make_client_update
@@ -53,7 +57,7 @@ __all__ = ["Arrivals", "Counters", "Dispatch", "Environment", "Ring",
 
 # Named streams of the root key.
 _KEY_INIT, _KEY_ROUND = 0, 1
-_KEY_TRAIN, _KEY_DISPATCH = 0, 1
+_KEY_TRAIN, _KEY_DISPATCH, _KEY_EVENTS = 0, 1, 2
 
 
 class Simulator(NamedTuple):
@@ -96,6 +100,20 @@ class Dispatch:
   bytes_down: jnp.ndarray  # [] float32: bytes the n tasks download.
   busy: jnp.ndarray  # [N] bool: updated client_busy.
   synced: jnp.ndarray  # [N] bool: updated client_synced.
+
+
+@struct.dataclass
+class Refilled:
+  """Tasks restarted while a step's arrivals were collected (arrival refill)."""
+
+  tasks: Tasks  # the in-flight tasks after the restarts.
+  busy: jnp.ndarray  # [N] bool.
+  synced: jnp.ndarray  # [N] bool.
+  bytes_down: jnp.ndarray  # [] float32: bytes the restarted tasks download.
+  downloads: jnp.ndarray  # [] int32: tasks restarted.
+  dropped: jnp.ndarray  # [] int32: timed-out tasks not counted toward K.
+  slot: jnp.ndarray  # [] int32: slot of the K-th arrival, refilled later.
+  pending: jnp.ndarray  # [] bool: that slot still needs a task.
 
 
 def num_local_steps(config: EngineConfig, counts: np.ndarray) -> np.ndarray:
@@ -215,13 +233,110 @@ def take_arrivals(state: SimState, k: int) -> Arrivals:
       clock=jnp.maximum(state.clock, -jnp.min(neg_arrival)))
 
 
+def _restart(env: Environment, plan: MaskPlan, key: jax.Array, tasks: Tasks,
+             busy, synced, slot, clock, version, batch_size: int):
+  """Starts one task in ``slot`` at ``clock`` from ``version``."""
+  d = dispatch(env, plan, key, busy, synced, clock, 1, batch_size)
+  tasks = Tasks(client=tasks.client.at[slot].set(d.clients[0]),
+                version=tasks.version.at[slot].set(version),
+                arrival=tasks.arrival.at[slot].set(d.arrival[0]),
+                ok=tasks.ok.at[slot].set(d.ok[0]))
+  return tasks, d.busy, d.synced, d.bytes_down
+
+
+def collect_arrivals(env: Environment, state: SimState, key: jax.Array, k: int,
+                     batch_size: int, count_timeouts: bool = False,
+                     max_events: int | None = None
+                     ) -> tuple[Arrivals, Refilled]:
+  """Phase 1 with arrival refill: events in time order until K updates.
+
+  Each event is the earliest arrival among the C tasks in flight. An update
+  that arrived joins the buffer; a timed-out task joins it only with
+  ``count_timeouts``. Every event but the one that fills the buffer frees
+  its slot and a new task starts there at once, from the current version,
+  so C tasks stay in flight; the K-th arrival's slot is refilled after the
+  server update, from the new version. At most ``max_events`` (default 64
+  K) events are taken per step, so a fleet that never delivers cannot hang
+  the step; the step then applies what it has.
+  """
+  cap = 64 * k if max_events is None else max_events
+  t0 = state.tasks
+
+  def cond(c):
+    return (c["n"] < k) & (c["events"] < cap)
+
+  def body(c):
+    tasks = c["tasks"]
+    j = jnp.argmin(tasks.arrival)
+    t, ok, client = tasks.arrival[j], tasks.ok[j], tasks.client[j]
+    version = tasks.version[j]
+    counted = ok | count_timeouts
+    pos = jnp.where(counted, c["n"], k)  # k: out of range, dropped write.
+    n = c["n"] + counted.astype(jnp.int32)
+    busy = c["busy"].at[client].set(False)
+    full = n == k
+
+    def restart(args):
+      tasks, busy, synced = args
+      return _restart(env, state.plan, jax.random.fold_in(key, c["events"]),
+                      tasks, busy, synced, j, t, state.version, batch_size)
+
+    tasks, busy, synced, down = jax.lax.cond(
+        full, lambda a: (*a, jnp.zeros((), jnp.float32)), restart,
+        (tasks, busy, c["synced"]))
+    return dict(
+        tasks=tasks, busy=busy, synced=synced, n=n, events=c["events"] + 1,
+        clock=jnp.maximum(c["clock"], t),
+        client=c["client"].at[pos].set(client, mode="drop"),
+        version=c["version"].at[pos].set(version, mode="drop"),
+        slots=c["slots"].at[pos].set(j, mode="drop"),
+        ok=c["ok"].at[pos].set(ok, mode="drop"),
+        slot=jnp.where(full, j, c["slot"]),
+        down=c["down"] + down, restarts=c["restarts"] + (~full),
+        dropped=c["dropped"] + (~ok & ~counted))
+
+  init = dict(tasks=t0, busy=state.client_busy, synced=state.client_synced,
+              n=jnp.zeros((), jnp.int32), events=jnp.zeros((), jnp.int32),
+              clock=state.clock, client=jnp.zeros((k,), jnp.int32),
+              version=jnp.full((k,), state.version, jnp.int32),
+              ok=jnp.zeros((k,), bool), slots=jnp.zeros((k,), jnp.int32),
+              slot=jnp.zeros((), jnp.int32),
+              down=jnp.zeros((), jnp.float32),
+              restarts=jnp.zeros((), jnp.int32),
+              dropped=jnp.zeros((), jnp.int32))
+  c = jax.lax.while_loop(cond, body, init)
+  versions = c["version"]
+  ring_slot = versions % state.ring.size
+  arrivals = Arrivals(
+      slots=c["slots"], clients=c["client"],
+      tau=state.version - versions, ok=c["ok"],
+      fresh=state.ring.version[ring_slot] == versions, ring_slot=ring_slot,
+      clock=c["clock"])
+  refilled = Refilled(tasks=c["tasks"], busy=c["busy"], synced=c["synced"],
+                      bytes_down=c["down"], downloads=c["restarts"],
+                      dropped=c["dropped"], slot=c["slot"],
+                      pending=c["n"] == k)
+  return arrivals, refilled
+
+
 def train_buffer(client_update: Callable, batching: str, env: Environment,
-                 plan: MaskPlan, ring: Ring, key: jax.Array,
-                 arrivals: Arrivals):
+                 plan: MaskPlan, ring: Ring, keys: jax.Array,
+                 arrivals: Arrivals, mix_into: PyTree | None = None):
   """Phase 2: trains the K arrived clients from the versions they pulled.
 
   Base parameters and masks are gathered inside the per-client function,
   so the ``map`` path never materializes [K, ...] copies of them.
+
+  Args:
+    client_update: from ``client.make_client_update``.
+    batching: ``map`` or ``vmap`` over the K clients.
+    env: the environment (data, step counts).
+    plan: the live mask plan.
+    ring: the stored global versions.
+    keys: [K] training keys, one per buffered update.
+    arrivals: the buffered updates.
+    mix_into: None for ``update_rule='delta'`` (``w_client - w_pulled``);
+      the current global params for ``mixing`` (``m * (w_client - w_now)``).
 
   Returns:
     ``(delta, loss, finite)``: deltas (leaves [K, ...], zero outside each
@@ -237,11 +352,13 @@ def train_buffer(client_update: Callable, batching: str, env: Environment,
     mask = jax.tree.map(lambda m: m[0] if single_tier else m[t], plan.masks)
     local, loss = client_update(key, base, mask, env.data.x, env.data.y,
                                 row, count, n_steps)
+    if mix_into is not None:
+      return jax.tree.map(lambda w, g, m: m * (w - g), local, mix_into,
+                          mask), loss
     # Masked gradients leave unmasked coordinates exactly where they were,
     # so the delta is already zero outside the client's mask.
     return jax.tree.map(jnp.subtract, local, base), loss
 
-  keys = jax.vmap(jax.random.fold_in, (None, 0))(key, clients)
   args = (keys, arrivals.ring_slot, plan.client_tier[clients],
           env.data.indices[clients], env.data.counts[clients],
           env.num_steps[clients])
@@ -297,9 +414,19 @@ def server_update(server_opt: optax.GradientTransformation,
 
 
 def count(counters: Counters, arrivals: Arrivals, w: Weights,
-          upload_bytes: jnp.ndarray, started: Dispatch, n_started: int
+          upload_bytes: jnp.ndarray, bytes_down: jnp.ndarray,
+          downloads: jnp.ndarray, extra_dropped: jnp.ndarray | int = 0
           ) -> tuple[Counters, jnp.ndarray, jnp.ndarray]:
   """Phase 6: adds one step to the cumulative counters.
+
+  Args:
+    counters: before the step.
+    arrivals: the buffered updates.
+    w: their weights.
+    upload_bytes: [K] bytes each buffered update uploads if it arrived.
+    bytes_down: [] bytes downloaded by the tasks this step started.
+    downloads: [] how many tasks this step started.
+    extra_dropped: timed-out tasks that did not enter the buffer.
 
   Returns:
     ``(counters, n_applied, tau_sum)`` with this step's applied updates.
@@ -313,16 +440,19 @@ def count(counters: Counters, arrivals: Arrivals, w: Weights,
   c = counters
   return Counters(
       updates_applied=c.updates_applied + n_applied,
-      updates_dropped=c.updates_dropped + jnp.sum(~ok),
+      updates_dropped=c.updates_dropped + jnp.sum(~ok) + extra_dropped,
       updates_stale=c.updates_stale + jnp.sum(ok & ~fresh),
       updates_nonfinite=c.updates_nonfinite + jnp.sum(ok & fresh & ~w.valid),
-      staleness_sum=c.staleness_sum + tau_sum,
+      staleness_sum=exact.add(c.staleness_sum, tau_sum),
+      staleness_sum_arrivals=exact.add(
+          c.staleness_sum_arrivals, jnp.sum(jnp.where(ok, tau, 0))),
       staleness_hist=c.staleness_hist.at[jnp.minimum(tau, s)].add(
           ok.astype(jnp.int32)),
-      bytes_up=c.bytes_up + up,
-      bytes_down=c.bytes_down + started.bytes_down,
+      bytes_up=exact.add(c.bytes_up, up),
+      bytes_down=exact.add(c.bytes_down, bytes_down),
+      probe_bytes_up=c.probe_bytes_up, probe_bytes_down=c.probe_bytes_down,
       uploads=c.uploads + jnp.sum(ok),
-      downloads=c.downloads + n_started), n_applied, tau_sum
+      downloads=c.downloads + downloads), n_applied, tau_sum
 
 
 def replan(state: SimState, plan: MaskPlan, bytes_up: float = 0.0,
@@ -330,31 +460,86 @@ def replan(state: SimState, plan: MaskPlan, bytes_up: float = 0.0,
   """Swaps in a new mask plan (a re-search) and counts its probe traffic."""
   c = state.counters
   return state.replace(plan=plan, counters=c.replace(
-      bytes_up=c.bytes_up + bytes_up, bytes_down=c.bytes_down + bytes_down))
+      probe_bytes_up=exact.add_pair(c.probe_bytes_up, exact.of(bytes_up)),
+      probe_bytes_down=exact.add_pair(c.probe_bytes_down,
+                                      exact.of(bytes_down))))
 
 
 def init_state(config: EngineConfig, server_opt: optax.GradientTransformation,
                key: jax.Array, env: Environment, params: PyTree,
-               plan: MaskPlan, start: Start = Start()) -> SimState:
+               plan: MaskPlan, start: Start | None = None) -> SimState:
   """Version 0 in the ring and C tasks dispatched at ``start.clock``."""
+  start = Start.of() if start is None else start
   n = env.data.num_clients
-  clock = jnp.asarray(start.clock, jnp.float32)
   c = config.concurrency
   started = dispatch(env, plan, jax.random.fold_in(key, _KEY_INIT),
-                     jnp.zeros((n,), bool), jnp.zeros((n,), bool), clock, c,
-                     config.batch_size)
+                     jnp.zeros((n,), bool), jnp.zeros((n,), bool),
+                     start.clock, c, config.batch_size)
+  counters = Counters.create(config.ring_size, probe_bytes_up=start.bytes_up,
+                             probe_bytes_down=start.bytes_down)
+  counters = counters.replace(
+      bytes_down=exact.add(counters.bytes_down, started.bytes_down),
+      downloads=jnp.asarray(c, jnp.int32))
   return SimState(
       params=params, opt_state=server_opt.init(params),
       ring=Ring.create(params, config.ring_size),
-      version=jnp.zeros((), jnp.int32), clock=clock,
+      version=jnp.zeros((), jnp.int32), clock=start.clock,
       tasks=Tasks(client=started.clients.astype(jnp.int32),
                   version=jnp.zeros((c,), jnp.int32),
                   arrival=started.arrival, ok=started.ok),
       client_busy=started.busy, client_synced=started.synced,
-      counters=Counters.create(
-          config.ring_size, bytes_up=start.bytes_up,
-          bytes_down=started.bytes_down + start.bytes_down, downloads=c),
-      plan=plan, key=jnp.asarray(key))
+      counters=counters, plan=plan, key=jnp.asarray(key))
+
+
+def _arrivals_and_keys(config: EngineConfig, env: Environment,
+                       state: SimState, rkey: jax.Array):
+  """Phase 1 for either refill mode, with the buffer's training keys."""
+  k = config.buffer_size
+  k_train = jax.random.fold_in(rkey, _KEY_TRAIN)
+  if config.refill == "step":
+    arrivals = take_arrivals(state, k)
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(k_train, arrivals.clients)
+    return arrivals, None, keys
+  arrivals, refilled = collect_arrivals(
+      env, state, jax.random.fold_in(rkey, _KEY_EVENTS), k, config.batch_size,
+      config.count_timeouts)
+  # A client may arrive twice in one buffer; its two tasks train apart.
+  keys = jax.vmap(lambda i, c: jax.random.fold_in(
+      jax.random.fold_in(k_train, i), c))(jnp.arange(k), arrivals.clients)
+  return arrivals, refilled, keys
+
+
+def _start_next(config: EngineConfig, env: Environment, state: SimState,
+                arrivals: Arrivals, refilled: Refilled | None,
+                key: jax.Array, version: jnp.ndarray):
+  """Phase 5: tasks from the new version; returns (tasks, busy, synced,
+  bytes downloaded this step, tasks started this step, extra drops)."""
+  plan, k = state.plan, config.buffer_size
+  if refilled is None:  # Step refill: the K freed slots, together.
+    started = dispatch(env, plan, key,
+                       state.client_busy.at[arrivals.clients].set(False),
+                       state.client_synced, arrivals.clock, k,
+                       config.batch_size)
+    slots = arrivals.slots
+    tasks = Tasks(
+        client=state.tasks.client.at[slots].set(started.clients),
+        version=state.tasks.version.at[slots].set(
+            jnp.full((k,), version, jnp.int32)),
+        arrival=state.tasks.arrival.at[slots].set(started.arrival),
+        ok=state.tasks.ok.at[slots].set(started.ok))
+    return (tasks, started.busy, started.synced, started.bytes_down,
+            jnp.asarray(k, jnp.int32), 0)
+
+  def restart(args):
+    return _restart(env, plan, key, *args, refilled.slot, arrivals.clock,
+                    version, config.batch_size)
+
+  tasks, busy, synced, down = jax.lax.cond(
+      refilled.pending, restart,
+      lambda a: (*a, jnp.zeros((), jnp.float32)),
+      (refilled.tasks, refilled.busy, refilled.synced))
+  return (tasks, busy, synced, refilled.bytes_down + down,
+          refilled.downloads + refilled.pending, refilled.dropped)
 
 
 def step_state(config: EngineConfig, client_update: Callable, batching: str,
@@ -363,35 +548,27 @@ def step_state(config: EngineConfig, client_update: Callable, batching: str,
   """One server step: the six phases in order, and a flat dict of scalars."""
   rkey = jax.random.fold_in(jax.random.fold_in(state.key, _KEY_ROUND),
                             state.version)
-  arrivals = take_arrivals(state, config.buffer_size)
+  arrivals, refilled, keys = _arrivals_and_keys(config, env, state, rkey)
   plan = state.plan
   tier = plan.client_tier[arrivals.clients]
   delta, train_loss, finite = train_buffer(
-      client_update, batching, env, plan, state.ring,
-      jax.random.fold_in(rkey, _KEY_TRAIN), arrivals)
+      client_update, batching, env, plan, state.ring, keys, arrivals,
+      state.params if config.update_rule == "mixing" else None)
   w = weigh_updates(config, s_age, delta, plan, tier,
                     env.data.counts[arrivals.clients], arrivals, finite)
   params, opt_state, ring = server_update(
       server_opt, config.normalization, state, delta, tier, w)
   version = state.version + 1
-  started = dispatch(env, plan, jax.random.fold_in(rkey, _KEY_DISPATCH),
-                     state.client_busy.at[arrivals.clients].set(False),
-                     state.client_synced, arrivals.clock, config.buffer_size,
-                     config.batch_size)
+  tasks, busy, synced, down, n_started, dropped = _start_next(
+      config, env, state, arrivals, refilled,
+      jax.random.fold_in(rkey, _KEY_DISPATCH), version)
   counters, n_applied, tau_sum = count(
-      state.counters, arrivals, w, plan.upload_bytes[tier], started,
-      config.buffer_size)
-  slots = arrivals.slots
-  tasks = Tasks(
-      client=state.tasks.client.at[slots].set(started.clients),
-      version=state.tasks.version.at[slots].set(
-          jnp.full((config.buffer_size,), version, jnp.int32)),
-      arrival=state.tasks.arrival.at[slots].set(started.arrival),
-      ok=state.tasks.ok.at[slots].set(started.ok))
+      state.counters, arrivals, w, plan.upload_bytes[tier], down, n_started,
+      dropped)
   new_state = state.replace(
       params=params, opt_state=opt_state, ring=ring, version=version,
-      clock=arrivals.clock, tasks=tasks, client_busy=started.busy,
-      client_synced=started.synced, counters=counters)
+      clock=arrivals.clock, tasks=tasks, client_busy=busy,
+      client_synced=synced, counters=counters)
   applied = w.valid & (w.weights > 0)
   metrics = {
       "virtual_time_s": arrivals.clock,
@@ -447,7 +624,8 @@ def make_simulator(config: EngineConfig, apply_fn: ApplyFn,
 
   Returns:
     ``Simulator(init, step, evaluate)`` with
-    ``init(key, env, params, plan, start=Start())``.
+    ``init(key, env, params, plan, start=None)`` (``start``: a
+    ``Start``, e.g. after a probe round).
   """
   validate(config)
   s_age = staleness.make_staleness_fn(config.staleness, config.staleness_a,
@@ -459,7 +637,7 @@ def make_simulator(config: EngineConfig, apply_fn: ApplyFn,
       unroll=True if config.unroll_local_steps else 1)
   batching = resolve_batching(config.client_batching)
 
-  def init(key, env, params, plan, start=Start()):
+  def init(key, env, params, plan, start=None):
     return init_state(config, server_opt, key, env, params, plan, start)
 
   def step(env, state):

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from ftte_jax.core import exact
 from ftte_jax.core.fleet import Fleet
 from ftte_jax.core.masks import MaskPlan
 from ftte_jax.core.typing import PyTree
@@ -68,31 +69,42 @@ class Tasks:
 
 @struct.dataclass
 class Counters:
-  """Cumulative accounting since the start of the run."""
+  """Cumulative accounting since the start of the run.
+
+  Byte and staleness sums are exact (hi, lo) float32 pairs
+  (``ftte_jax.core.exact``); read them with ``exact.value``.
+  """
 
   updates_applied: jnp.ndarray  # [] int32: updates with non-zero weight.
   updates_dropped: jnp.ndarray  # [] int32: abandoned or past the deadline.
   updates_stale: jnp.ndarray  # [] int32: pulled a version older than S.
   updates_nonfinite: jnp.ndarray  # [] int32: NaN/Inf in the update.
-  staleness_sum: jnp.ndarray  # [] float32: sum of tau over applied updates.
+  staleness_sum: jnp.ndarray  # [2] exact: sum of tau over applied updates.
+  staleness_sum_arrivals: jnp.ndarray  # [2] exact: sum of tau, arrivals.
   staleness_hist: jnp.ndarray  # [S + 1] int32: tau of arrivals; bin S: >= S.
-  bytes_up: jnp.ndarray  # [] float32: bytes uploaded by arrived tasks.
-  bytes_down: jnp.ndarray  # [] float32: bytes downloaded by dispatched tasks.
+  bytes_up: jnp.ndarray  # [2] exact: bytes uploaded by arrived tasks.
+  bytes_down: jnp.ndarray  # [2] exact: bytes downloaded by started tasks.
+  probe_bytes_up: jnp.ndarray  # [2] exact: probe and re-search uploads.
+  probe_bytes_down: jnp.ndarray  # [2] exact: probe and re-search downloads.
   uploads: jnp.ndarray  # [] int32: tasks that arrived and uploaded.
-  downloads: jnp.ndarray  # [] int32: tasks dispatched.
+  downloads: jnp.ndarray  # [] int32: tasks started.
 
   @classmethod
-  def create(cls, ring_size: int, bytes_up=0.0, bytes_down=0.0,
-             downloads=0) -> Counters:
-    """Counters at the start of a run (traffic before it: a probe round)."""
+  def create(cls, ring_size: int, probe_bytes_up=None, probe_bytes_down=None
+             ) -> Counters:
+    """Counters at the start of a run (traffic before it: exact pairs)."""
     zero_i = jnp.zeros((), jnp.int32)
     return cls(
         updates_applied=zero_i, updates_dropped=zero_i, updates_stale=zero_i,
-        updates_nonfinite=zero_i, staleness_sum=jnp.zeros((), jnp.float32),
+        updates_nonfinite=zero_i, staleness_sum=exact.zero(),
+        staleness_sum_arrivals=exact.zero(),
         staleness_hist=jnp.zeros((ring_size + 1,), jnp.int32),
-        bytes_up=jnp.asarray(bytes_up, jnp.float32),
-        bytes_down=jnp.asarray(bytes_down, jnp.float32),
-        uploads=zero_i, downloads=jnp.asarray(downloads, jnp.int32))
+        bytes_up=exact.zero(), bytes_down=exact.zero(),
+        probe_bytes_up=(exact.zero() if probe_bytes_up is None else
+                        probe_bytes_up),
+        probe_bytes_down=(exact.zero() if probe_bytes_down is None else
+                          probe_bytes_down),
+        uploads=zero_i, downloads=zero_i)
 
 
 @struct.dataclass
@@ -100,9 +112,16 @@ class Start:
   """Where a run starts: the virtual time and traffic spent before it
   (a probe round), so ``init`` builds the state already shifted."""
 
-  clock: float | jnp.ndarray = 0.0  # [] virtual seconds.
-  bytes_up: float | jnp.ndarray = 0.0  # [] bytes.
-  bytes_down: float | jnp.ndarray = 0.0  # [] bytes.
+  clock: jnp.ndarray  # [] float32 virtual seconds.
+  bytes_up: jnp.ndarray  # [2] exact bytes.
+  bytes_down: jnp.ndarray  # [2] exact bytes.
+
+  @classmethod
+  def of(cls, clock: float = 0.0, bytes_up: float = 0.0,
+         bytes_down: float = 0.0) -> Start:
+    """A start at ``clock`` after the given traffic (host numbers)."""
+    return cls(clock=jnp.asarray(clock, jnp.float32),
+               bytes_up=exact.of(bytes_up), bytes_down=exact.of(bytes_down))
 
 
 @struct.dataclass

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from ftte_jax.core import engine
+from ftte_jax.core import exact
 from ftte_jax.core.typing import PyTree
 
 
@@ -22,9 +23,21 @@ def params_sha256(params: PyTree) -> str:
 
 
 def counters_row(state: engine.SimState) -> dict:
-  """Host-side cumulative counters as plain Python numbers."""
+  """Host-side cumulative counters as plain Python numbers.
+
+  ``bytes_up``/``bytes_down`` are everything communicated (tasks and probe
+  rounds); the per-update figures count task traffic only. Mean staleness
+  is given over applied updates (``mean_staleness``, also
+  ``mean_staleness_applied``) and over every arrived update
+  (``mean_staleness_arrivals``, which includes over-stale ones).
+  """
   cnt = jax.device_get(state.counters)
   applied = int(cnt.updates_applied)
+  uploads, downloads = int(cnt.uploads), int(cnt.downloads)
+  up, down = exact.value(cnt.bytes_up), exact.value(cnt.bytes_down)
+  probe_up = exact.value(cnt.probe_bytes_up)
+  probe_down = exact.value(cnt.probe_bytes_down)
+  mean_applied = exact.value(cnt.staleness_sum) / max(applied, 1)
   return {
       "round": int(state.version),
       "virtual_time_s": float(state.clock),
@@ -32,27 +45,48 @@ def counters_row(state: engine.SimState) -> dict:
       "updates_dropped": int(cnt.updates_dropped),
       "updates_stale": int(cnt.updates_stale),
       "updates_nonfinite": int(cnt.updates_nonfinite),
-      "mean_staleness": float(cnt.staleness_sum) / max(applied, 1),
+      "mean_staleness": mean_applied,
+      "mean_staleness_applied": mean_applied,
+      "mean_staleness_arrivals": (exact.value(cnt.staleness_sum_arrivals) /
+                                  max(uploads, 1)),
       "staleness_hist": [int(v) for v in cnt.staleness_hist],
-      "bytes_up": float(cnt.bytes_up),
-      "bytes_down": float(cnt.bytes_down),
-      "upload_bytes_per_update": float(cnt.bytes_up) / max(int(cnt.uploads), 1),
-      "download_bytes_per_update": float(cnt.bytes_down) / max(
-          int(cnt.downloads), 1),
+      "bytes_up": up + probe_up,
+      "bytes_down": down + probe_down,
+      "probe_bytes_up": probe_up,
+      "probe_bytes_down": probe_down,
+      "upload_bytes_per_update": up / max(uploads, 1),
+      "download_bytes_per_update": down / max(downloads, 1),
   }
 
 
-def time_to_target(history: list[dict], target: float | None) -> dict | None:
-  """The first evaluation row at or above ``target`` (None: never)."""
+def time_to_target(history: list[dict], target: float | None
+                   ) -> tuple[dict | None, dict | None]:
+  """The rows where ``target`` is first reached, and where it is held.
+
+  Rows include the exact crossing steps (``Experiment.run`` evaluates every
+  step until the target is reached again), so the first is exact whatever
+  ``eval_every``. The second is the sustained variant: the first row after
+  which every later row stays at or above the target.
+
+  Returns:
+    ``(first, sustained)``; None where never.
+  """
   if target is None:
-    return None
-  return next((r for r in history if r["test_accuracy"] >= target), None)
+    return None, None
+  first = next((r for r in history if r["test_accuracy"] >= target), None)
+  sustained = None
+  for r in history:
+    if r["test_accuracy"] < target:
+      sustained = None
+    elif sustained is None:
+      sustained = r
+  return first, sustained
 
 
 def summary(config, setup, env, info: dict, state: engine.SimState,
             history: list[dict], timing: dict) -> dict:
   """The end-of-run summary (written to summary.json by the launcher)."""
-  reached = time_to_target(history, config.target_accuracy)
+  reached, held = time_to_target(history, config.target_accuracy)
   counters = counters_row(state)
   tier_mem = np.asarray(state.plan.memory_bytes, np.float64)
   used = np.unique(np.asarray(state.plan.client_tier)[np.asarray(
@@ -65,6 +99,10 @@ def summary(config, setup, env, info: dict, state: engine.SimState,
       "target_accuracy": config.target_accuracy,
       "time_to_target_s": reached["virtual_time_s"] if reached else None,
       "rounds_to_target": reached["round"] if reached else None,
+      "time_to_target_sustained_s": held["virtual_time_s"] if held else None,
+      "rounds_to_target_sustained": held["round"] if held else None,
+      "stopped_by": timing.get("stopped_by", "rounds"),
+      "max_virtual_time": config.max_virtual_time,
       "rounds": counters["round"],
       "virtual_time_s": counters["virtual_time_s"],
       "client_updates": counters["updates_applied"],
@@ -81,7 +119,9 @@ def summary(config, setup, env, info: dict, state: engine.SimState,
       "params_sha256": params_sha256(state.params),
   }
   for k in ("upload_bytes_per_update", "download_bytes_per_update",
-            "bytes_up", "bytes_down", "mean_staleness", "staleness_hist",
+            "bytes_up", "bytes_down", "probe_bytes_up", "probe_bytes_down",
+            "mean_staleness", "mean_staleness_applied",
+            "mean_staleness_arrivals", "staleness_hist",
             "updates_dropped", "updates_stale", "updates_nonfinite"):
     out[k] = counters[k]
   return out

@@ -36,7 +36,10 @@ class Experiment:
   eval_fn: Callable = dataclasses.field(init=False)
 
   def __post_init__(self):
-    self.step_fn = jax.jit(self.sim.step, donate_argnums=1)
+    # With a virtual-time budget a step may have to be undone (exact
+    # stops), so its input state must survive: no donation then.
+    donate = () if self.config.max_virtual_time is not None else (1,)
+    self.step_fn = jax.jit(self.sim.step, donate_argnums=donate)
     self.eval_fn = jax.jit(self.sim.evaluate)
 
   @property
@@ -59,8 +62,8 @@ class Experiment:
                              planning.KEY_ENGINE)
     return jax.jit(self.sim.init)(
         key, self.env, self.setup.model.params, self.setup.plan,
-        engine.Start(clock=probe.time_s, bytes_up=probe.bytes_up,
-                     bytes_down=probe.bytes_down))
+        engine.Start.of(clock=probe.time_s, bytes_up=probe.bytes_up,
+                        bytes_down=probe.bytes_down))
 
   def evaluate(self, params) -> dict:
     out = self.eval_fn(params, *self.setup.test)
@@ -74,65 +77,76 @@ class Experiment:
     return time.perf_counter() - t0
 
   def finished(self, state: engine.SimState) -> bool:
-    """Whether ``rounds`` or ``max_virtual_time`` is reached."""
-    cfg = self.config
-    return int(state.version) >= cfg.rounds or (
-        cfg.max_virtual_time is not None and
-        float(state.clock) >= cfg.max_virtual_time)
+    """Whether ``rounds`` is reached (a budget stop is found by stepping)."""
+    return int(state.version) >= self.config.rounds
 
   def run(self, state: engine.SimState | None = None,
           history: list[dict] | None = None,
           on_eval: Callable[[engine.SimState, dict], None] | None = None,
           on_step: Callable[[engine.SimState], None] | None = None,
           ) -> tuple[engine.SimState, list[dict], dict]:
-    """Runs server steps until ``rounds`` or ``max_virtual_time``.
+    """Runs server steps until ``rounds`` or the virtual-time budget.
+
+    A step whose last arrival would pass ``max_virtual_time`` is not taken,
+    so a run never overshoots its budget. While a target accuracy is set
+    and not (or no longer) reached, the model is evaluated after every step
+    and the exact crossing step is logged as an extra row
+    (``"crossing": true``), so time to target does not depend on
+    ``eval_every``.
 
     Args:
       state: state to continue from (a restored checkpoint); fresh if None.
       history: metric rows already logged before ``state`` (on resume).
-      on_eval: called with (state, row) after each evaluation (logging).
+      on_eval: called with (state, row) after each logged row.
       on_step: called with the state after every step (checkpointing).
 
     Returns:
-      (final state, metric rows, timing dict with wall_s, compile_s, steps).
+      (final state, metric rows, timing dict with wall_s, compile_s, steps
+      and stopped_by).
     """
     cfg = self.config
     state = self.init_state() if state is None else state
-    history = list(history or [])
-    t_start = time.perf_counter()
-    compile_s = 0.0 if int(state.version) >= cfg.rounds else self.compile(
-        state)
-    steps_done = 0
-    t_loop = time.perf_counter()
-
-    def log(state):
-      row = report.counters_row(state)
-      row.pop("staleness_hist")
-      row.update(self.evaluate(state.params))
-      row["wall_s"] = time.perf_counter() - t_start
-      row["client_updates_per_s"] = (steps_done * cfg.engine.buffer_size /
-                                     max(time.perf_counter() - t_loop, 1e-9))
-      history.append(row)
-      if on_eval:
-        on_eval(state, row)
-
-    if not history:
+    log = _Log(self, list(history or []), on_eval)
+    compile_s = 0.0 if self.finished(state) else self.compile(state)
+    log.start_loop()
+    if not log.history:
       log(state)
+    stopped_by = "rounds"
     while not self.finished(state):
-      state, _ = self.step_fn(self.env, state)
-      steps_done += 1
-      r = int(state.version)
-      every = cfg.search.research_every
-      if every and r % every == 0 and r < cfg.rounds:
-        state = self.research(state)
-      if r % cfg.eval_every == 0 or r == cfg.rounds:
-        log(state)
+      tracking = (cfg.target_accuracy is not None and
+                  log.history[-1]["test_accuracy"] < cfg.target_accuracy)
+      new_state, _ = self.step_fn(self.env, state)
+      if (cfg.max_virtual_time is not None and
+          float(new_state.clock) > cfg.max_virtual_time):
+        stopped_by = "max_virtual_time"
+        break
+      state = self._after_step(new_state, log, tracking)
       if on_step:
         on_step(state)
-    if history[-1]["round"] != int(state.version):
-      log(state)  # stopped by max_virtual_time between evaluations
-    return state, history, {"wall_s": time.perf_counter() - t_start,
-                            "compile_s": compile_s, "steps": steps_done}
+    if log.history[-1]["round"] != int(state.version):
+      log(state)  # stopped by the budget between evaluations
+    return state, log.history, {
+        "wall_s": time.perf_counter() - log.t_start, "compile_s": compile_s,
+        "steps": log.steps, "stopped_by": stopped_by}
+
+  def _after_step(self, state: engine.SimState, log: _Log,
+                  tracking: bool) -> engine.SimState:
+    """Re-search and logging after a step that was taken."""
+    cfg = self.config
+    log.steps += 1
+    r = int(state.version)
+    every = cfg.search.research_every
+    if every and r % every == 0 and r < cfg.rounds:
+      state = self.research(state)
+    regular = r % cfg.eval_every == 0 or r == cfg.rounds
+    if tracking:
+      evaluation = self.evaluate(state.params)
+      hit = evaluation["test_accuracy"] >= cfg.target_accuracy
+      if hit or regular:
+        log(state, evaluation, crossing=hit)
+    elif regular:
+      log(state)
+    return state
 
   def research(self, state: engine.SimState) -> engine.SimState:
     """Searches again with importance at the current global model."""
@@ -148,6 +162,34 @@ class Experiment:
     """The end-of-run summary (written to summary.json by the launcher)."""
     return report.summary(self.config, self.setup, self.env, self.info, state,
                           history, timing)
+
+
+class _Log:
+  """Metric rows of a run: counters, evaluation, wall time, throughput."""
+
+  def __init__(self, exp: Experiment, history: list[dict], on_eval):
+    self.exp, self.history, self.on_eval = exp, history, on_eval
+    self.t_start = self.t_loop = time.perf_counter()
+    self.steps = 0
+
+  def start_loop(self):
+    self.t_loop = time.perf_counter()
+
+  def __call__(self, state, evaluation=None, crossing=False) -> dict:
+    row = report.counters_row(state)
+    row.pop("staleness_hist")
+    row.update(evaluation or self.exp.evaluate(state.params))
+    if crossing:
+      row["crossing"] = True
+    now = time.perf_counter()
+    row["wall_s"] = now - self.t_start
+    row["client_updates_per_s"] = (
+        self.steps * self.exp.config.engine.buffer_size /
+        max(now - self.t_loop, 1e-9))
+    self.history.append(row)
+    if self.on_eval:
+      self.on_eval(state, row)
+    return row
 
 
 def build(config: ExperimentConfig) -> Experiment:
