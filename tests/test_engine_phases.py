@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+from ftte_jax.core import aggregation
 from ftte_jax.core import algorithms
 from ftte_jax.core import engine
 from ftte_jax.core import exact
@@ -132,22 +133,26 @@ def test_weigh_updates_data_size_age_and_validity():
 
 
 def test_server_update_applies_pushes_and_skips_an_empty_step():
+  """Aggregate (buffer mean), apply with server SGD, push into the ring."""
   state = hand_state(arrival=[1.0, 2.0], task_version=[0, 0], version=2)
   delta = {"w": jnp.asarray([[2.0, 0.0], [0.0, 4.0]])}
   w = engine.Weights(valid=jnp.asarray([True, True]),
                      base=jnp.asarray([1.0, 1.0]),
                      weights=jnp.asarray([1.0, 1.0]))
   opt = optax.sgd(0.5)
-  params, _, ring = engine.server_update(opt, "buffer", state, delta,
-                                         jnp.zeros(2, jnp.int32), w)
+  tier = jnp.zeros(2, jnp.int32)
+  agg = aggregation.aggregate(delta, state.plan.masks, tier, w.weights,
+                              "buffer")
+  params, _, ring = engine.server_update(opt, state, agg, jnp.any(w.valid))
   # Mean over the 2 valid updates, times server lr 0.5.
   np.testing.assert_allclose(params["w"], [0.5, 1.0])
   assert int(ring.version[3 % 4]) == 3
   np.testing.assert_allclose(ring.params["w"][3], [0.5, 1.0])
   none = w.replace(valid=jnp.asarray([False, False]),
                    weights=jnp.zeros(2))
-  params, _, _ = engine.server_update(opt, "buffer", state, delta,
-                                      jnp.zeros(2, jnp.int32), none)
+  agg = aggregation.aggregate(delta, state.plan.masks, tier, none.weights,
+                              "buffer")
+  params, _, _ = engine.server_update(opt, state, agg, jnp.any(none.valid))
   np.testing.assert_array_equal(params["w"], [0.0, 0.0])
 
 
@@ -266,3 +271,37 @@ def test_step_traces_once(tiny_model, batching):
   assert int(state.version) == 3
   assert set(metrics) == {"virtual_time_s", "updates_applied",
                           "mean_staleness", "train_loss"}
+
+
+@pytest.mark.parametrize("algorithm, rule", [
+    ("fedavg", "delta"), ("fedbuff", "delta"), ("fedasync", "mixing")])
+def test_streamed_aggregation_equals_the_buffered_one(tiny_model, algorithm,
+                                                      rule):
+  # Unequal clients, a NaN-free run; stream keeps only the running sum.
+  apply, params = tiny_model
+  _, _, data = make_dataset(num_clients=8, per_client=12, equal=False)
+  out = {}
+  for batching in ("map", "stream"):
+    kw = dict(concurrency=4, buffer_size=1 if algorithm == "fedasync" else 4,
+              local_steps=3, batch_size=4, update_rule=rule,
+              client_batching=batching)
+    if algorithm == "fedavg":
+      kw.pop("concurrency")
+    config = algorithms.preset(algorithm, **kw)
+    plan = masks.full_plan(params, 8)
+    env = engine.make_environment(config, data, const_fleet(8), plan)
+    sim = engine.make_simulator(config, apply, int(env.num_steps.max()))
+    state = jax.jit(sim.init)(jax.random.PRNGKey(2), env, params, plan)
+    step = jax.jit(sim.step)
+    for _ in range(6):
+      state, _ = step(env, state)
+    out[batching] = state
+  chex.assert_trees_all_close(out["stream"].params, out["map"].params,
+                              atol=1e-6)
+  chex.assert_trees_all_equal(out["stream"].counters, out["map"].counters)
+
+
+def test_stream_refuses_the_variance_weight():
+  config = algorithms.preset("ftte", client_batching="stream")
+  with pytest.raises(ValueError, match="stream"):
+    engine.make_simulator(config, lambda p, x: x)

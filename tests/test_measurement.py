@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from ftte_jax import experiment
+from ftte_jax.core import aggregation
 from ftte_jax.core import algorithms
 from ftte_jax.core import engine
 from ftte_jax.core import exact
@@ -56,9 +57,10 @@ def test_fedasync_mixing_follows_xie_et_al():
     w = engine.weigh_updates(config, s_age, delta, plan,
                              jnp.zeros(1, jnp.int32), jnp.asarray([4]),
                              arrivals, finite)
+    agg = aggregation.aggregate(delta, plan.masks, jnp.zeros(1, jnp.int32),
+                                w.weights, "buffer", base_weights=w.base)
     new, _, _ = engine.server_update(engine.make_server_optimizer(config),
-                                     "buffer", state, delta,
-                                     jnp.zeros(1, jnp.int32), w)
+                                     state, agg, jnp.any(w.valid))
     out[rule] = float(new["w"][0])
   assert out["mixing"] == pytest.approx(expected, rel=1e-6)
   # The delta rule (FedBuff with K = 1) is w + a_t (w_client - w_pulled);

@@ -39,11 +39,7 @@ def tier_weights(weights: jnp.ndarray, tier: jnp.ndarray,
 def weighted_mean(deltas: PyTree, tier_masks: PyTree, tier: jnp.ndarray,
                   weights: jnp.ndarray, eps: float = 1e-12) -> PyTree:
   """``sum_i a_i d_i / max(sum_i a_i m_i, eps)`` per coordinate."""
-  num_tiers = jax.tree.leaves(tier_masks)[0].shape[0]
-  tw = tier_weights(weights, tier, num_tiers)
-  return jax.tree.map(
-      lambda d, m: _wsum(weights, d) / jnp.maximum(_wsum(tw, m), eps),
-      deltas, tier_masks)
+  return aggregate(deltas, tier_masks, tier, weights, "coordinate", eps)
 
 
 def deviation(deltas: PyTree, tier_masks: PyTree, tier: jnp.ndarray,
@@ -62,6 +58,36 @@ def deviation(deltas: PyTree, tier_masks: PyTree, tier: jnp.ndarray,
                   for m, mu in zip(leaves(tier_masks), leaves(mean)))
   own = tier_norm[tier]
   return jnp.maximum(sq - 2.0 * cross + own, 0.0) / jnp.maximum(own, eps)
+
+
+def normalize(total: PyTree, tier_masks: PyTree, tier: jnp.ndarray,
+              weights: jnp.ndarray, normalization: str = "coordinate",
+              eps: float = 1e-12,
+              base_weights: jnp.ndarray | None = None) -> PyTree:
+  """Divides a weighted sum of updates by the normalization's denominator.
+
+  Args:
+    total: ``sum_i a_i d_i`` (leaves like one client's delta).
+    tier_masks, tier, weights, normalization, eps, base_weights: as in
+      ``aggregate``.
+  """
+  if normalization == "coordinate":
+    num_tiers = jax.tree.leaves(tier_masks)[0].shape[0]
+    tw = tier_weights(weights, tier, num_tiers)
+    return jax.tree.map(lambda t, m: t / jnp.maximum(_wsum(tw, m), eps),
+                        total, tier_masks)
+  if normalization == "damped":
+    if base_weights is None:
+      raise ValueError("normalization='damped' needs base_weights")
+    num_tiers = jax.tree.leaves(tier_masks)[0].shape[0]
+    tw = tier_weights(base_weights, tier, num_tiers)
+    return jax.tree.map(lambda t, m: t / jnp.maximum(_wsum(tw, m), eps),
+                        total, tier_masks)
+  if normalization == "buffer":
+    n_valid = jnp.maximum(jnp.sum(weights > 0), 1).astype(jnp.float32)
+    return jax.tree.map(lambda t: t / n_valid, total)
+  raise ValueError(f"normalization must be one of {NORMALIZATIONS}, "
+                   f"got {normalization!r}")
 
 
 def aggregate(deltas: PyTree, tier_masks: PyTree, tier: jnp.ndarray,
@@ -90,18 +116,9 @@ def aggregate(deltas: PyTree, tier_masks: PyTree, tier: jnp.ndarray,
   Returns:
     The aggregate update, shaped like one client's delta.
   """
-  if normalization == "coordinate":
-    return weighted_mean(deltas, tier_masks, tier, weights, eps)
-  if normalization == "damped":
-    if base_weights is None:
-      raise ValueError("normalization='damped' needs base_weights")
-    num_tiers = jax.tree.leaves(tier_masks)[0].shape[0]
-    tw = tier_weights(base_weights, tier, num_tiers)
-    return jax.tree.map(
-        lambda d, m: _wsum(weights, d) / jnp.maximum(_wsum(tw, m), eps),
-        deltas, tier_masks)
-  if normalization == "buffer":
-    n_valid = jnp.maximum(jnp.sum(weights > 0), 1).astype(jnp.float32)
-    return jax.tree.map(lambda d: _wsum(weights, d) / n_valid, deltas)
-  raise ValueError(f"normalization must be one of {NORMALIZATIONS}, "
-                   f"got {normalization!r}")
+  if normalization not in NORMALIZATIONS:
+    raise ValueError(f"normalization must be one of {NORMALIZATIONS}, "
+                     f"got {normalization!r}")
+  total = jax.tree.map(lambda d: _wsum(weights, d), deltas)
+  return normalize(total, tier_masks, tier, weights, normalization, eps,
+                   base_weights)

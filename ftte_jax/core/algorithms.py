@@ -18,7 +18,7 @@ PRESETS = ("fedavg", "fedbuff", "fedasync", "ftte")
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
 MASK_POLICIES = ("full", "last_n", "search")
 MEMORY_POLICIES = ("exclude", "ignore")
-CLIENT_BATCHING = ("vmap", "map", "auto")
+CLIENT_BATCHING = ("vmap", "map", "stream", "auto")
 UPDATE_RULES = ("delta", "mixing")
 REFILLS = ("arrival", "step")
 
@@ -63,8 +63,10 @@ class EngineConfig:
       eligible device's nominal task time.
     deadline_factor: see deadline_s.
     client_batching: how the K clients of a step are trained: vmap (all at
-      once), map (one after another inside the jit), or auto (map on CPU,
-      vmap on accelerators; measured in experiments/benchmarks/throughput.py).
+      once), map (one after another inside the jit), stream (one after
+      another, keeping only the running weighted sum; needs
+      variance_beta=0), or auto (stream or map on CPU, vmap on
+      accelerators; measured in experiments/benchmarks/throughput.py).
     unroll_local_steps: fully unroll the local-step loop (fast on CPU for
       convolutions, DESIGN §5) instead of a rolled loop.
     eval_batch_size: batch size of the held-out evaluation.
