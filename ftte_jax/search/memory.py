@@ -101,6 +101,46 @@ def workspace_after(info: groups_lib.ModelInfo, batch_size: int) -> np.ndarray:
   return out
 
 
+def earliest_trained(on, tensor_layer, needs_input, num_layers: int):
+  """Earliest trained layer ``e`` and whether its input must be stored.
+
+  Works on host numpy and inside jit (array methods only).
+
+  Args:
+    on: ``[T]`` bool, tensor trains.
+    tensor_layer: ``[T]`` int, layer of each tensor.
+    needs_input: ``[T]`` bool, the tensor's gradient needs its layer input.
+    num_layers: ``L``; ``e = L`` when nothing trains.
+
+  Returns:
+    ``(e, with_input)``: term (b) of the module docstring applies iff
+    ``with_input``.
+  """
+  e = tensor_layer.min(initial=num_layers, where=on)
+  return e, (on & needs_input & (tensor_layer == e)).any()
+
+
+def activation_cost(on, tensor_layer, needs_input, stored, inputs):
+  """The non-additive memory term: ``stored[e] + [with_input] * inputs[e]``.
+
+  The one place the earliest-layer arithmetic lives; the analytic breakdown
+  and the search's objective and feasibility test all call it. Works on host
+  numpy and inside jit.
+
+  Args:
+    on, tensor_layer, needs_input: as in ``earliest_trained``.
+    stored: ``[L]`` cost if layer ``e`` is the earliest (any unit).
+    inputs: ``[L]`` cost of storing layer ``e``'s input (same unit).
+
+  Returns:
+    ``(e, cost)``; ``e = L`` and cost 0 when nothing trains.
+  """
+  num_layers = stored.shape[0]
+  e, with_input = earliest_trained(on, tensor_layer, needs_input, num_layers)
+  e_safe = e.clip(max=num_layers - 1)
+  return e, (stored[e_safe] + with_input * inputs[e_safe]) * (e < num_layers)
+
+
 def _check(batch_size: int, optimizer: str) -> int:
   if int(batch_size) < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -116,14 +156,8 @@ def memory_from_sizes(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
   per_channel = spec.numel[:, -1] // spec.sizes[:, -1]
   trained = int((per_channel * sizes).sum())
   ins, _ = layer_arrays(info)
-  on = sizes > 0
-  stored = 0
-  e = len(info.layers)
-  if on.any():
-    e = int(spec.layer[on].min())
-    stored = int(stored_after(info)[e])
-    if (on & spec.needs_input & (spec.layer == e)).any():
-      stored += int(ins[e])
+  e, stored = activation_cost(sizes > 0, spec.layer, spec.needs_input,
+                              stored_after(info), ins)
   out = {
       "weights": float(BYTES * info.num_params),
       "gradients": float(BYTES * trained),

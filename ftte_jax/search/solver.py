@@ -112,14 +112,11 @@ def problem_memory(problem: SearchProblem, levels: np.ndarray) -> float:
   """Exact memory (bytes) of one level per tensor; the search's objective."""
   levels = np.asarray(levels)
   t = np.arange(levels.shape[0])
-  total = problem.base_bytes + problem.option_bytes[t, levels].sum()
-  on = levels > 0
-  if on.any():
-    e = int(problem.tensor_layer[on].min())
-    total += problem.stored_bytes[e]
-    if (on & problem.needs_input & (problem.tensor_layer == e)).any():
-      total += problem.input_bytes[e]
-  return float(total)
+  _, act = memory_lib.activation_cost(levels > 0, problem.tensor_layer,
+                                      problem.needs_input,
+                                      problem.stored_bytes, problem.input_bytes)
+  return float(problem.base_bytes + problem.option_bytes[t, levels].sum()
+               + act)
 
 
 def min_feasible(problem: SearchProblem) -> tuple[float, int, int]:
@@ -255,15 +252,16 @@ def solve_exact(d: Discretized, values: jnp.ndarray, num_cells: int
 
 
 def _fits(d: Discretized, levels: jnp.ndarray) -> jnp.ndarray:
-  """Whether levels fit the discretized budget (same test as the DP)."""
-  num_layers = d.w_input.shape[0]
-  on = levels > 0
-  e = jnp.min(jnp.where(on, d.tensor_layer, num_layers))
-  e_safe = jnp.minimum(e, num_layers - 1)
+  """Whether levels fit the discretized budget (same test as the DP).
+
+  ``cap[e]`` is the free budget once layer ``e``'s stored activations are
+  paid, so ``-cap`` plays ``stored`` in ``memory.activation_cost``: levels
+  fit iff option cells + input cells - cap[e] <= 0 (nothing trains: 0).
+  """
   used = jnp.sum(jnp.take_along_axis(d.w_option, levels[:, None], 1))
-  used = used + jnp.where(
-      jnp.any(on & d.needs_input & (d.tensor_layer == e)), d.w_input[e_safe], 0)
-  return (e == num_layers) | (used <= d.cap[e_safe])
+  _, act = memory_lib.activation_cost(levels > 0, d.tensor_layer,
+                                      d.needs_input, -d.cap, d.w_input)
+  return used + act <= 0
 
 
 def solve_greedy(d: Discretized, values: jnp.ndarray
