@@ -6,12 +6,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from ftte_jax.search import groups
 from ftte_jax.core import masks
 from ftte_jax.search import memory
 from ftte_jax.search import solver as search
+
+SGD, ADAM = optax.sgd(0.1), optax.adam(1e-3)
 
 
 def _random_problem(rng, num_tensors, num_levels, num_layers):
@@ -143,10 +146,10 @@ def test_build_plan_min_policy():
   model, params, fisher = _mlp()
   info = groups.analyze(model, params, (1, 8))
   spec = groups.make_groups(info, groups.PAPER_FRACTIONS)
-  full = memory.memory_from_sizes(info, spec, spec.sizes[:, -1], 8, "sgd")
+  full = memory.memory_from_sizes(info, spec, spec.sizes[:, -1], 8, SGD)
   mem = np.array([full["total"] * 0.8, full["total"] * 2, full["total"]])
   plan, report = search.build_plan(
-      model, params, (1, 8), fisher, mem, policy="min", batch_size=8,
+      model, params, (1, 8), fisher, mem, SGD, policy="min", batch_size=8,
       channel_fractions=groups.PAPER_FRACTIONS)
   assert isinstance(plan, masks.MaskPlan)
   assert plan.num_tiers == 1
@@ -164,12 +167,12 @@ def test_build_plan_per_tier_is_monotone():
   model, params, fisher = _mlp()
   info = groups.analyze(model, params, (1, 8))
   spec = groups.make_groups(info)
-  full = memory.memory_from_sizes(info, spec, spec.sizes[:, -1], 8, "adam")
+  full = memory.memory_from_sizes(info, spec, spec.sizes[:, -1], 8, ADAM)
   mem = np.array([full["total"] * 1.02, full["total"] * 0.7,
                   full["total"] * 0.9, full["total"] * 0.7])
   plan, report = search.build_plan(
-      model, params, (1, 8), fisher, mem, policy="per_tier", batch_size=8,
-      optimizer="adam", method="greedy")
+      model, params, (1, 8), fisher, mem, ADAM, policy="per_tier",
+      batch_size=8, method="greedy")
   np.testing.assert_array_equal(plan.client_tier, [2, 0, 1, 0])
   vals = [t["importance"] for t in report["tiers"]]
   assert vals == sorted(vals)
@@ -177,8 +180,8 @@ def test_build_plan_per_tier_is_monotone():
   assert all(t["memory"]["total"] <= t["budget_bytes"]
              for t in report["tiers"])
   plan2, _ = search.build_plan(
-      model, params, (1, 8), fisher, mem, tier_of_client=[1, 0, 1, 0],
-      policy="per_tier", batch_size=8, optimizer="adam")
+      model, params, (1, 8), fisher, mem, ADAM, tier_of_client=[1, 0, 1, 0],
+      policy="per_tier", batch_size=8)
   assert plan2.num_tiers == 2
 
 
@@ -186,18 +189,19 @@ def test_build_plan_bad_inputs():
   model, params, fisher = _mlp()
   mem = np.full(3, 1e7)
   with pytest.raises(ValueError, match="minimum feasible"):
-    search.build_plan(model, params, (1, 8), fisher, np.array([1e7, 100.0]))
+    search.build_plan(model, params, (1, 8), fisher, np.array([1e7, 100.0]),
+                      SGD)
   with pytest.raises(ValueError, match="policy"):
-    search.build_plan(model, params, (1, 8), fisher, mem, policy="max")
+    search.build_plan(model, params, (1, 8), fisher, mem, SGD, policy="max")
   with pytest.raises(ValueError, match="method"):
-    search.build_plan(model, params, (1, 8), fisher, mem, method="ilp")
-  with pytest.raises(ValueError, match="optimizer"):
-    search.build_plan(model, params, (1, 8), fisher, mem, optimizer="lamb")
+    search.build_plan(model, params, (1, 8), fisher, mem, SGD, method="ilp")
+  with pytest.raises(TypeError, match="optimizer"):
+    search.build_plan(model, params, (1, 8), fisher, mem, "adam")
   with pytest.raises(ValueError, match="tier_of_client"):
-    search.build_plan(model, params, (1, 8), fisher, mem, policy="per_tier",
+    search.build_plan(model, params, (1, 8), fisher, mem, SGD, policy="per_tier",
                       tier_of_client=[0, 2, 2])
   with pytest.raises(ValueError, match="importance scores"):
-    search.build_plan(model, params, (1, 8), np.ones((2, 2)), mem)
+    search.build_plan(model, params, (1, 8), np.ones((2, 2)), mem, SGD)
   with pytest.raises(ValueError, match="channel_fractions"):
-    search.build_plan(model, params, (1, 8), fisher, mem,
+    search.build_plan(model, params, (1, 8), fisher, mem, SGD,
                       channel_fractions=(0.5,))

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from ftte_jax.search import groups
 from ftte_jax.search import memory
@@ -71,7 +72,7 @@ def bench_speed():
                           jnp.zeros(shape))["params"]
   info = groups.analyze(model, params, shape)
   spec = groups.make_groups(info, groups.PAPER_FRACTIONS)
-  problem = search.make_problem(info, spec, batch_size=32, optimizer="adam")
+  problem = search.make_problem(info, spec, 32, optax.adam(1e-3))
   full = search.problem_memory(problem, spec.sizes.shape[1] - 1
                                + np.zeros(spec.num_tensors, np.int64))
   rng = np.random.default_rng(0)
@@ -143,14 +144,14 @@ def bench_random_ratio(num=200):
         f"in {np.mean(gaps) * 100:.0f}%")
 
 
-def xla_ratio(model, shape, batch_size, optimizer):
+def xla_ratio(model, shape, batch_size, tx):
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros(shape))["params"]
   info = groups.analyze(model, params, shape)
   spec = groups.make_groups(info)
   ours = memory.memory_from_sizes(info, spec, spec.sizes[:, -1], batch_size,
-                                  optimizer)
+                                  tx)
   xla = memory.xla_training_memory(model, params,
-                                   (batch_size,) + tuple(shape[1:]), optimizer)
+                                   (batch_size,) + tuple(shape[1:]), tx)
   return ours, xla
 
 
@@ -159,9 +160,9 @@ def bench_xla():
         "(arguments + outputs - aliased + temporaries):")
   for name, model, shape in [("MLP 784-200-200-10", MLP(), (1, 784)),
                              ("CNN 2-conv 28x28", SmallCNN(), (1, 28, 28, 1))]:
-    for opt in ("sgd", "adam"):
+    for opt, tx in (("sgd", optax.sgd(0.1)), ("adam", optax.adam(1e-3))):
       for b in (32, 128):
-        ours, xla = xla_ratio(model, shape, b, opt)
+        ours, xla = xla_ratio(model, shape, b, tx)
         print(f"  {name:20s} {opt:5s} batch {b:4d}: analytic "
               f"{ours['total'] / 1e6:7.2f} MB (act {ours['activations'] / 1e6:6.2f})"
               f"  XLA {xla / 1e6:7.2f} MB  ratio {ours['total'] / xla:.3f}")

@@ -37,7 +37,7 @@ from flax import struct
 from ftte_jax.core import aggregation
 from ftte_jax.core import staleness
 from ftte_jax.core.algorithms import EngineConfig, validate
-from ftte_jax.core.client import make_client_update
+from ftte_jax.core.client import make_client_optimizer, make_client_update
 from ftte_jax.core.fleet import Fleet
 from ftte_jax.core.masks import MaskPlan
 from ftte_jax.core.state import (Counters, Environment, Ring, SimState, Start,
@@ -454,8 +454,9 @@ def make_simulator(config: EngineConfig, apply_fn: ApplyFn,
                                       config.staleness_b)
   server_opt = make_server_optimizer(config)
   client_update = make_client_update(
-      apply_fn, config.batch_size, config.client_lr,
-      max_local_steps or config.local_steps, config.client_momentum,
+      apply_fn, config.batch_size,
+      make_client_optimizer(config.client_lr, config.client_momentum),
+      max_local_steps or config.local_steps,
       unroll=True if config.unroll_local_steps else 1)
   batching = resolve_batching(config.client_batching)
 

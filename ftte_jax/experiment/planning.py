@@ -16,11 +16,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from ftte_jax import models as models_lib
 from ftte_jax.core import fleet as fleet_lib
 from ftte_jax.core import masks as masks_lib
-from ftte_jax.core.client import cross_entropy
+from ftte_jax.core.client import cross_entropy, make_client_optimizer
 from ftte_jax.core.typing import PyTree
 from ftte_jax.data import client_data as client_data_lib
 from ftte_jax.data import datasets
@@ -95,8 +96,10 @@ def load_data(config: ExperimentConfig):
                                  seed=config.seed, data_dir=d.data_dir, **opts)
 
 
-def client_optimizer_name(config: ExperimentConfig) -> str:
-  return "momentum" if config.engine.client_momentum > 0 else "sgd"
+def client_optimizer(config: ExperimentConfig) -> optax.GradientTransformation:
+  """The engine's client optimizer; the memory model charges its state."""
+  e = config.engine
+  return make_client_optimizer(e.client_lr, e.client_momentum)
 
 
 def make_model(config: ExperimentConfig, input_shape, num_classes: int,
@@ -112,7 +115,7 @@ def make_model(config: ExperimentConfig, input_shape, num_classes: int,
   spec = groups_lib.make_groups(analysis, config.search.channel_fractions)
   ones = jax.tree.map(lambda p: np.ones(p.shape, bool), params)
   full = memory_lib.training_memory(analysis, spec, params, ones, e.batch_size,
-                                    client_optimizer_name(config))["total"]
+                                    client_optimizer(config))["total"]
   return Model(module=module, input_shape=tuple(input_shape),
                apply_fn=lambda p, x: module.apply({"params": p}, x),
                params=params, analysis=analysis, spec=spec,
@@ -143,7 +146,7 @@ def rule_plan(config: ExperimentConfig, model: Model,
   flops = memory_lib.training_flops(model.analysis, model.spec, params, mask)
   mem = memory_lib.training_memory(model.analysis, model.spec, params, mask,
                                    e.batch_size,
-                                   client_optimizer_name(config))["total"]
+                                   client_optimizer(config))["total"]
   return masks_lib.make_plan(params, [mask], np.zeros(num_clients, np.int32),
                              flops_per_example=[flops], memory_bytes=[mem])
 
@@ -182,7 +185,7 @@ def search_plan(config: ExperimentConfig, model: Model, params: PyTree,
       np.asarray(fleet.memory),
       tier_of_client=np.asarray(fleet.tier) if s.policy == "per_tier"
       else None, policy=s.policy, batch_size=e.batch_size,
-      optimizer=client_optimizer_name(config), method=s.method,
+      tx=client_optimizer(config), method=s.method,
       channel_fractions=s.channel_fractions, num_cells=s.num_cells)
   return plan, report, probe
 

@@ -43,6 +43,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import struct
 
 from ftte_jax.search import groups as groups_lib
@@ -85,11 +86,10 @@ class Discretized:
 
 
 def make_problem(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
-                 batch_size: int, optimizer: str = "sgd") -> SearchProblem:
+                 batch_size: int,
+                 tx: optax.GradientTransformation) -> SearchProblem:
   """Builds the search instance of a model (costs from ``memory``)."""
-  slots = memory_lib.optimizer_slots(optimizer)
-  if int(batch_size) < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  slots = memory_lib.validated_slots(batch_size, spec, tx)
   act = memory_lib.BYTES * batch_size
   ins, _ = memory_lib.layer_arrays(info)
   # The workspace depends on the earliest trained layer like the stored
@@ -326,9 +326,10 @@ def solve(problem: SearchProblem, values, budget: float,
 
 def build_plan(model, params: PyTree, example_input_shape: Sequence[int],
                importance: Any, device_memory_bytes: Sequence[float],
+               tx: optax.GradientTransformation,
                tier_of_client: Sequence[int] | None = None,
                policy: str = "min", batch_size: int = 32,
-               optimizer: str = "sgd", method: str = "exact",
+               method: str = "exact",
                channel_fractions: Sequence[float] = groups_lib.DEFAULT_FRACTIONS,
                num_cells: int = 1024, resolution_bytes: float | None = None,
                apply_kwargs: dict | None = None
@@ -337,7 +338,7 @@ def build_plan(model, params: PyTree, example_input_shape: Sequence[int],
 
   Builds: the model analysis (``groups.analyze`` on ``example_input_shape``),
   groups at ``channel_fractions``, the memory instance for ``batch_size`` and
-  ``optimizer``, then one search per tier. Policy ``'min'``: a single tier
+  ``tx``, then one search per tier. Policy ``'min'``: a single tier
   with budget ``min(device_memory_bytes)`` (the paper's ``M_min``), every
   client in tier 0. Policy ``'per_tier'``: tier ``j``'s budget is the
   smallest memory among its clients (``tier_of_client``; when None, one tier
@@ -351,10 +352,10 @@ def build_plan(model, params: PyTree, example_input_shape: Sequence[int],
     importance: a Fisher tree shaped like ``params``
       (``importance.fisher_diagonal``) or group scores ``[T, K+1]``.
     device_memory_bytes: ``[N]`` memory of each client.
+    tx: the client optimizer (its state is charged per trained parameter).
     tier_of_client: ``[N]`` tier ids ``0..T-1`` (each used) or None.
     policy: 'min' or 'per_tier'.
     batch_size: client batch size (activation memory).
-    optimizer: client optimizer: 'sgd', 'momentum' or 'adam'.
     method: 'exact' (DP) or 'greedy'.
     channel_fractions: ascending output-channel fractions ending in 1.0.
     num_cells: DP cells (resolution = free budget / num_cells).
@@ -375,9 +376,6 @@ def build_plan(model, params: PyTree, example_input_shape: Sequence[int],
     raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-  memory_lib.optimizer_slots(optimizer)
-  if int(batch_size) < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   mem = np.asarray(device_memory_bytes, np.float64).reshape(-1)
   if mem.size == 0 or not np.all(mem > 0):
     raise ValueError("device_memory_bytes must be a non-empty [N] array of "
@@ -402,7 +400,7 @@ def build_plan(model, params: PyTree, example_input_shape: Sequence[int],
   info = groups_lib.analyze(model, params, tuple(example_input_shape),
                             **(apply_kwargs or {}))
   spec = groups_lib.make_groups(info, channel_fractions)
-  problem = make_problem(info, spec, batch_size, optimizer)
+  problem = make_problem(info, spec, batch_size, tx)
   if isinstance(importance, (np.ndarray, jnp.ndarray)):
     values = jnp.asarray(importance, jnp.float32)
     if values.shape != spec.sizes.shape:
@@ -420,7 +418,8 @@ def build_plan(model, params: PyTree, example_input_shape: Sequence[int],
         f"is below the minimum feasible training memory {floor_bytes:.0f} "
         f"bytes (training only {'/'.join(spec.paths[t_min])} at fraction "
         f"{spec.fractions[k_min - 1]}, batch_size={batch_size}, "
-        f"optimizer={optimizer!r})")
+        f"{memory_lib.validated_slots(batch_size, spec, tx)} optimizer "
+        "slots)")
 
   total_value = float(jnp.sum(values[:, -1]))
   tier_masks, flops, mem_bytes, tier_reports = [], [], [], []
@@ -430,7 +429,7 @@ def build_plan(model, params: PyTree, example_input_shape: Sequence[int],
     levels = out["levels"]
     mask = jax.device_get(to_mask(levels))
     breakdown = memory_lib.training_memory(info, spec, params, mask,
-                                           batch_size, optimizer)
+                                           batch_size, tx)
     if breakdown["total"] > budget:  # The rounding guarantees this never runs.
       raise AssertionError(f"search exceeded budget: {breakdown['total']} > "
                            f"{budget}")
@@ -458,5 +457,5 @@ def build_plan(model, params: PyTree, example_input_shape: Sequence[int],
             "min_feasible_bytes": floor_bytes, "num_groups": spec.num_groups,
             "num_tensors": spec.num_tensors, "num_params": info.num_params,
             "full_model_memory": memory_lib.memory_from_sizes(
-                info, spec, spec.sizes[:, -1], batch_size, optimizer)}
+                info, spec, spec.sizes[:, -1], batch_size, tx)}
   return plan, report
