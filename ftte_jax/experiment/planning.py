@@ -29,7 +29,7 @@ from ftte_jax.experiment.config import ExperimentConfig
 from ftte_jax.search import groups as groups_lib
 from ftte_jax.search import importance as importance_lib
 from ftte_jax.search import memory as memory_lib
-from ftte_jax.search import solver as search_lib
+from ftte_jax.search import plan as plan_lib
 
 # Named streams of the run's root key (fold_in(root, name)).
 KEY_PARAMS, KEY_ENGINE, KEY_PROBE = 0, 1, 2
@@ -180,13 +180,12 @@ def search_plan(config: ExperimentConfig, model: Model, params: PyTree,
   """Importance at ``params``, then the memory-budgeted search."""
   e, s = config.engine, config.search
   fisher, probe = importance(config, model, params, data, fleet, key)
-  plan, report = search_lib.build_plan(
-      model.module, params, (e.batch_size,) + model.input_shape, fisher,
-      np.asarray(fleet.memory),
+  plan, report = plan_lib.build_plan(
+      model.analysis, model.spec, params, fisher, np.asarray(fleet.memory),
+      client_optimizer(config),
       tier_of_client=np.asarray(fleet.tier) if s.policy == "per_tier"
-      else None, policy=s.policy, batch_size=e.batch_size,
-      tx=client_optimizer(config), method=s.method,
-      channel_fractions=s.channel_fractions, num_cells=s.num_cells)
+      else None, policy=s.policy, batch_size=e.batch_size, method=s.method,
+      num_cells=s.num_cells)
   return plan, report, probe
 
 

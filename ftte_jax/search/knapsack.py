@@ -38,7 +38,7 @@ within the budget.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,13 +47,9 @@ import optax
 from flax import struct
 
 from ftte_jax.search import groups as groups_lib
-from ftte_jax.search import importance as importance_lib
-from ftte_jax.core import masks as masks_lib
 from ftte_jax.search import memory as memory_lib
 
-PyTree = Any
 METHODS = ("exact", "greedy")
-POLICIES = ("min", "per_tier")
 
 
 @struct.dataclass
@@ -301,6 +297,11 @@ _solve_exact_jit = jax.jit(solve_exact, static_argnames="num_cells")
 _solve_greedy_jit = jax.jit(solve_greedy)
 
 
+def check_method(method: str) -> None:
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
 def solve(problem: SearchProblem, values, budget: float,
           method: str = "exact", num_cells: int = 1024,
           resolution: float | None = None) -> dict[str, Any]:
@@ -310,8 +311,7 @@ def solve(problem: SearchProblem, values, budget: float,
     Dict: levels ([T] np.int32), importance, memory_bytes (exact),
     resolution_bytes, num_cells.
   """
-  if method not in METHODS:
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  check_method(method)
   d, num_cells = discretize(problem, budget, num_cells, resolution)
   values = jnp.asarray(values, jnp.float32)
   if method == "exact":
@@ -322,140 +322,3 @@ def solve(problem: SearchProblem, values, budget: float,
   return {"levels": levels, "importance": float(value),
           "memory_bytes": problem_memory(problem, levels),
           "resolution_bytes": float(d.resolution), "num_cells": num_cells}
-
-
-def build_plan(model, params: PyTree, example_input_shape: Sequence[int],
-               importance: Any, device_memory_bytes: Sequence[float],
-               tx: optax.GradientTransformation,
-               tier_of_client: Sequence[int] | None = None,
-               policy: str = "min", batch_size: int = 32,
-               method: str = "exact",
-               channel_fractions: Sequence[float] = groups_lib.DEFAULT_FRACTIONS,
-               num_cells: int = 1024, resolution_bytes: float | None = None,
-               apply_kwargs: dict | None = None
-               ) -> tuple[masks_lib.MaskPlan, dict[str, Any]]:
-  """Searches one mask per memory tier and packs them into a ``MaskPlan``.
-
-  Builds: the model analysis (``groups.analyze`` on ``example_input_shape``),
-  groups at ``channel_fractions``, the memory instance for ``batch_size`` and
-  ``tx``, then one search per tier. Policy ``'min'``: a single tier
-  with budget ``min(device_memory_bytes)`` (the paper's ``M_min``), every
-  client in tier 0. Policy ``'per_tier'``: tier ``j``'s budget is the
-  smallest memory among its clients (``tier_of_client``; when None, one tier
-  per distinct memory value, ascending). Plan memory/FLOPs per tier come from
-  ``memory.training_memory``/``training_flops`` of the chosen mask.
-
-  Args:
-    model: flax linen module; ``model.apply(params, x, **apply_kwargs)``.
-    params: its parameters (bare or ``{'params': ...}``); masks match it.
-    example_input_shape: input shape with a leading batch axis.
-    importance: a Fisher tree shaped like ``params``
-      (``importance.fisher_diagonal``) or group scores ``[T, K+1]``.
-    device_memory_bytes: ``[N]`` memory of each client.
-    tx: the client optimizer (its state is charged per trained parameter).
-    tier_of_client: ``[N]`` tier ids ``0..T-1`` (each used) or None.
-    policy: 'min' or 'per_tier'.
-    batch_size: client batch size (activation memory).
-    method: 'exact' (DP) or 'greedy'.
-    channel_fractions: ascending output-channel fractions ending in 1.0.
-    num_cells: DP cells (resolution = free budget / num_cells).
-    resolution_bytes: explicit DP resolution (the table grows to fit).
-    apply_kwargs: extra keyword arguments for ``model.apply``.
-
-  Returns:
-    ``(MaskPlan, report)``; report has ``tiers`` (per tier: budget_bytes,
-    num_clients, memory breakdown, flops_per_example, importance,
-    importance_fraction, trained_params, selected groups and resolution) and
-    ``min_feasible_bytes``, ``num_groups``, ``method``, ``policy``.
-
-  Raises:
-    ValueError: on a bad option, or a budget below the minimum feasible
-      training memory (both named).
-  """
-  if policy not in POLICIES:
-    raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-  if method not in METHODS:
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-  mem = np.asarray(device_memory_bytes, np.float64).reshape(-1)
-  if mem.size == 0 or not np.all(mem > 0):
-    raise ValueError("device_memory_bytes must be a non-empty [N] array of "
-                     "positive byte counts")
-  if policy == "min":
-    tiers = np.zeros(mem.size, np.int32)
-  elif tier_of_client is None:
-    tiers = np.searchsorted(np.unique(mem), mem).astype(np.int32)
-  else:
-    tiers = np.asarray(tier_of_client, np.int64).reshape(-1)
-    if tiers.shape != mem.shape:
-      raise ValueError(f"tier_of_client must have shape {mem.shape} like "
-                       f"device_memory_bytes, got {tiers.shape}")
-    used = np.unique(tiers)
-    if used[0] < 0 or not np.array_equal(used, np.arange(used.size)):
-      raise ValueError("tier_of_client must use every tier id 0..T-1, got "
-                       f"ids {used.tolist()}")
-    tiers = tiers.astype(np.int32)
-  num_tiers = int(tiers.max()) + 1
-  budgets = [float(mem[tiers == j].min()) for j in range(num_tiers)]
-
-  info = groups_lib.analyze(model, params, tuple(example_input_shape),
-                            **(apply_kwargs or {}))
-  spec = groups_lib.make_groups(info, channel_fractions)
-  problem = make_problem(info, spec, batch_size, tx)
-  if isinstance(importance, (np.ndarray, jnp.ndarray)):
-    values = jnp.asarray(importance, jnp.float32)
-    if values.shape != spec.sizes.shape:
-      raise ValueError(f"importance scores must have shape {spec.sizes.shape} "
-                       f"[tensors, levels], got {values.shape}")
-  else:
-    # One compiled call instead of many small eager ops.
-    values = jax.jit(lambda f: importance_lib.group_importance(spec, f))(
-        importance)
-  floor_bytes, t_min, k_min = min_feasible(problem)
-  low = min(budgets)
-  if low < floor_bytes:
-    raise ValueError(
-        f"memory budget {low:.0f} bytes (smallest device, policy={policy!r}) "
-        f"is below the minimum feasible training memory {floor_bytes:.0f} "
-        f"bytes (training only {'/'.join(spec.paths[t_min])} at fraction "
-        f"{spec.fractions[k_min - 1]}, batch_size={batch_size}, "
-        f"{memory_lib.validated_slots(batch_size, spec, tx)} optimizer "
-        "slots)")
-
-  total_value = float(jnp.sum(values[:, -1]))
-  tier_masks, flops, mem_bytes, tier_reports = [], [], [], []
-  to_mask = jax.jit(lambda lv: groups_lib.levels_to_mask(spec, params, lv))
-  for j, budget in enumerate(budgets):
-    out = solve(problem, values, budget, method, num_cells, resolution_bytes)
-    levels = out["levels"]
-    mask = jax.device_get(to_mask(levels))
-    breakdown = memory_lib.training_memory(info, spec, params, mask,
-                                           batch_size, tx)
-    if breakdown["total"] > budget:  # The rounding guarantees this never runs.
-      raise AssertionError(f"search exceeded budget: {breakdown['total']} > "
-                           f"{budget}")
-    f = memory_lib.training_flops(info, spec, params, mask)
-    tier_masks.append(mask)
-    flops.append(f)
-    mem_bytes.append(breakdown["total"])
-    tier_reports.append({
-        "budget_bytes": budget,
-        "num_clients": int((tiers == j).sum()),
-        "memory": breakdown,
-        "flops_per_example": f,
-        "importance": out["importance"],
-        "importance_fraction": out["importance"] / max(total_value, 1e-30),
-        "trained_params": int(spec.numel[np.arange(len(levels)),
-                                         levels].sum()),
-        "selected": {"/".join(spec.paths[t]): spec.fractions[k - 1]
-                     for t, k in enumerate(levels) if k > 0},
-        "resolution_bytes": out["resolution_bytes"],
-        "num_cells": out["num_cells"],
-    })
-  plan = masks_lib.make_plan(params, tier_masks, tiers,
-                             flops_per_example=flops, memory_bytes=mem_bytes)
-  report = {"policy": policy, "method": method, "tiers": tier_reports,
-            "min_feasible_bytes": floor_bytes, "num_groups": spec.num_groups,
-            "num_tensors": spec.num_tensors, "num_params": info.num_params,
-            "full_model_memory": memory_lib.memory_from_sizes(
-                info, spec, spec.sizes[:, -1], batch_size, tx)}
-  return plan, report
