@@ -149,7 +149,8 @@ def test_same_seed_is_bit_identical_and_resume_replays(tiny_model):
   config = algorithms.preset("ftte", concurrency=6, buffer_size=3,
                              local_steps=2, batch_size=8)
   fleet = const_fleet(12, speed=np.linspace(1e5, 1e6, 12), sigma=0.3)
-  plan = masks.last_n_plan(params, 12, 2)
+  plan = masks.make_plan(params, [masks.last_n_mask(params, 2)],
+                         np.zeros(12, np.int32))
   sim, env, s0 = build(config, apply, params, data, fleet, plan, seed=7)
   a = run(sim, env, s0, 6)
   b = run(sim, env, s0, 6)
@@ -275,7 +276,9 @@ def test_payload_accounting_masked_upload_and_changed_only_download(
     tiny_model):
   apply, params = tiny_model
   _, _, data = make_dataset(num_clients=10, per_client=8)
-  plan = masks.last_n_plan(params, 10, 2)  # layer1 bias + kernel: 16*4+4
+  # layer1 bias + kernel: 16*4+4
+  plan = masks.make_plan(params, [masks.last_n_mask(params, 2)],
+                         np.zeros(10, np.int32))
   config = algorithms.preset("ftte", concurrency=4, buffer_size=2,
                              local_steps=1, batch_size=4)
   sim, env, state = build(config, apply, params, data,
