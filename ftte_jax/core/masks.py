@@ -4,7 +4,7 @@ A ``MaskPlan`` is what the engine consumes. It holds one 0/1 mask per memory
 tier (stacked on a leading axis, so clients gather theirs by tier index inside
 jit) and the per-tier costs the fleet simulation needs. Full-model presets use
 ``full_plan``; ``ftte`` before a search uses an explicit rule
-(``last_n_plan``); the subset search (``ftte_jax.search``) fills the same type.
+(``last_n_mask``); the subset search (``ftte_jax.search``) fills the same type.
 """
 
 from __future__ import annotations
@@ -117,10 +117,3 @@ def last_n_mask(params: PyTree, n_tensors: int) -> PyTree:
   sel = [jnp.full(x.shape, float(i >= len(leaves) - n_tensors), jnp.float32)
          for i, x in enumerate(leaves)]
   return jax.tree.unflatten(treedef, sel)
-
-
-def last_n_plan(params: PyTree, num_clients: int, n_tensors: int,
-                **kw) -> MaskPlan:
-  """One tier training the last ``n_tensors`` tensors (pre-search FTTE rule)."""
-  return make_plan(params, [last_n_mask(params, n_tensors)],
-                   np.zeros(num_clients, np.int32), **kw)
