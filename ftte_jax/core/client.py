@@ -12,14 +12,11 @@ index slots sort last in that permutation, so they are never drawn.
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import jax
 import jax.numpy as jnp
 import optax
 
-PyTree = Any
-ApplyFn = Callable[[PyTree, jnp.ndarray], jnp.ndarray]
+from ftte_jax.core.typing import ApplyFn, PyTree
 
 
 def cross_entropy(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray,
@@ -84,9 +81,8 @@ def make_client_update(apply_fn: ApplyFn, batch_size: int,
       updates, new_opt_state = tx.update(grads, opt_state, params)
       new_params = optax.apply_updates(params, updates)
       active = i < num_steps
-      keep = lambda new, old: jnp.where(active, new, old)
-      return (jax.tree.map(keep, new_params, params),
-              jax.tree.map(keep, new_opt_state, opt_state),
+      return (optax.tree_utils.tree_where(active, new_params, params),
+              optax.tree_utils.tree_where(active, new_opt_state, opt_state),
               loss_sum + jnp.where(active, loss, 0.0))
 
     init = (base, tx.init(base), jnp.zeros((), jnp.float32))

@@ -9,14 +9,15 @@ jit) and the per-tier costs the fleet simulation needs. Full-model presets use
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import struct
 
-PyTree = Any
+from ftte_jax.core.typing import PyTree
 BYTES_PER_PARAM = 4  # float32 parameters and deltas on the wire.
 
 
@@ -37,8 +38,8 @@ class MaskPlan:
     return int(self.flops_per_example.shape[0])
 
 
-def param_count(tree: PyTree) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+# Kept only for experiment/run.py; new code calls the optax helper directly.
+param_count = optax.tree_utils.tree_size
 
 
 def mask_count(mask: PyTree) -> float:
@@ -53,7 +54,7 @@ def dense_flops_estimate(params: PyTree, mask: PyTree) -> float:
   gradients plus ~2 per *trained* weight for weight gradients. Exact only for
   dense layers; the memory model in ``ftte_jax.memory`` gives per-layer counts.
   """
-  p = param_count(params)
+  p = optax.tree_utils.tree_size(params)
   return float(4 * p + 2 * mask_count(mask))
 
 
@@ -93,8 +94,8 @@ def make_plan(params: PyTree, tier_masks: Sequence[PyTree],
       upload_bytes=jnp.asarray([BYTES_PER_PARAM * mask_count(m) for m in full],
                                jnp.float32),
       union_bytes=jnp.asarray(BYTES_PER_PARAM * mask_count(union), jnp.float32),
-      model_bytes=jnp.asarray(BYTES_PER_PARAM * param_count(params),
-                              jnp.float32),
+      model_bytes=jnp.asarray(
+          BYTES_PER_PARAM * optax.tree_utils.tree_size(params), jnp.float32),
   )
 
 

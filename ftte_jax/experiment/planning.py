@@ -232,7 +232,7 @@ def importance(config: ExperimentConfig, model: Model, params: PyTree,
       lambda a: per_client(*a), (xs, ys)))(x, y)
   weights = jnp.asarray(counts, jnp.float32) / float(counts.sum())
   fisher = jax.tree.map(lambda f: jnp.tensordot(weights, f, axes=1), fishers)
-  model_bytes = 4.0 * masks_lib.param_count(params)
+  model_bytes = 4.0 * optax.tree_utils.tree_size(params)
   score_bytes = 4.0 * model.spec.num_groups
   full_flops = memory_lib.training_flops(
       model.analysis, model.spec, params,

@@ -12,14 +12,13 @@ the trees (``experiment.planning.importance``).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
+from ftte_jax.core.typing import PyTree
 from ftte_jax.search import groups as groups_lib
-
-PyTree = Any
 
 
 def fisher_diagonal(loss_fn: Callable[[PyTree, PyTree], jnp.ndarray],
@@ -55,10 +54,10 @@ def group_importance(spec: groups_lib.GroupSpec, fisher: PyTree) -> jnp.ndarray:
   Entry ``[t, k]`` sums the Fisher over tensor ``t``'s first
   ``spec.sizes[t, k]`` output channels (0 at level 0).
   """
-  bare = groups_lib._bare(spec, fisher)  # pylint: disable=protected-access
+  flat = groups_lib.flat_params(fisher)
   rows = []
   for t, path in enumerate(spec.paths):
-    f = groups_lib._get(bare, path)  # pylint: disable=protected-access
+    f = flat[path]
     per_channel = jnp.sum(f.reshape(-1, f.shape[-1]), axis=0)
     cum = jnp.concatenate([jnp.zeros(1, per_channel.dtype),
                            jnp.cumsum(per_channel)])

@@ -27,7 +27,8 @@ the budget. Optimality gap: the result is at least as good as the true
 optimum under the budget ``budget - (m + 1) * r``, where ``m`` is the number
 of tensors that mask trains (each rounding loses < r). With ``num_cells``
 cells, ``r = max_e(free budget) / num_cells`` unless ``resolution`` is given
-(the table then grows to fit it). Integer costs with ``r = 1`` are solved exactly.
+(the table then grows to fit it). Integer costs with ``r = 1`` are solved
+exactly.
 
 Greedy method. Upgrades ``(t, k)`` sorted by importance gain per byte (cost:
 parameter-state bytes plus the activation bytes of making ``t``'s layer the

@@ -48,23 +48,21 @@ FLOPs per example (what the engine uses for virtual task time):
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import numpy as np
 import optax
 from flax import traverse_util
 
 from ftte_jax.core import client as client_lib
+from ftte_jax.core.typing import PyTree
 from ftte_jax.search import groups as groups_lib
 
-PyTree = Any
 BYTES = 4  # float32 weights, gradients, optimizer slots and activations.
 NORM_FLOPS_PER_ELEMENT = 8  # mean, variance, normalize, scale, shift.
 
 
 def optimizer_slots(tx: optax.GradientTransformation, params: PyTree) -> int:
-  """Per-parameter state slots of an optax optimizer (sgd 0, momentum 1, adam 2).
+  """Per-parameter state slots of an optax optimizer: sgd 0, momentum 1, adam 2.
 
   Read from the abstract state ``jax.eval_shape(tx.init, params)``: its size
   over the parameters' size, floored so that scalar entries (Adam's step
