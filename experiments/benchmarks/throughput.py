@@ -7,7 +7,7 @@ local training (same clients, steps, batch) done by one jitted vmapped call
 with no federated machinery. ratio = engine seconds per step / floor seconds
 per K updates. Both client paths of the engine (vmap and lax.map) are timed,
 so the table shows which one ``client_batching='auto'`` should take on this
-backend (DESIGN §5).
+backend (docs/design.md, Performance).
 
 Run: python -m experiments.benchmarks.throughput [--quick]
 """

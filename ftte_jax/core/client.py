@@ -62,7 +62,8 @@ def make_client_update(apply_fn: ApplyFn, batch_size: int,
       fresh on every task.
     max_steps: static number of loop iterations (the largest step count).
     unroll: unroll factor of the local-step loop; ``True`` unrolls fully,
-      which on CPU avoids XLA's slow convolution-in-loop path (DESIGN §5).
+      which on CPU avoids XLA's slow convolution-in-loop path
+      (docs/design.md, Performance).
 
   Returns:
     A pure function returning the client's locally trained parameters and its

@@ -52,7 +52,7 @@ def dense_flops_estimate(params: PyTree, mask: PyTree) -> float:
 
   Forward costs ~2 FLOPs per weight, backward ~2 per weight for input
   gradients plus ~2 per *trained* weight for weight gradients. Exact only for
-  dense layers; the memory model in ``ftte_jax.memory`` gives per-layer counts.
+  dense layers; ``ftte_jax.search.memory`` gives per-layer counts.
   """
   p = optax.tree_utils.tree_size(params)
   return float(4 * p + 2 * mask_count(mask))

@@ -3,8 +3,9 @@
 ``analyze`` runs a flax (linen) model abstractly (``jax.eval_shape``) under
 ``flax.linen.intercept_methods`` and records every call of a known leaf layer
 in forward order: its type, path, input/output shapes and parameter shapes.
-That record (a ``ModelInfo``) is all the memory model (``ftte_jax.memory``)
-and the search (``ftte_jax.search``) need; nothing is trained.
+That record (a ``ModelInfo``) is all the memory model (``search.memory``)
+and the search (``search.knapsack``, ``search.plan``) need; nothing is
+trained.
 
 ``make_groups`` turns a ``ModelInfo`` into parameter groups. Every parameter
 tensor (in layer order) is split into nested output-channel fractions: the
@@ -14,7 +15,7 @@ Fractions are cumulative, so a tensor is trained at one *level*
 ``k in [0, K]`` (0 = not trained, ``k`` = the first ``sizes[k]`` channels);
 the search chooses one level per tensor.
 
-Assumptions (documented here, used by ``ftte_jax.memory``):
+Assumptions (documented here, used by ``search.memory``):
   * The model is a chain: leaf layers run in call order, each consuming (a
     function of) the previous one's output. Residual branches are treated as
     part of that chain.

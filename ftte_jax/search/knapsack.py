@@ -1,4 +1,4 @@
-"""Memory-budgeted subset search: which parameter groups each tier trains.
+"""The subset search as a knapsack: which parameter groups fit a budget.
 
 Problem. Tensors ``t = 0..T-1`` (from ``groups.make_groups``) each take one
 level ``k in [0, K]`` (first ``sizes[t, k]`` output channels; 0 = frozen) with
@@ -9,7 +9,8 @@ Maximize ``sum_t v[t, k_t]`` subject to ``memory(k) <= budget`` where, with
   memory(k) = base + sum_t c[t, k_t]                      (weights, workspace,
             + stored[e] + [some kernel/scale of e trains] * in[e]   grads, opt)
 
-``stored[e]`` decreases with ``e``, so the activation term is not additive.
+``stored[e]`` decreases with ``e``, so the activation term is not additive
+(``memory.activation_cost`` computes it for the objective and greedy's test).
 
 Exact method. For each candidate ``e`` the activation cost is fixed and the
 rest is a multiple-choice knapsack: tensors of layers ``< e`` are frozen, and
@@ -34,6 +35,9 @@ Greedy method. Upgrades ``(t, k)`` sorted by importance gain per byte (cost:
 parameter-state bytes plus the activation bytes of making ``t``'s layer the
 earliest), accepted in one pass when the exact (discretized) memory stays
 within the budget.
+
+See docs/design.md, Subset search; ``plan.build_plan`` runs one search per
+memory tier.
 """
 
 from __future__ import annotations

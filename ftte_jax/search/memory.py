@@ -44,6 +44,9 @@ FLOPs per example (what the engine uses for virtual task time):
   input grad = sum_{l > e} 2*MACs_l (norms 8*out_l).
   weight grad= per trained tensor: 2*MACs_l*f for kernels (f = trained channel
                fraction), out_l*f for biases, 2*out_l*f for norm scale/bias.
+
+The earliest-layer terms (a)-(c) live in ``activation_cost``, which the
+search (``knapsack``) calls too. See docs/design.md, Memory model.
 """
 
 from __future__ import annotations
