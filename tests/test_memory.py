@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from ftte_jax import models
 from ftte_jax.core.client import make_client_optimizer
 from ftte_jax.search import groups
 from ftte_jax.search import memory
@@ -121,15 +122,6 @@ def test_optimizer_slots_from_optax_state():
       memory.abstract_params(spec), params)
 
 
-class _Wide(nn.Module):
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Dense(256)(x))
-    x = nn.relu(nn.Dense(256)(x))
-    return nn.Dense(10)(x)
-
-
 def xla_ratio(model, shape, batch_size, tx):
   """Analytic full-model training memory / XLA's compiled memory."""
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros(shape))["params"]
@@ -143,6 +135,7 @@ def xla_ratio(model, shape, batch_size, tx):
 
 
 def test_full_model_memory_close_to_xla():
-  ratio, ours, xla = xla_ratio(_Wide(), (1, 784), 32, ADAM)
+  ratio, ours, xla = xla_ratio(models.get_model("mlp", 10, hidden=(256, 256)),
+                               (1, 784), 32, ADAM)
   print(f"analytic {ours:.0f} B, XLA {xla:.0f} B, ratio {ratio:.3f}")
   assert 0.25 < ratio < 4

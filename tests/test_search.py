@@ -3,17 +3,17 @@
 import itertools
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from ftte_jax.search import groups
+from ftte_jax import models
 from ftte_jax.core import masks
-from ftte_jax.search import memory
+from ftte_jax.search import groups
 from ftte_jax.search import knapsack
+from ftte_jax.search import memory
 from ftte_jax.search import plan as plan_lib
 
 SGD, ADAM = optax.sgd(0.1), optax.adam(1e-3)
@@ -127,17 +127,8 @@ def test_exact_is_jittable_and_vmappable_over_budgets():
   assert vals[1] >= vals[0]
 
 
-class _MLP(nn.Module):
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Dense(16)(x))
-    x = nn.relu(nn.Dense(16)(x))
-    return nn.Dense(4)(x)
-
-
 def _mlp(fractions=groups.DEFAULT_FRACTIONS):
-  model = _MLP()
+  model = models.get_model("mlp", 4, hidden=(16, 16))
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8)))["params"]
   rng = np.random.default_rng(0)
   fisher = jax.tree.map(lambda p: np.abs(rng.normal(size=p.shape)), params)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ftte_jax import models
 from ftte_jax.search import groups
 from ftte_jax.search import knapsack
 from ftte_jax.search import memory
@@ -43,15 +44,6 @@ class SmallCNN(nn.Module):
     x = nn.avg_pool(x, (2, 2), (2, 2))
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(128)(x))
-    return nn.Dense(10)(x)
-
-
-class MLP(nn.Module):
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Dense(200)(x))
-    x = nn.relu(nn.Dense(200)(x))
     return nn.Dense(10)(x)
 
 
@@ -158,7 +150,8 @@ def xla_ratio(model, shape, batch_size, tx):
 def bench_xla():
   print("full-model training memory, analytic vs XLA memory_analysis "
         "(arguments + outputs - aliased + temporaries):")
-  for name, model, shape in [("MLP 784-200-200-10", MLP(), (1, 784)),
+  mlp = models.get_model("mlp", 10)
+  for name, model, shape in [("MLP 784-200-200-10", mlp, (1, 784)),
                              ("CNN 2-conv 28x28", SmallCNN(), (1, 28, 28, 1))]:
     for opt, tx in (("sgd", optax.sgd(0.1)), ("adam", optax.adam(1e-3))):
       for b in (32, 128):
