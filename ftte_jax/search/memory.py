@@ -165,7 +165,7 @@ def activation_cost(on, tensor_layer, needs_input, stored, inputs):
 
 
 def validated_slots(batch_size: int, spec: groups_lib.GroupSpec,
-           tx: optax.GradientTransformation) -> int:
+                    tx: optax.GradientTransformation) -> int:
   """Validates ``batch_size`` and ``tx``; returns ``tx``'s slots."""
   if int(batch_size) < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -232,9 +232,9 @@ def flops_from_sizes(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
       fwd += float(NORM_FLOPS_PER_ELEMENT * l.out_size)
       layer_bwd_in.append(float(NORM_FLOPS_PER_ELEMENT * l.out_size))
   on = sizes > 0
-  if not on.any():
+  e, _ = earliest_trained(on, spec.layer, spec.needs_input, len(info.layers))
+  if e == len(info.layers):
     return fwd
-  e = int(spec.layer[on].min())
   bwd_in = sum(layer_bwd_in[e + 1:])
   bwd_w = 0.0
   for t in np.nonzero(on)[0]:
