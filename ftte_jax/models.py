@@ -299,27 +299,3 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     raise ValueError(f"norm: unknown {kwargs['norm']!r}; valid: "
                      "['group', 'none']")
   return cls(num_classes=num_classes, **fixed, **kwargs)
-
-
-def params_in_layer_order(params) -> list[tuple[str, jnp.ndarray]]:
-  """Returns (path, tensor) pairs of a params tree in forward layer order.
-
-  Relies on the zoo's ``layerNN_kind`` names: the sorted flattening order of
-  the dict is the order layers are applied.
-
-  Args:
-    params: the 'params' collection (or the full variables dict).
-
-  Returns:
-    List of ('layer03_conv/kernel', array) pairs.
-  """
-  params = params.get("params", params)
-  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-  key = lambda k: str(getattr(k, "key", k))
-  return [("/".join(key(k) for k in path), leaf) for path, leaf in leaves]
-
-
-def layer_names(params) -> list[str]:
-  """Top-level layer names in forward order (one per module with params)."""
-  params = params.get("params", params)
-  return sorted(params)

@@ -36,7 +36,8 @@ from ftte_jax import experiment
 from ftte_jax.core import fleet as fleet_lib
 from ftte_jax import models
 from ftte_jax.data import partition
-from ftte_jax.search import solver as search
+from ftte_jax.search import knapsack
+from ftte_jax.search import plan as plan_lib
 from ftte_jax.core import staleness
 
 EXIT_USAGE = 2  # exit status for bad command-line input.
@@ -63,8 +64,8 @@ _CHOICES = {
     "dataset": datasets.DATASETS,
     "partition": tuple(partition.PARTITIONS) + ("natural",),
     "model": models.MODELS,
-    "search_method": search.METHODS,
-    "search_policy": search.POLICIES,
+    "search_method": knapsack.METHODS,
+    "search_policy": plan_lib.POLICIES,
     "importance": experiment.IMPORTANCE_SOURCES,
 }
 

@@ -311,17 +311,13 @@ def test_digits_optional_dependency():
 
 
 def test_load_federated_tiny_and_synthetic():
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", cdl.PaddingWarning)
-    cd, (xte, yte), info = D.load_federated("tiny", 6, "dirichlet", seed=1,
-                                            alpha=0.5)
+  cd, (xte, yte), info = D.load_federated("tiny", 6, "dirichlet", seed=1,
+                                          alpha=0.5)
   assert isinstance(cd, cdl.ClientData) and cd.num_clients == 6
   assert info["input_shape"] == (8, 8, 1) and info["num_classes"] == 4
   assert info["num_train"] == int(cd.counts.sum()) == 384 and len(xte) == 128
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", cdl.PaddingWarning)
-    cd2, _, info2 = D.load_federated("synthetic", 4, seed=0, alpha=0.5,
-                                     beta=0.5, max_samples_per_client=200)
+  cd2, _, info2 = D.load_federated("synthetic", 4, seed=0, alpha=0.5,
+                                   beta=0.5, max_samples_per_client=200)
   assert info2["input_shape"] == (60,) and info2["partition"] == "natural"
   assert cd2.num_clients == 4
 

@@ -126,7 +126,8 @@ def test_same_seed_is_bit_identical_and_resume_replays(tiny_model):
   config = algorithms.preset("ftte", concurrency=6, buffer_size=3,
                              local_steps=2, batch_size=8)
   fleet = const_fleet(12, speed=np.linspace(1e5, 1e6, 12), sigma=0.3)
-  plan = masks.last_n_plan(params, 12, 2)
+  plan = masks.make_plan(params, [masks.last_n_mask(params, 2)],
+                         np.zeros(12, np.int32))
   sim, env, s0 = build_engine(config, apply, params, data, fleet, plan, seed=7)
   a = run_steps(sim, env, s0, 6)
   b = run_steps(sim, env, s0, 6)

@@ -1,13 +1,19 @@
 """Analytic memory model: hand-computed numbers and a check against XLA."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from ftte_jax import models
+from ftte_jax.core.client import make_client_optimizer
 from ftte_jax.search import groups
 from ftte_jax.search import memory
+
+SGD, MOMENTUM, ADAM = optax.sgd(0.1), optax.sgd(0.1, 0.9), optax.adam(1e-3)
 
 
 class _MLP(nn.Module):
@@ -49,25 +55,25 @@ def test_mlp_hand_computed():
   params, info, spec = _setup(_MLP(), (1, 4))
   mem = lambda m, opt: memory.training_memory(info, spec, params, m, 5, opt)
   # Dense_1 bias only: earliest layer 1, no input: stored = logits 2.
-  m = mem(_mask(spec, params, Dense_1__bias=1), "sgd")
+  m = mem(_mask(spec, params, Dense_1__bias=1), SGD)
   assert m == {"weights": 92.0, "gradients": 8.0, "optimizer_state": 0.0,
                "activations_stored": 40.0, "workspace": 100.0,
                "activations": 140.0, "total": 240.0}
   # Dense_1 kernel+bias, adam: stored = in1 3 + logits 2.
-  m = mem(_mask(spec, params, Dense_1__kernel=1, Dense_1__bias=1), "adam")
+  m = mem(_mask(spec, params, Dense_1__kernel=1, Dense_1__bias=1), ADAM)
   assert (m["gradients"], m["optimizer_state"], m["activations_stored"],
           m["total"]) == (32.0, 64.0, 100.0, 388.0)
   # Everything, momentum: stored = in0 4 + in1 3 + logits 2.
   ones = jax.tree.map(lambda p: np.ones(p.shape), params)
-  m = mem(ones, "momentum")
+  m = mem(ones, MOMENTUM)
   assert (m["gradients"], m["optimizer_state"], m["activations_stored"],
           m["total"]) == (92.0, 92.0, 180.0, 596.0)
   # Dense_0 bias only: earliest 0 but no input: stored = in1 3 + logits 2.
-  m = mem(_mask(spec, params, Dense_0__bias=1), "sgd")
+  m = mem(_mask(spec, params, Dense_0__bias=1), SGD)
   assert (m["activations_stored"], m["total"]) == (100.0, 344.0)
   # Nothing trains: weights + one example's workspace.
   assert mem(jax.tree.map(lambda p: np.zeros(p.shape), params),
-             "sgd")["total"] == 120.0
+             SGD)["total"] == 120.0
 
   flops = lambda m: memory.training_flops(info, spec, params, m)
   # forward 2*12 + 3 + 2*6 + 2 = 41.
@@ -83,7 +89,7 @@ def test_cnn_hand_computed():
   params, info, spec = _setup(_CNN(), (1, 4, 4, 1), (0.5, 1.0))
   assert [l.macs for l in info.layers] == [288, 96]
   half_kernel = _mask(spec, params, Conv_0__kernel=1)  # 1 of 2 channels.
-  m = memory.training_memory(info, spec, params, half_kernel, 2, "sgd")
+  m = memory.training_memory(info, spec, params, half_kernel, 2, SGD)
   # grads 4*9; stored = in0 16 + in1 32 + logits 3 = 51 -> 4*2*51.
   assert (m["gradients"], m["activations_stored"], m["total"]) == (
       36.0, 408.0, 1304.0)
@@ -93,40 +99,43 @@ def test_cnn_hand_computed():
   # A non-prefix mask charges whole channels: one entry of channel 1.
   odd = jax.tree.map(lambda p: np.zeros(p.shape), params)
   odd["Conv_0"]["kernel"][0, 0, 0, 1] = 1
-  assert memory.training_memory(info, spec, params, odd, 2, "sgd") == m
+  assert memory.training_memory(info, spec, params, odd, 2, SGD) == m
 
 
 def test_bad_inputs():
   params, info, spec = _setup(_MLP(), (1, 4))
   ones = jax.tree.map(lambda p: np.ones(p.shape), params)
-  with pytest.raises(ValueError, match="optimizer"):
-    memory.training_memory(info, spec, params, ones, 5, "rmsprop")
+  with pytest.raises(TypeError, match="optimizer"):
+    memory.training_memory(info, spec, params, ones, 5, "sgd")
   with pytest.raises(ValueError, match="batch_size"):
-    memory.training_memory(info, spec, params, ones, 0, "sgd")
+    memory.training_memory(info, spec, params, ones, 0, SGD)
 
 
-class _Wide(nn.Module):
+def test_optimizer_slots_from_optax_state():
+  params, _, spec = _setup(_MLP(), (1, 4))
+  slots = lambda tx: memory.optimizer_slots(tx, params)
+  assert [slots(SGD), slots(MOMENTUM), slots(ADAM)] == [0, 1, 2]
+  assert slots(make_client_optimizer(0.1)) == 0
+  assert slots(make_client_optimizer(0.1, momentum=0.9)) == 1
+  # The spec's abstract params stand in for the real ones.
+  chex.assert_trees_all_equal_shapes_and_dtypes(
+      memory.abstract_params(spec), params)
 
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Dense(256)(x))
-    x = nn.relu(nn.Dense(256)(x))
-    return nn.Dense(10)(x)
 
-
-def xla_ratio(model, shape, batch_size, optimizer="sgd"):
+def xla_ratio(model, shape, batch_size, tx):
   """Analytic full-model training memory / XLA's compiled memory."""
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros(shape))["params"]
   info = groups.analyze(model, params, shape)
   spec = groups.make_groups(info)
   ours = memory.memory_from_sizes(info, spec, spec.sizes[:, -1], batch_size,
-                                  optimizer)["total"]
+                                  tx)["total"]
   xla = memory.xla_training_memory(model, params,
-                                   (batch_size,) + tuple(shape[1:]), optimizer)
+                                   (batch_size,) + tuple(shape[1:]), tx)
   return ours / xla, ours, xla
 
 
 def test_full_model_memory_close_to_xla():
-  ratio, ours, xla = xla_ratio(_Wide(), (1, 784), 32, "adam")
+  ratio, ours, xla = xla_ratio(models.get_model("mlp", 10, hidden=(256, 256)),
+                               (1, 784), 32, ADAM)
   print(f"analytic {ours:.0f} B, XLA {xla:.0f} B, ratio {ratio:.3f}")
   assert 0.25 < ratio < 4

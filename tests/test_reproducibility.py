@@ -20,16 +20,17 @@ from launch import flags as flags_lib
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = f"--flagfile={REPO / 'experiments' / 'smoke.flags'}"
 
-# The engine as it was before issue 11: a step's K slots refill together and
-# FedAsync adds its delta; both stay available as named options.
-OLD = ["--refill=step", "--update_rule=delta"]
+# The engine as it was before issues 9 and 11: a step's K slots refill
+# together, FedAsync adds its delta, and the K deltas are materialized
+# before aggregation; all three stay available as named options.
+OLD = ["--refill=step", "--update_rule=delta", "--client_batching=map"]
 
 PINNED = {
     "smoke-ftte": ([SMOKE, "--algorithm=ftte", *OLD],
                    "f5392e3db7d260262556f902a8d71083465735ce97d251881860fd3d59937d11"),
     "smoke-fedbuff": ([SMOKE, "--algorithm=fedbuff", *OLD],
                       "90d1f2c7aa0eabafdc52ca2e086fdf086e2bdfefc852f1fc134bf0f571699c83"),
-    "smoke-fedavg": ([SMOKE, "--algorithm=fedavg", "--concurrency=4"],
+    "smoke-fedavg": ([SMOKE, "--algorithm=fedavg", "--concurrency=4", *OLD],
                      "625c37814e9e408d3e79cca04bc04a93cc64f349387484d8e27c1b457ac66fea"),
     "smoke-fedasync": ([SMOKE, "--algorithm=fedasync", "--buffer_size=1",
                         *OLD],

@@ -16,10 +16,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+from ftte_jax import models
 from ftte_jax.search import groups
+from ftte_jax.search import knapsack
 from ftte_jax.search import memory
-from ftte_jax.search import solver as search
 
 
 class DeepMLP(nn.Module):
@@ -45,15 +47,6 @@ class SmallCNN(nn.Module):
     return nn.Dense(10)(x)
 
 
-class MLP(nn.Module):
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Dense(200)(x))
-    x = nn.relu(nn.Dense(200)(x))
-    return nn.Dense(10)(x)
-
-
 def _timeit(fn, repeats=20):
   jax.block_until_ready(fn())  # compile
   times = []
@@ -71,8 +64,8 @@ def bench_speed():
                           jnp.zeros(shape))["params"]
   info = groups.analyze(model, params, shape)
   spec = groups.make_groups(info, groups.PAPER_FRACTIONS)
-  problem = search.make_problem(info, spec, batch_size=32, optimizer="adam")
-  full = search.problem_memory(problem, spec.sizes.shape[1] - 1
+  problem = knapsack.make_problem(info, spec, 32, optax.adam(1e-3))
+  full = knapsack.problem_memory(problem, spec.sizes.shape[1] - 1
                                + np.zeros(spec.num_tensors, np.int64))
   rng = np.random.default_rng(0)
   per_channel = rng.gamma(1.0, size=spec.sizes.shape[0])
@@ -86,28 +79,28 @@ def bench_speed():
         f"tensors, {len(info.layers)} layers, budget {budget / 1e6:.2f} MB "
         f"(60% of full-model training memory)")
   for num_cells in (1024, 4096):
-    d, nc = search.discretize(problem, budget, num_cells)
-    exact = jax.jit(search.solve_exact, static_argnames="num_cells")
+    d, nc = knapsack.discretize(problem, budget, num_cells)
+    exact = jax.jit(knapsack.solve_exact, static_argnames="num_cells")
     t0 = time.perf_counter()
     jax.block_until_ready(exact(d, values, num_cells=nc))
     compile_s = time.perf_counter() - t0
     t = _timeit(lambda: exact(d, values, num_cells=nc))
-    ve = search.solve(problem, values, budget, "exact", num_cells)
+    ve = knapsack.solve(problem, values, budget, "exact", num_cells)
     print(f"  exact  (num_cells={nc}, resolution {float(d.resolution):.0f} B):"
           f" {t * 1e3:8.2f} ms/search after compile ({compile_s:.2f} s first"
           f" call); importance {ve['importance']:.2f}, memory "
           f"{ve['memory_bytes'] / budget:.4f} of budget")
-  greedy = jax.jit(search.solve_greedy)
-  d, _ = search.discretize(problem, budget, 1024)
+  greedy = jax.jit(knapsack.solve_greedy)
+  d, _ = knapsack.discretize(problem, budget, 1024)
   t = _timeit(lambda: greedy(d, values))
-  vg = search.solve(problem, values, budget, "greedy", 1024)
+  vg = knapsack.solve(problem, values, budget, "greedy", 1024)
   print(f"  greedy (num_cells=1024): {t * 1e3:8.2f} ms/search; importance "
         f"{vg['importance']:.2f} ({vg['importance'] / ve['importance']:.3f} of"
         f" exact)")
   ratios = []
   for frac in np.linspace(0.3, 1.0, 15):
-    ex = search.solve(problem, values, frac * full, "exact", 4096)
-    gr = search.solve(problem, values, frac * full, "greedy", 4096)
+    ex = knapsack.solve(problem, values, frac * full, "exact", 4096)
+    gr = knapsack.solve(problem, values, frac * full, "greedy", 4096)
     if ex["importance"] > 0:
       ratios.append(gr["importance"] / ex["importance"])
   print(f"  greedy/exact on this model over 15 budgets (30%..100%): mean "
@@ -124,7 +117,7 @@ def bench_random_ratio(num=200):
         rng.integers(1, 50, (t_count, k_count)), 1)], 1)
     ins = rng.integers(1, 100, num_layers).astype(float)
     stored = np.array([ins[e + 1:].sum() for e in range(num_layers)]) + 5
-    problem = search.SearchProblem(
+    problem = knapsack.SearchProblem(
         option_bytes=option, valid=np.ones(option.shape, bool),
         tensor_layer=layer, needs_input=rng.random(t_count) < 0.5,
         input_bytes=ins, stored_bytes=stored, base_bytes=10.0)
@@ -132,8 +125,8 @@ def bench_random_ratio(num=200):
         rng.random((t_count, k_count)), 1)], 1).astype(np.float32)
     full = 10 + option[:, -1].sum() + stored[0] + ins[0]
     budget = float(rng.uniform(0.2, 0.9) * full)
-    ex = search.solve(problem, values, budget, "exact", 2048, resolution=1.0)
-    gr = search.solve(problem, values, budget, "greedy", 2048, resolution=1.0)
+    ex = knapsack.solve(problem, values, budget, "exact", 2048, resolution=1.0)
+    gr = knapsack.solve(problem, values, budget, "greedy", 2048, resolution=1.0)
     if ex["importance"] > 0:
       ratios.append(gr["importance"] / ex["importance"])
       gaps.append(gr["importance"] <= ex["importance"] + 1e-5)
@@ -143,25 +136,26 @@ def bench_random_ratio(num=200):
         f"in {np.mean(gaps) * 100:.0f}%")
 
 
-def xla_ratio(model, shape, batch_size, optimizer):
+def xla_ratio(model, shape, batch_size, tx):
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros(shape))["params"]
   info = groups.analyze(model, params, shape)
   spec = groups.make_groups(info)
   ours = memory.memory_from_sizes(info, spec, spec.sizes[:, -1], batch_size,
-                                  optimizer)
+                                  tx)
   xla = memory.xla_training_memory(model, params,
-                                   (batch_size,) + tuple(shape[1:]), optimizer)
+                                   (batch_size,) + tuple(shape[1:]), tx)
   return ours, xla
 
 
 def bench_xla():
   print("full-model training memory, analytic vs XLA memory_analysis "
         "(arguments + outputs - aliased + temporaries):")
-  for name, model, shape in [("MLP 784-200-200-10", MLP(), (1, 784)),
+  mlp = models.get_model("mlp", 10)
+  for name, model, shape in [("MLP 784-200-200-10", mlp, (1, 784)),
                              ("CNN 2-conv 28x28", SmallCNN(), (1, 28, 28, 1))]:
-    for opt in ("sgd", "adam"):
+    for opt, tx in (("sgd", optax.sgd(0.1)), ("adam", optax.adam(1e-3))):
       for b in (32, 128):
-        ours, xla = xla_ratio(model, shape, b, opt)
+        ours, xla = xla_ratio(model, shape, b, tx)
         print(f"  {name:20s} {opt:5s} batch {b:4d}: analytic "
               f"{ours['total'] / 1e6:7.2f} MB (act {ours['activations'] / 1e6:6.2f})"
               f"  XLA {xla / 1e6:7.2f} MB  ratio {ours['total'] / xla:.3f}")

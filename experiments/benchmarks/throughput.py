@@ -7,7 +7,7 @@ local training (same clients, steps, batch) done by one jitted vmapped call
 with no federated machinery. ratio = engine seconds per step / floor seconds
 per K updates. Both client paths of the engine (vmap and lax.map) are timed,
 so the table shows which one ``client_batching='auto'`` should take on this
-backend (DESIGN §5).
+backend (docs/design.md, Performance).
 
 Run: python -m experiments.benchmarks.throughput [--quick]
 """
@@ -28,7 +28,7 @@ from ftte_jax.core import engine
 from ftte_jax.core import fleet
 from ftte_jax.core import masks
 from ftte_jax import models
-from ftte_jax.core.client import make_client_update
+from ftte_jax.core.client import make_client_optimizer, make_client_update
 
 WORKLOADS = {
     # name: (model, kwargs, N, C, K, local steps, batch, examples per client)
@@ -79,7 +79,8 @@ def time_floor(workload: str, batching: str) -> float:
   """Seconds for the K clients' local training alone, one jitted call."""
   config, apply, params, env, _, _ = build(workload, "vmap")
   k = config.buffer_size
-  upd = make_client_update(apply, config.batch_size, config.client_lr,
+  upd = make_client_update(apply, config.batch_size,
+                           make_client_optimizer(config.client_lr),
                            config.local_steps, unroll=True)
   base = jax.tree.map(lambda p: jnp.broadcast_to(p, (k,) + p.shape), params)
   ones = jax.tree.map(jnp.ones_like, base)

@@ -12,14 +12,11 @@ index slots sort last in that permutation, so they are never drawn.
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import jax
 import jax.numpy as jnp
 import optax
 
-PyTree = Any
-ApplyFn = Callable[[PyTree, jnp.ndarray], jnp.ndarray]
+from ftte_jax.core.typing import ApplyFn, PyTree
 
 
 def cross_entropy(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray,
@@ -43,25 +40,35 @@ def batch_positions(key: jax.Array, count: jnp.ndarray, max_n: int,
   return order[pos]
 
 
-def make_client_update(apply_fn: ApplyFn, batch_size: int, lr: float,
-                       max_steps: int, momentum: float = 0.0,
+def make_client_optimizer(lr: float, momentum: float = 0.0
+                          ) -> optax.GradientTransformation:
+  """The client optimizer: SGD, with heavy-ball momentum when ``momentum > 0``.
+
+  One object serves training (``make_client_update``) and the memory model,
+  which charges its per-parameter state (``memory.optimizer_slots``).
+  """
+  return optax.sgd(lr, momentum=momentum if momentum > 0 else None)
+
+
+def make_client_update(apply_fn: ApplyFn, batch_size: int,
+                       tx: optax.GradientTransformation, max_steps: int,
                        unroll: int | bool = 1):
   """Builds ``client_update(key, base, mask, x, y, row, count, num_steps)``.
 
   Args:
     apply_fn: ``apply_fn(params, x) -> logits``.
     batch_size: local batch size.
-    lr: client learning rate.
+    tx: the client optimizer (``make_client_optimizer``); its state starts
+      fresh on every task.
     max_steps: static number of loop iterations (the largest step count).
-    momentum: client SGD momentum (0 for plain SGD).
     unroll: unroll factor of the local-step loop; ``True`` unrolls fully,
-      which on CPU avoids XLA's slow convolution-in-loop path (DESIGN §5).
+      which on CPU avoids XLA's slow convolution-in-loop path
+      (docs/design.md, Performance).
 
   Returns:
     A pure function returning the client's locally trained parameters and its
     mean training loss over the steps it took.
   """
-  opt = optax.sgd(lr, momentum=momentum if momentum > 0 else None)
   grad_fn = jax.value_and_grad(lambda p, x, y: cross_entropy(apply_fn, p, x, y))
 
   def client_update(key, base, mask, x_all, y_all, row, count, num_steps):
@@ -72,15 +79,14 @@ def make_client_update(apply_fn: ApplyFn, batch_size: int, lr: float,
       idx = row[batch_positions(key, count, max_n, i, batch_size)]
       loss, grads = grad_fn(params, x_all[idx], y_all[idx])
       grads = jax.tree.map(jnp.multiply, grads, mask)
-      updates, new_opt_state = opt.update(grads, opt_state, params)
+      updates, new_opt_state = tx.update(grads, opt_state, params)
       new_params = optax.apply_updates(params, updates)
       active = i < num_steps
-      keep = lambda new, old: jnp.where(active, new, old)
-      return (jax.tree.map(keep, new_params, params),
-              jax.tree.map(keep, new_opt_state, opt_state),
+      return (optax.tree_utils.tree_where(active, new_params, params),
+              optax.tree_utils.tree_where(active, new_opt_state, opt_state),
               loss_sum + jnp.where(active, loss, 0.0))
 
-    init = (base, opt.init(base), jnp.zeros((), jnp.float32))
+    init = (base, tx.init(base), jnp.zeros((), jnp.float32))
     params, _, loss_sum = jax.lax.fori_loop(0, max_steps, body, init,
                                             unroll=unroll)
     return params, loss_sum / jnp.maximum(num_steps, 1)

@@ -44,7 +44,7 @@ from ftte_jax.core import aggregation
 from ftte_jax.core import exact
 from ftte_jax.core import staleness
 from ftte_jax.core.algorithms import EngineConfig, validate
-from ftte_jax.core.client import make_client_update
+from ftte_jax.core.client import make_client_optimizer, make_client_update
 from ftte_jax.core.fleet import Fleet
 from ftte_jax.core.masks import MaskPlan
 from ftte_jax.core.state import (Counters, Environment, Ring, SimState, Start,
@@ -695,7 +695,9 @@ def resolve_batching(config: EngineConfig) -> str:
 
 
 def make_simulator(config: EngineConfig, apply_fn: ApplyFn,
-                   max_local_steps: int | None = None) -> Simulator:
+                   max_local_steps: int | None = None,
+                   client_tx: optax.GradientTransformation | None = None
+                   ) -> Simulator:
   """Binds ``config`` to the engine's pure ``init``/``step``/``evaluate``.
 
   Args:
@@ -704,6 +706,8 @@ def make_simulator(config: EngineConfig, apply_fn: ApplyFn,
     max_local_steps: length of the local-step loop; must be >= every
       client's step count (``make_environment`` computes them). Defaults to
       ``config.local_steps``.
+    client_tx: the client optimizer (the object the memory model charged);
+      built from ``client_lr``/``client_momentum`` when None.
 
   Returns:
     ``Simulator(init, step, evaluate)`` with
@@ -714,9 +718,11 @@ def make_simulator(config: EngineConfig, apply_fn: ApplyFn,
   s_age = staleness.make_staleness_fn(config.staleness, config.staleness_a,
                                       config.staleness_b)
   server_opt = make_server_optimizer(config)
+  if client_tx is None:
+    client_tx = make_client_optimizer(config.client_lr, config.client_momentum)
   client_update = make_client_update(
-      apply_fn, config.batch_size, config.client_lr,
-      max_local_steps or config.local_steps, config.client_momentum,
+      apply_fn, config.batch_size, client_tx,
+      max_local_steps or config.local_steps,
       unroll=True if config.unroll_local_steps else 1)
   batching = resolve_batching(config)
 

@@ -4,19 +4,20 @@ A ``MaskPlan`` is what the engine consumes. It holds one 0/1 mask per memory
 tier (stacked on a leading axis, so clients gather theirs by tier index inside
 jit) and the per-tier costs the fleet simulation needs. Full-model presets use
 ``full_plan``; ``ftte`` before a search uses an explicit rule
-(``last_n_plan``); the subset search (``ftte_jax.search``) fills the same type.
+(``last_n_mask``); the subset search (``ftte_jax.search``) fills the same type.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import struct
 
-PyTree = Any
+from ftte_jax.core.typing import PyTree
 BYTES_PER_PARAM = 4  # float32 parameters and deltas on the wire.
 
 
@@ -37,10 +38,6 @@ class MaskPlan:
     return int(self.flops_per_example.shape[0])
 
 
-def param_count(tree: PyTree) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-
-
 def mask_count(mask: PyTree) -> float:
   """Number of selected coordinates in an (unstacked) mask tree."""
   return float(sum(jnp.sum(m) for m in jax.tree.leaves(mask)))
@@ -51,9 +48,9 @@ def dense_flops_estimate(params: PyTree, mask: PyTree) -> float:
 
   Forward costs ~2 FLOPs per weight, backward ~2 per weight for input
   gradients plus ~2 per *trained* weight for weight gradients. Exact only for
-  dense layers; the memory model in ``ftte_jax.memory`` gives per-layer counts.
+  dense layers; ``ftte_jax.search.memory`` gives per-layer counts.
   """
-  p = param_count(params)
+  p = optax.tree_utils.tree_size(params)
   return float(4 * p + 2 * mask_count(mask))
 
 
@@ -93,8 +90,8 @@ def make_plan(params: PyTree, tier_masks: Sequence[PyTree],
       upload_bytes=jnp.asarray([BYTES_PER_PARAM * mask_count(m) for m in full],
                                jnp.float32),
       union_bytes=jnp.asarray(BYTES_PER_PARAM * mask_count(union), jnp.float32),
-      model_bytes=jnp.asarray(BYTES_PER_PARAM * param_count(params),
-                              jnp.float32),
+      model_bytes=jnp.asarray(
+          BYTES_PER_PARAM * optax.tree_utils.tree_size(params), jnp.float32),
   )
 
 
@@ -117,10 +114,3 @@ def last_n_mask(params: PyTree, n_tensors: int) -> PyTree:
   sel = [jnp.full(x.shape, float(i >= len(leaves) - n_tensors), jnp.float32)
          for i, x in enumerate(leaves)]
   return jax.tree.unflatten(treedef, sel)
-
-
-def last_n_plan(params: PyTree, num_clients: int, n_tensors: int,
-                **kw) -> MaskPlan:
-  """One tier training the last ``n_tensors`` tensors (pre-search FTTE rule)."""
-  return make_plan(params, [last_n_mask(params, n_tensors)],
-                   np.zeros(num_clients, np.int32), **kw)

@@ -15,7 +15,8 @@ from ftte_jax.core import algorithms
 from ftte_jax.core import fleet as fleet_lib
 from ftte_jax.data import datasets
 from ftte_jax.search import groups as groups_lib
-from ftte_jax.search import solver as search_lib
+from ftte_jax.search import knapsack as knapsack_lib
+from ftte_jax.search import plan as plan_lib
 
 IMPORTANCE_SOURCES = ("clients", "proxy")
 
@@ -141,11 +142,11 @@ def validate(config: ExperimentConfig) -> None:
     raise ValueError(f"target_accuracy must be in (0, 1], got "
                      f"{config.target_accuracy}")
   s = config.search
-  if s.method not in search_lib.METHODS:
-    raise ValueError(f"search_method must be one of {search_lib.METHODS}, "
+  if s.method not in knapsack_lib.METHODS:
+    raise ValueError(f"search_method must be one of {knapsack_lib.METHODS}, "
                      f"got {s.method!r}")
-  if s.policy not in search_lib.POLICIES:
-    raise ValueError(f"search_policy must be one of {search_lib.POLICIES}, "
+  if s.policy not in plan_lib.POLICIES:
+    raise ValueError(f"search_policy must be one of {plan_lib.POLICIES}, "
                      f"got {s.policy!r}")
   if s.importance not in IMPORTANCE_SOURCES:
     raise ValueError(f"importance must be one of {IMPORTANCE_SOURCES}, got "

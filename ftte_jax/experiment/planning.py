@@ -16,11 +16,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from ftte_jax import models as models_lib
 from ftte_jax.core import fleet as fleet_lib
 from ftte_jax.core import masks as masks_lib
-from ftte_jax.core.client import cross_entropy
+from ftte_jax.core.client import cross_entropy, make_client_optimizer
 from ftte_jax.core.typing import PyTree
 from ftte_jax.data import client_data as client_data_lib
 from ftte_jax.data import datasets
@@ -28,7 +29,7 @@ from ftte_jax.experiment.config import ExperimentConfig
 from ftte_jax.search import groups as groups_lib
 from ftte_jax.search import importance as importance_lib
 from ftte_jax.search import memory as memory_lib
-from ftte_jax.search import solver as search_lib
+from ftte_jax.search import plan as plan_lib
 
 # Named streams of the run's root key (fold_in(root, name)).
 KEY_PARAMS, KEY_ENGINE, KEY_PROBE = 0, 1, 2
@@ -55,6 +56,7 @@ class Model:
   input_shape: tuple[int, ...]  # one example's shape.
   apply_fn: Callable  # apply_fn(params, x) -> logits.
   params: PyTree  # initial parameters.
+  tx: optax.GradientTransformation  # the client optimizer, built once.
   analysis: groups_lib.ModelInfo  # layers at the engine's batch size.
   spec: groups_lib.GroupSpec  # parameter groups at the search fractions.
   full_memory_bytes: float  # analytic memory of full-model training.
@@ -95,8 +97,10 @@ def load_data(config: ExperimentConfig):
                                  seed=config.seed, data_dir=d.data_dir, **opts)
 
 
-def client_optimizer_name(config: ExperimentConfig) -> str:
-  return "momentum" if config.engine.client_momentum > 0 else "sgd"
+def client_optimizer(config: ExperimentConfig) -> optax.GradientTransformation:
+  """The engine's client optimizer; the memory model charges its state."""
+  e = config.engine
+  return make_client_optimizer(e.client_lr, e.client_momentum)
 
 
 def make_model(config: ExperimentConfig, input_shape, num_classes: int,
@@ -111,11 +115,12 @@ def make_model(config: ExperimentConfig, input_shape, num_classes: int,
                                 (e.batch_size,) + tuple(input_shape))
   spec = groups_lib.make_groups(analysis, config.search.channel_fractions)
   ones = jax.tree.map(lambda p: np.ones(p.shape, bool), params)
+  tx = client_optimizer(config)
   full = memory_lib.training_memory(analysis, spec, params, ones, e.batch_size,
-                                    client_optimizer_name(config))["total"]
+                                    tx)["total"]
   return Model(module=module, input_shape=tuple(input_shape),
                apply_fn=lambda p, x: module.apply({"params": p}, x),
-               params=params, analysis=analysis, spec=spec,
+               params=params, tx=tx, analysis=analysis, spec=spec,
                full_memory_bytes=float(full))
 
 
@@ -142,8 +147,7 @@ def rule_plan(config: ExperimentConfig, model: Model,
                         masks_lib.last_n_mask(params, e.last_n_tensors))
   flops = memory_lib.training_flops(model.analysis, model.spec, params, mask)
   mem = memory_lib.training_memory(model.analysis, model.spec, params, mask,
-                                   e.batch_size,
-                                   client_optimizer_name(config))["total"]
+                                   e.batch_size, model.tx)["total"]
   return masks_lib.make_plan(params, [mask], np.zeros(num_clients, np.int32),
                              flops_per_example=[flops], memory_bytes=[mem])
 
@@ -177,13 +181,12 @@ def search_plan(config: ExperimentConfig, model: Model, params: PyTree,
   """Importance at ``params``, then the memory-budgeted search."""
   e, s = config.engine, config.search
   fisher, probe = importance(config, model, params, data, fleet, key)
-  plan, report = search_lib.build_plan(
-      model.module, params, (e.batch_size,) + model.input_shape, fisher,
-      np.asarray(fleet.memory),
+  plan, report = plan_lib.build_plan(
+      model.analysis, model.spec, params, fisher, np.asarray(fleet.memory),
+      model.tx,
       tier_of_client=np.asarray(fleet.tier) if s.policy == "per_tier"
-      else None, policy=s.policy, batch_size=e.batch_size,
-      optimizer=client_optimizer_name(config), method=s.method,
-      channel_fractions=s.channel_fractions, num_cells=s.num_cells)
+      else None, policy=s.policy, batch_size=e.batch_size, method=s.method,
+      num_cells=s.num_cells)
   return plan, report, probe
 
 
@@ -230,7 +233,7 @@ def importance(config: ExperimentConfig, model: Model, params: PyTree,
       lambda a: per_client(*a), (xs, ys)))(x, y)
   weights = jnp.asarray(counts, jnp.float32) / float(counts.sum())
   fisher = jax.tree.map(lambda f: jnp.tensordot(weights, f, axes=1), fishers)
-  model_bytes = 4.0 * masks_lib.param_count(params)
+  model_bytes = 4.0 * optax.tree_utils.tree_size(params)
   score_bytes = 4.0 * model.spec.num_groups
   full_flops = memory_lib.training_flops(
       model.analysis, model.spec, params,

@@ -15,9 +15,9 @@ from typing import Callable
 
 import jax
 import numpy as np
+import optax
 
 from ftte_jax.core import engine
-from ftte_jax.core import masks as masks_lib
 from ftte_jax.experiment import planning
 from ftte_jax.experiment import report
 from ftte_jax.experiment.config import ExperimentConfig
@@ -53,7 +53,7 @@ class Experiment:
     return {"data": s.data_info, "plan": self.plan_report,
             "full_model_memory_bytes": s.model.full_memory_bytes,
             "fleet_memory_tiers": list(s.fleet_memory_tiers),
-            "num_params": masks_lib.param_count(s.model.params)}
+            "num_params": optax.tree_utils.tree_size(s.model.params)}
 
   def init_state(self) -> engine.SimState:
     """Round-0 state, starting when the probe round (if any) ended."""
@@ -203,6 +203,7 @@ def build(config: ExperimentConfig) -> Experiment:
   e = config.engine
   env = engine.make_environment(e, setup.data, setup.fleet, setup.plan)
   sim = engine.make_simulator(e, setup.model.apply_fn,
-                              int(np.asarray(env.num_steps).max()))
+                              int(np.asarray(env.num_steps).max()),
+                              client_tx=setup.model.tx)
   return Experiment(setup=setup, env=env, sim=sim,
                     plan_report=setup.plan_report)

@@ -3,8 +3,9 @@
 ``analyze`` runs a flax (linen) model abstractly (``jax.eval_shape``) under
 ``flax.linen.intercept_methods`` and records every call of a known leaf layer
 in forward order: its type, path, input/output shapes and parameter shapes.
-That record (a ``ModelInfo``) is all the memory model (``ftte_jax.memory``)
-and the search (``ftte_jax.search``) need; nothing is trained.
+That record (a ``ModelInfo``) is all the memory model (``search.memory``)
+and the search (``search.knapsack``, ``search.plan``) need; nothing is
+trained.
 
 ``make_groups`` turns a ``ModelInfo`` into parameter groups. Every parameter
 tensor (in layer order) is split into nested output-channel fractions: the
@@ -14,7 +15,7 @@ Fractions are cumulative, so a tensor is trained at one *level*
 ``k in [0, K]`` (0 = not trained, ``k`` = the first ``sizes[k]`` channels);
 the search chooses one level per tensor.
 
-Assumptions (documented here, used by ``ftte_jax.memory``):
+Assumptions (documented here, used by ``search.memory``):
   * The model is a chain: leaf layers run in call order, each consuming (a
     function of) the previous one's output. Residual branches are treated as
     part of that chain.
@@ -34,8 +35,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
-PyTree = Any
+from ftte_jax.core.typing import PyTree
 
 # Layer kinds the memory model knows. ``linear``: Dense/Conv (MAC-based FLOPs,
 # kernel gradient needs the layer input); ``norm``: normalization layers
@@ -77,11 +79,76 @@ class ModelInfo:
 
   layers: tuple[Layer, ...]
   num_params: int  # all parameters, trained or not.
-  params_key: tuple[str, ...]  # prefix of params in the tree: () or ('params',).
+  params_key: tuple[str, ...]  # params' prefix in the tree: () or ('params',).
 
 
 def _shape_of(x) -> tuple[int, ...]:
   return tuple(int(d) for d in x.shape)
+
+
+def _record_calls(model: nn.Module, variables: PyTree, example_input: Any,
+                  apply_kwargs: dict) -> tuple[list, dict]:
+  """Runs the model abstractly; returns its known leaf-layer calls.
+
+  Returns:
+    ``(calls, seen_types)``: ``(module, in_shape, out_shape)`` per known
+    leaf-layer call in forward (call-start) order, and the type name of every
+    module called, by path.
+  """
+  calls: list[tuple[int, Any, tuple, tuple]] = []  # (order, module, in, out)
+  seen_types: dict[tuple[str, ...], str] = {}
+  counter = [0]
+
+  def interceptor(next_fun, args, kwargs, context):
+    if context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    order = counter[0]
+    counter[0] += 1
+    out = next_fun(*args, **kwargs)
+    module = context.module
+    path = tuple(module.path)
+    seen_types.setdefault(path, type(module).__name__)
+    if type(module) in _KINDS:
+      if not args or not hasattr(args[0], "shape") or not hasattr(out, "shape"):
+        raise ValueError(f"layer {'/'.join(path)} ({type(module).__name__}): "
+                         "expected one array input and one array output")
+      calls.append((order, module, _shape_of(args[0]), _shape_of(out)))
+    return out
+
+  def fwd(v, x):
+    return model.apply(v, x, **apply_kwargs)
+
+  with nn.intercept_methods(interceptor):
+    jax.eval_shape(fwd, variables, example_input)
+  return [c[1:] for c in sorted(calls, key=lambda c: c[0])], seen_types
+
+
+def _make_layer(index: int, module: nn.Module, in_shape: tuple,
+                out_shape: tuple, param_shapes: tuple, batch: int) -> Layer:
+  kind = _KINDS[type(module)]
+  in_size = math.prod(in_shape) // batch
+  out_size = math.prod(out_shape) // batch
+  kernel = dict(param_shapes).get("kernel")
+  macs = out_size * math.prod(kernel[:-1]) if kind == "linear" and kernel \
+      else 0
+  return Layer(index, tuple(module.path), type(module).__name__, kind,
+               in_shape, out_shape, param_shapes, in_size, out_size, macs)
+
+
+def _check_covered(flat: dict, layers: Sequence[Layer],
+                   seen_types: dict) -> None:
+  """Raises on the first parameter that no known layer owns."""
+  covered = {l.path + (name,) for l in layers for name, _ in l.param_shapes}
+  for k in flat:
+    if k not in covered:
+      owner = k[:-1]
+      while owner and owner not in seen_types:
+        owner = owner[:-1]
+      raise ValueError(
+          f"parameter {'/'.join(k)} belongs to layer {'/'.join(k[:-1])} of "
+          f"type {seen_types.get(owner, 'unknown')}, which the memory model "
+          f"cannot analyze; known layer types: "
+          f"{sorted(t.__name__ for t in _KINDS)}")
 
 
 def analyze(model: nn.Module, params: PyTree, example_input: Any,
@@ -108,62 +175,21 @@ def analyze(model: nn.Module, params: PyTree, example_input: Any,
     example_input = jax.ShapeDtypeStruct(tuple(example_input), jnp.float32)
   has_key = isinstance(params, dict) and "params" in params
   variables = params if has_key else {"params": params}
-  batch = int(example_input.shape[0])
-  calls: list[tuple[int, Any, tuple, tuple]] = []  # (order, module, in, out)
-  seen_types: dict[tuple[str, ...], str] = {}
-  counter = [0]
-
-  def interceptor(next_fun, args, kwargs, context):
-    if context.method_name != "__call__":
-      return next_fun(*args, **kwargs)
-    order = counter[0]
-    counter[0] += 1
-    out = next_fun(*args, **kwargs)
-    module = context.module
-    path = tuple(module.path)
-    seen_types.setdefault(path, type(module).__name__)
-    if type(module) in _KINDS:
-      if not args or not hasattr(args[0], "shape") or not hasattr(out, "shape"):
-        raise ValueError(f"layer {'/'.join(path)} ({type(module).__name__}): "
-                         "expected one array input and one array output")
-      calls.append((order, module, _shape_of(args[0]), _shape_of(out)))
-    return out
-
-  def fwd(v, x):
-    return model.apply(v, x, **apply_kwargs)
-
-  with nn.intercept_methods(interceptor):
-    jax.eval_shape(fwd, variables, example_input)
-  calls.sort(key=lambda c: c[0])
-
-  flat = {tuple(getattr(k, "key", str(k)) for k in kp): leaf for kp, leaf in
-          jax.tree_util.tree_flatten_with_path(variables["params"])[0]}
-  layers, covered = [], set()
-  for order, module, in_shape, out_shape in calls:
+  calls, seen_types = _record_calls(model, variables, example_input,
+                                    apply_kwargs)
+  # Sorted: the order jax flattens the params in.
+  flat = dict(sorted(traverse_util.flatten_dict(variables["params"]).items()))
+  layers = []
+  for module, in_shape, out_shape in calls:
     path = tuple(module.path)
     if path in {l.path for l in layers}:
       raise ValueError(f"layer {'/'.join(path)} ({type(module).__name__}) is "
                        "called more than once; weight sharing is not supported")
     pshapes = tuple((k[-1], _shape_of(v)) for k, v in flat.items()
                     if k[:-1] == path)
-    covered.update(path + (name,) for name, _ in pshapes)
-    kind = _KINDS[type(module)]
-    in_size = math.prod(in_shape) // batch
-    out_size = math.prod(out_shape) // batch
-    kernel = dict(pshapes).get("kernel")
-    macs = out_size * math.prod(kernel[:-1]) if kind == "linear" and kernel else 0
-    layers.append(Layer(len(layers), path, type(module).__name__, kind,
-                        in_shape, out_shape, pshapes, in_size, out_size, macs))
-  for k in flat:
-    if k not in covered:
-      owner = k[:-1]
-      while owner and owner not in seen_types:
-        owner = owner[:-1]
-      raise ValueError(
-          f"parameter {'/'.join(k)} belongs to layer {'/'.join(k[:-1])} of "
-          f"type {seen_types.get(owner, 'unknown')}, which the memory model "
-          f"cannot analyze; known layer types: "
-          f"{sorted(t.__name__ for t in _KINDS)}")
+    layers.append(_make_layer(len(layers), module, in_shape, out_shape,
+                              pshapes, int(example_input.shape[0])))
+  _check_covered(flat, layers, seen_types)
   num_params = int(sum(math.prod(v.shape) for v in flat.values()))
   return ModelInfo(tuple(layers), num_params, ("params",) if has_key else ())
 
@@ -236,17 +262,19 @@ def make_groups(info: ModelInfo,
                    valid, info.params_key)
 
 
-def _get(tree: PyTree, path: Sequence[str]):
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
-def _bare(spec: GroupSpec, params: PyTree) -> PyTree:
+def _bare(tree: PyTree) -> PyTree:
   """The params collection of a tree given bare or as flax variables."""
-  del spec  # Either form is accepted whatever ``analyze`` was given.
-  return params["params"] if isinstance(params, dict) and "params" in params \
-      else params
+  return tree["params"] if isinstance(tree, dict) and "params" in tree \
+      else tree
+
+
+def flat_params(tree: PyTree) -> dict[tuple[str, ...], Any]:
+  """``{path: leaf}`` of a params-shaped tree (bare or flax variables).
+
+  Either form is accepted whatever ``analyze`` was given; paths match
+  ``GroupSpec.paths``.
+  """
+  return traverse_util.flatten_dict(_bare(tree))
 
 
 def levels_to_mask(spec: GroupSpec, params: PyTree, levels) -> PyTree:
@@ -257,16 +285,15 @@ def levels_to_mask(spec: GroupSpec, params: PyTree, levels) -> PyTree:
   """
   levels = jnp.asarray(levels)
   sizes = jnp.asarray(spec.sizes)
-  bare = _bare(spec, params)
+  bare = _bare(params)
   index = {p: t for t, p in enumerate(spec.paths)}
 
-  def leaf(kp, x):
-    path = tuple(getattr(k, "key", str(k)) for k in kp)
-    t = index[path]
-    n = sizes[t, levels[t]]
+  def leaf(path, x):
+    n = sizes[index[path], levels[index[path]]]
     return jnp.broadcast_to(jnp.arange(x.shape[-1]) < n, x.shape)
 
-  mask = jax.tree_util.tree_map_with_path(leaf, bare)
+  mask = traverse_util.unflatten_dict(
+      {path: leaf(path, x) for path, x in flat_params(bare).items()})
   return mask if bare is params else {"params": mask}
 
 
@@ -276,10 +303,10 @@ def mask_to_sizes(spec: GroupSpec, params: PyTree, mask: PyTree) -> np.ndarray:
   A channel counts as trained if any of its entries is selected; the memory
   model charges whole channels.
   """
-  bare = _bare(spec, mask)
+  flat = flat_params(mask)
   out = np.zeros(spec.num_tensors, np.int64)
   for t, p in enumerate(spec.paths):
-    m = np.asarray(_get(bare, p)).astype(bool)
+    m = np.asarray(flat[p]).astype(bool)
     m = np.broadcast_to(m, spec.shapes[t]).reshape(-1, spec.shapes[t][-1])
     out[t] = int(m.any(axis=0).sum())
   return out

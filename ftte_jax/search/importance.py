@@ -6,24 +6,19 @@ example (``microbatch_size=1``) or of one microbatch, and reduces it to group
 scores ``[T, K+1]``: the Fisher mass of each tensor's first ``sizes[t, k]``
 output channels (cumulative, matching the nested levels of
 ``groups.GroupSpec``). Everything here is pure and jit/vmap-compatible, so a
-probe round over clients is
-
-  scores = jax.vmap(lambda b: client_scores(loss_fn, params, b, spec))(batches)
-  importance = aggregate(scores, num_examples)
-
-and the server-side proxy variant is ``client_scores`` on proxy data.
+probe round maps ``fisher_diagonal`` over the clients' batches and averages
+the trees (``experiment.planning.importance``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
+from ftte_jax.core.typing import PyTree
 from ftte_jax.search import groups as groups_lib
-
-PyTree = Any
 
 
 def fisher_diagonal(loss_fn: Callable[[PyTree, PyTree], jnp.ndarray],
@@ -59,35 +54,12 @@ def group_importance(spec: groups_lib.GroupSpec, fisher: PyTree) -> jnp.ndarray:
   Entry ``[t, k]`` sums the Fisher over tensor ``t``'s first
   ``spec.sizes[t, k]`` output channels (0 at level 0).
   """
-  bare = groups_lib._bare(spec, fisher)  # pylint: disable=protected-access
+  flat = groups_lib.flat_params(fisher)
   rows = []
   for t, path in enumerate(spec.paths):
-    f = groups_lib._get(bare, path)  # pylint: disable=protected-access
+    f = flat[path]
     per_channel = jnp.sum(f.reshape(-1, f.shape[-1]), axis=0)
     cum = jnp.concatenate([jnp.zeros(1, per_channel.dtype),
                            jnp.cumsum(per_channel)])
     rows.append(cum[jnp.asarray(spec.sizes[t])])
   return jnp.stack(rows).astype(jnp.float32)
-
-
-def client_scores(loss_fn, params: PyTree, batch: PyTree,
-                  spec: groups_lib.GroupSpec,
-                  microbatch_size: int = 1) -> jnp.ndarray:
-  """Group scores ``[T, K+1]`` from one client's (or proxy) data."""
-  return group_importance(
-      spec, fisher_diagonal(loss_fn, params, batch, microbatch_size))
-
-
-def aggregate(scores: jnp.ndarray, weights: jnp.ndarray | None = None
-              ) -> jnp.ndarray:
-  """Weighted mean of per-client scores ``[N, T, K+1]`` -> ``[T, K+1]``.
-
-  Args:
-    scores: stacked client scores.
-    weights: ``[N]`` non-negative weights (e.g. examples per client; zero for
-      clients that did not report); uniform when None.
-  """
-  if weights is None:
-    return jnp.mean(scores, axis=0)
-  w = jnp.asarray(weights, scores.dtype)
-  return jnp.tensordot(w, scores, axes=1) / jnp.maximum(jnp.sum(w), 1e-12)

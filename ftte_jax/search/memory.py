@@ -6,8 +6,9 @@ layer ``l``'s input/output; ``e`` = the earliest layer with any trained group):
 
   weights      = 4 * (all parameters)  -- the whole model stays resident.
   gradients    = 4 * (trained parameters)  -- only selected channels.
-  optimizer    = slots * 4 * (trained parameters); slots: sgd 0,
-                 momentum 1, adam 2.
+  optimizer    = slots * 4 * (trained parameters); slots: the client
+                 optimizer's state per parameter (``optimizer_slots``: sgd 0,
+                 momentum 1, adam 2).
   activations  = stored + workspace, where
     stored     = 4 * B * ( sum_{l > e} a_l                        (a)
                          + [a kernel/scale of layer e trains] * in_e (b)
@@ -43,28 +44,50 @@ FLOPs per example (what the engine uses for virtual task time):
   input grad = sum_{l > e} 2*MACs_l (norms 8*out_l).
   weight grad= per trained tensor: 2*MACs_l*f for kernels (f = trained channel
                fraction), out_l*f for biases, 2*out_l*f for norm scale/bias.
+
+The earliest-layer terms (a)-(c) live in ``activation_cost``, which the
+search (``knapsack``) calls too. See docs/design.md, Memory model.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
+import jax
 import numpy as np
+import optax
+from flax import traverse_util
 
+from ftte_jax.core import client as client_lib
+from ftte_jax.core.typing import PyTree
 from ftte_jax.search import groups as groups_lib
 
-PyTree = Any
 BYTES = 4  # float32 weights, gradients, optimizer slots and activations.
-OPTIMIZER_SLOTS = {"sgd": 0, "momentum": 1, "adam": 2}
 NORM_FLOPS_PER_ELEMENT = 8  # mean, variance, normalize, scale, shift.
 
 
-def optimizer_slots(optimizer: str) -> int:
-  """Per-parameter optimizer state slots for a named client optimizer."""
-  if optimizer not in OPTIMIZER_SLOTS:
-    raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_SLOTS)}, "
-                     f"got {optimizer!r}")
-  return OPTIMIZER_SLOTS[optimizer]
+def optimizer_slots(tx: optax.GradientTransformation, params: PyTree) -> int:
+  """Per-parameter state slots of an optax optimizer: sgd 0, momentum 1, adam 2.
+
+  Read from the abstract state ``jax.eval_shape(tx.init, params)``: its size
+  over the parameters' size, floored so that scalar entries (Adam's step
+  count) drop out. Any optax transformation works.
+
+  Raises:
+    TypeError: if ``tx`` is not an ``optax.GradientTransformation``.
+  """
+  if not isinstance(tx, optax.GradientTransformation):
+    raise TypeError("optimizer must be an optax.GradientTransformation, got "
+                    f"{tx!r}")
+  # Not optax.tree_utils.tree_size: it calls jnp.size, which JAX deprecates
+  # for the abstract (ShapeDtypeStruct) leaves used here.
+  size = lambda tree: sum(leaf.size for leaf in jax.tree.leaves(tree))
+  return size(jax.eval_shape(tx.init, params)) // max(size(params), 1)
+
+
+def abstract_params(spec: groups_lib.GroupSpec) -> PyTree:
+  """The bare params tree of ``spec`` as ``jax.ShapeDtypeStruct`` leaves."""
+  return traverse_util.unflatten_dict({
+      path: jax.ShapeDtypeStruct(shape, np.float32)
+      for path, shape in zip(spec.paths, spec.shapes)})
 
 
 def layer_arrays(info: groups_lib.ModelInfo) -> tuple[np.ndarray, np.ndarray]:
@@ -101,29 +124,65 @@ def workspace_after(info: groups_lib.ModelInfo, batch_size: int) -> np.ndarray:
   return out
 
 
-def _check(batch_size: int, optimizer: str) -> int:
+def earliest_trained(on, tensor_layer, needs_input, num_layers: int):
+  """Earliest trained layer ``e`` and whether its input must be stored.
+
+  Works on host numpy and inside jit (array methods only).
+
+  Args:
+    on: ``[T]`` bool, tensor trains.
+    tensor_layer: ``[T]`` int, layer of each tensor.
+    needs_input: ``[T]`` bool, the tensor's gradient needs its layer input.
+    num_layers: ``L``; ``e = L`` when nothing trains.
+
+  Returns:
+    ``(e, with_input)``: term (b) of the module docstring applies iff
+    ``with_input``.
+  """
+  e = tensor_layer.min(initial=num_layers, where=on)
+  return e, (on & needs_input & (tensor_layer == e)).any()
+
+
+def activation_cost(on, tensor_layer, needs_input, stored, inputs):
+  """The non-additive memory term: ``stored[e] + [with_input] * inputs[e]``.
+
+  The one place the earliest-layer arithmetic lives; the analytic breakdown
+  and the search's objective and feasibility test all call it. Works on host
+  numpy and inside jit.
+
+  Args:
+    on, tensor_layer, needs_input: as in ``earliest_trained``.
+    stored: ``[L]`` cost if layer ``e`` is the earliest (any unit).
+    inputs: ``[L]`` cost of storing layer ``e``'s input (same unit).
+
+  Returns:
+    ``(e, cost)``; ``e = L`` and cost 0 when nothing trains.
+  """
+  num_layers = stored.shape[0]
+  e, with_input = earliest_trained(on, tensor_layer, needs_input, num_layers)
+  e_safe = e.clip(max=num_layers - 1)
+  return e, (stored[e_safe] + with_input * inputs[e_safe]) * (e < num_layers)
+
+
+def validated_slots(batch_size: int, spec: groups_lib.GroupSpec,
+                    tx: optax.GradientTransformation) -> int:
+  """Validates ``batch_size`` and ``tx``; returns ``tx``'s slots."""
   if int(batch_size) < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  return optimizer_slots(optimizer)
+  return optimizer_slots(tx, abstract_params(spec))
 
 
 def memory_from_sizes(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
                       sizes: np.ndarray, batch_size: int,
-                      optimizer: str) -> dict[str, float]:
+                      tx: optax.GradientTransformation) -> dict[str, float]:
   """Memory breakdown for trained channel counts per tensor ([T] int)."""
-  slots = _check(batch_size, optimizer)
+  slots = validated_slots(batch_size, spec, tx)
   sizes = np.asarray(sizes, np.int64)
   per_channel = spec.numel[:, -1] // spec.sizes[:, -1]
   trained = int((per_channel * sizes).sum())
   ins, _ = layer_arrays(info)
-  on = sizes > 0
-  stored = 0
-  e = len(info.layers)
-  if on.any():
-    e = int(spec.layer[on].min())
-    stored = int(stored_after(info)[e])
-    if (on & spec.needs_input & (spec.layer == e)).any():
-      stored += int(ins[e])
+  e, stored = activation_cost(sizes > 0, spec.layer, spec.needs_input,
+                              stored_after(info), ins)
   out = {
       "weights": float(BYTES * info.num_params),
       "gradients": float(BYTES * trained),
@@ -139,7 +198,7 @@ def memory_from_sizes(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
 
 def training_memory(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
                     params: PyTree, mask: PyTree, batch_size: int,
-                    optimizer: str = "sgd") -> dict[str, float]:
+                    tx: optax.GradientTransformation) -> dict[str, float]:
   """Peak on-device training memory (bytes) of training ``mask``.
 
   Args:
@@ -149,15 +208,14 @@ def training_memory(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
     params: parameter tree (structure only).
     mask: boolean/0-1 tree shaped like ``params``.
     batch_size: examples per local step.
-    optimizer: 'sgd', 'momentum' or 'adam'.
+    tx: the client optimizer (its state is charged per trained parameter).
 
   Returns:
     Dict of bytes: weights, gradients, optimizer_state, activations
     (= activations_stored + workspace), total.
   """
-  _check(batch_size, optimizer)
   sizes = groups_lib.mask_to_sizes(spec, params, mask)
-  return memory_from_sizes(info, spec, sizes, batch_size, optimizer)
+  return memory_from_sizes(info, spec, sizes, batch_size, tx)
 
 
 def flops_from_sizes(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
@@ -174,9 +232,9 @@ def flops_from_sizes(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
       fwd += float(NORM_FLOPS_PER_ELEMENT * l.out_size)
       layer_bwd_in.append(float(NORM_FLOPS_PER_ELEMENT * l.out_size))
   on = sizes > 0
-  if not on.any():
+  e, _ = earliest_trained(on, spec.layer, spec.needs_input, len(info.layers))
+  if e == len(info.layers):
     return fwd
-  e = int(spec.layer[on].min())
   bwd_in = sum(layer_bwd_in[e + 1:])
   bwd_w = 0.0
   for t in np.nonzero(on)[0]:
@@ -199,29 +257,22 @@ def training_flops(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
                           groups_lib.mask_to_sizes(spec, params, mask))
 
 
-def xla_training_memory(model, params: PyTree, batch_shape, optimizer: str
-                        = "sgd") -> float:
+def xla_training_memory(model, params: PyTree, batch_shape,
+                        tx: optax.GradientTransformation) -> float:
   """XLA's compiled memory (bytes) of one full-model training step.
 
   The independent yardstick for the analytic model: arguments + outputs -
   aliased (donated) + temporaries from ``compile().memory_analysis()`` of a
-  jitted SGD/momentum/Adam step on a batch of ``batch_shape`` (labels int32).
+  jitted step of ``tx`` on a batch of ``batch_shape`` (labels int32).
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
+  x = jax.ShapeDtypeStruct(tuple(batch_shape), np.float32)
+  y = jax.ShapeDtypeStruct(tuple(batch_shape[:1]), np.int32)
 
-  optimizer_slots(optimizer)
-  tx = {"sgd": optax.sgd(0.1), "momentum": optax.sgd(0.1, 0.9),
-        "adam": optax.adam(1e-3)}[optimizer]
-  x = jnp.zeros(tuple(batch_shape))
-  y = jnp.zeros(batch_shape[0], jnp.int32)
+  apply_fn = lambda p, x: model.apply({"params": p}, x)
 
   def train_step(p, s, x, y):
-    def loss(p):
-      logits = model.apply({"params": p}, x)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    u, s = tx.update(jax.grad(loss)(p), s, p)
+    g = jax.grad(client_lib.cross_entropy, argnums=1)(apply_fn, p, x, y)
+    u, s = tx.update(g, s, p)
     return optax.apply_updates(p, u), s
 
   stats = jax.jit(train_step, donate_argnums=(0, 1)).lower(

@@ -1,4 +1,4 @@
-"""Memory-budgeted subset search: which parameter groups each tier trains.
+"""The subset search as a knapsack: which parameter groups fit a budget.
 
 Problem. Tensors ``t = 0..T-1`` (from ``groups.make_groups``) each take one
 level ``k in [0, K]`` (first ``sizes[t, k]`` output channels; 0 = frozen) with
@@ -9,7 +9,8 @@ Maximize ``sum_t v[t, k_t]`` subject to ``memory(k) <= budget`` where, with
   memory(k) = base + sum_t c[t, k_t]                      (weights, workspace,
             + stored[e] + [some kernel/scale of e trains] * in[e]   grads, opt)
 
-``stored[e]`` decreases with ``e``, so the activation term is not additive.
+``stored[e]`` decreases with ``e``, so the activation term is not additive
+(``memory.activation_cost`` computes it for the objective and greedy's test).
 
 Exact method. For each candidate ``e`` the activation cost is fixed and the
 rest is a multiple-choice knapsack: tensors of layers ``< e`` are frozen, and
@@ -27,32 +28,33 @@ the budget. Optimality gap: the result is at least as good as the true
 optimum under the budget ``budget - (m + 1) * r``, where ``m`` is the number
 of tensors that mask trains (each rounding loses < r). With ``num_cells``
 cells, ``r = max_e(free budget) / num_cells`` unless ``resolution`` is given
-(the table then grows to fit it). Integer costs with ``r = 1`` are solved exactly.
+(the table then grows to fit it). Integer costs with ``r = 1`` are solved
+exactly.
 
 Greedy method. Upgrades ``(t, k)`` sorted by importance gain per byte (cost:
 parameter-state bytes plus the activation bytes of making ``t``'s layer the
 earliest), accepted in one pass when the exact (discretized) memory stays
 within the budget.
+
+See docs/design.md, Subset search; ``plan.build_plan`` runs one search per
+memory tier.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import struct
 
 from ftte_jax.search import groups as groups_lib
-from ftte_jax.search import importance as importance_lib
-from ftte_jax.core import masks as masks_lib
 from ftte_jax.search import memory as memory_lib
 
-PyTree = Any
 METHODS = ("exact", "greedy")
-POLICIES = ("min", "per_tier")
 
 
 @struct.dataclass
@@ -85,11 +87,10 @@ class Discretized:
 
 
 def make_problem(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
-                 batch_size: int, optimizer: str = "sgd") -> SearchProblem:
+                 batch_size: int,
+                 tx: optax.GradientTransformation) -> SearchProblem:
   """Builds the search instance of a model (costs from ``memory``)."""
-  slots = memory_lib.optimizer_slots(optimizer)
-  if int(batch_size) < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  slots = memory_lib.validated_slots(batch_size, spec, tx)
   act = memory_lib.BYTES * batch_size
   ins, _ = memory_lib.layer_arrays(info)
   # The workspace depends on the earliest trained layer like the stored
@@ -112,14 +113,11 @@ def problem_memory(problem: SearchProblem, levels: np.ndarray) -> float:
   """Exact memory (bytes) of one level per tensor; the search's objective."""
   levels = np.asarray(levels)
   t = np.arange(levels.shape[0])
-  total = problem.base_bytes + problem.option_bytes[t, levels].sum()
-  on = levels > 0
-  if on.any():
-    e = int(problem.tensor_layer[on].min())
-    total += problem.stored_bytes[e]
-    if (on & problem.needs_input & (problem.tensor_layer == e)).any():
-      total += problem.input_bytes[e]
-  return float(total)
+  _, act = memory_lib.activation_cost(levels > 0, problem.tensor_layer,
+                                      problem.needs_input,
+                                      problem.stored_bytes, problem.input_bytes)
+  return float(problem.base_bytes + problem.option_bytes[t, levels].sum()
+               + act)
 
 
 def min_feasible(problem: SearchProblem) -> tuple[float, int, int]:
@@ -255,15 +253,16 @@ def solve_exact(d: Discretized, values: jnp.ndarray, num_cells: int
 
 
 def _fits(d: Discretized, levels: jnp.ndarray) -> jnp.ndarray:
-  """Whether levels fit the discretized budget (same test as the DP)."""
-  num_layers = d.w_input.shape[0]
-  on = levels > 0
-  e = jnp.min(jnp.where(on, d.tensor_layer, num_layers))
-  e_safe = jnp.minimum(e, num_layers - 1)
+  """Whether levels fit the discretized budget (same test as the DP).
+
+  ``cap[e]`` is the free budget once layer ``e``'s stored activations are
+  paid, so ``-cap`` plays ``stored`` in ``memory.activation_cost``: levels
+  fit iff option cells + input cells - cap[e] <= 0 (nothing trains: 0).
+  """
   used = jnp.sum(jnp.take_along_axis(d.w_option, levels[:, None], 1))
-  used = used + jnp.where(
-      jnp.any(on & d.needs_input & (d.tensor_layer == e)), d.w_input[e_safe], 0)
-  return (e == num_layers) | (used <= d.cap[e_safe])
+  _, act = memory_lib.activation_cost(levels > 0, d.tensor_layer,
+                                      d.needs_input, -d.cap, d.w_input)
+  return used + act <= 0
 
 
 def solve_greedy(d: Discretized, values: jnp.ndarray
@@ -303,6 +302,11 @@ _solve_exact_jit = jax.jit(solve_exact, static_argnames="num_cells")
 _solve_greedy_jit = jax.jit(solve_greedy)
 
 
+def check_method(method: str) -> None:
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
 def solve(problem: SearchProblem, values, budget: float,
           method: str = "exact", num_cells: int = 1024,
           resolution: float | None = None) -> dict[str, Any]:
@@ -312,8 +316,7 @@ def solve(problem: SearchProblem, values, budget: float,
     Dict: levels ([T] np.int32), importance, memory_bytes (exact),
     resolution_bytes, num_cells.
   """
-  if method not in METHODS:
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  check_method(method)
   d, num_cells = discretize(problem, budget, num_cells, resolution)
   values = jnp.asarray(values, jnp.float32)
   if method == "exact":
@@ -324,141 +327,3 @@ def solve(problem: SearchProblem, values, budget: float,
   return {"levels": levels, "importance": float(value),
           "memory_bytes": problem_memory(problem, levels),
           "resolution_bytes": float(d.resolution), "num_cells": num_cells}
-
-
-def build_plan(model, params: PyTree, example_input_shape: Sequence[int],
-               importance: Any, device_memory_bytes: Sequence[float],
-               tier_of_client: Sequence[int] | None = None,
-               policy: str = "min", batch_size: int = 32,
-               optimizer: str = "sgd", method: str = "exact",
-               channel_fractions: Sequence[float] = groups_lib.DEFAULT_FRACTIONS,
-               num_cells: int = 1024, resolution_bytes: float | None = None,
-               apply_kwargs: dict | None = None
-               ) -> tuple[masks_lib.MaskPlan, dict[str, Any]]:
-  """Searches one mask per memory tier and packs them into a ``MaskPlan``.
-
-  Builds: the model analysis (``groups.analyze`` on ``example_input_shape``),
-  groups at ``channel_fractions``, the memory instance for ``batch_size`` and
-  ``optimizer``, then one search per tier. Policy ``'min'``: a single tier
-  with budget ``min(device_memory_bytes)`` (the paper's ``M_min``), every
-  client in tier 0. Policy ``'per_tier'``: tier ``j``'s budget is the
-  smallest memory among its clients (``tier_of_client``; when None, one tier
-  per distinct memory value, ascending). Plan memory/FLOPs per tier come from
-  ``memory.training_memory``/``training_flops`` of the chosen mask.
-
-  Args:
-    model: flax linen module; ``model.apply(params, x, **apply_kwargs)``.
-    params: its parameters (bare or ``{'params': ...}``); masks match it.
-    example_input_shape: input shape with a leading batch axis.
-    importance: a Fisher tree shaped like ``params``
-      (``importance.fisher_diagonal``) or group scores ``[T, K+1]``.
-    device_memory_bytes: ``[N]`` memory of each client.
-    tier_of_client: ``[N]`` tier ids ``0..T-1`` (each used) or None.
-    policy: 'min' or 'per_tier'.
-    batch_size: client batch size (activation memory).
-    optimizer: client optimizer: 'sgd', 'momentum' or 'adam'.
-    method: 'exact' (DP) or 'greedy'.
-    channel_fractions: ascending output-channel fractions ending in 1.0.
-    num_cells: DP cells (resolution = free budget / num_cells).
-    resolution_bytes: explicit DP resolution (the table grows to fit).
-    apply_kwargs: extra keyword arguments for ``model.apply``.
-
-  Returns:
-    ``(MaskPlan, report)``; report has ``tiers`` (per tier: budget_bytes,
-    num_clients, memory breakdown, flops_per_example, importance,
-    importance_fraction, trained_params, selected groups and resolution) and
-    ``min_feasible_bytes``, ``num_groups``, ``method``, ``policy``.
-
-  Raises:
-    ValueError: on a bad option, or a budget below the minimum feasible
-      training memory (both named).
-  """
-  if policy not in POLICIES:
-    raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-  if method not in METHODS:
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-  memory_lib.optimizer_slots(optimizer)
-  if int(batch_size) < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  mem = np.asarray(device_memory_bytes, np.float64).reshape(-1)
-  if mem.size == 0 or not np.all(mem > 0):
-    raise ValueError("device_memory_bytes must be a non-empty [N] array of "
-                     "positive byte counts")
-  if policy == "min":
-    tiers = np.zeros(mem.size, np.int32)
-  elif tier_of_client is None:
-    tiers = np.searchsorted(np.unique(mem), mem).astype(np.int32)
-  else:
-    tiers = np.asarray(tier_of_client, np.int64).reshape(-1)
-    if tiers.shape != mem.shape:
-      raise ValueError(f"tier_of_client must have shape {mem.shape} like "
-                       f"device_memory_bytes, got {tiers.shape}")
-    used = np.unique(tiers)
-    if used[0] < 0 or not np.array_equal(used, np.arange(used.size)):
-      raise ValueError("tier_of_client must use every tier id 0..T-1, got "
-                       f"ids {used.tolist()}")
-    tiers = tiers.astype(np.int32)
-  num_tiers = int(tiers.max()) + 1
-  budgets = [float(mem[tiers == j].min()) for j in range(num_tiers)]
-
-  info = groups_lib.analyze(model, params, tuple(example_input_shape),
-                            **(apply_kwargs or {}))
-  spec = groups_lib.make_groups(info, channel_fractions)
-  problem = make_problem(info, spec, batch_size, optimizer)
-  if isinstance(importance, (np.ndarray, jnp.ndarray)):
-    values = jnp.asarray(importance, jnp.float32)
-    if values.shape != spec.sizes.shape:
-      raise ValueError(f"importance scores must have shape {spec.sizes.shape} "
-                       f"[tensors, levels], got {values.shape}")
-  else:
-    # One compiled call instead of many small eager ops.
-    values = jax.jit(lambda f: importance_lib.group_importance(spec, f))(
-        importance)
-  floor_bytes, t_min, k_min = min_feasible(problem)
-  low = min(budgets)
-  if low < floor_bytes:
-    raise ValueError(
-        f"memory budget {low:.0f} bytes (smallest device, policy={policy!r}) "
-        f"is below the minimum feasible training memory {floor_bytes:.0f} "
-        f"bytes (training only {'/'.join(spec.paths[t_min])} at fraction "
-        f"{spec.fractions[k_min - 1]}, batch_size={batch_size}, "
-        f"optimizer={optimizer!r})")
-
-  total_value = float(jnp.sum(values[:, -1]))
-  tier_masks, flops, mem_bytes, tier_reports = [], [], [], []
-  to_mask = jax.jit(lambda lv: groups_lib.levels_to_mask(spec, params, lv))
-  for j, budget in enumerate(budgets):
-    out = solve(problem, values, budget, method, num_cells, resolution_bytes)
-    levels = out["levels"]
-    mask = jax.device_get(to_mask(levels))
-    breakdown = memory_lib.training_memory(info, spec, params, mask,
-                                           batch_size, optimizer)
-    if breakdown["total"] > budget:  # The rounding guarantees this never runs.
-      raise AssertionError(f"search exceeded budget: {breakdown['total']} > "
-                           f"{budget}")
-    f = memory_lib.training_flops(info, spec, params, mask)
-    tier_masks.append(mask)
-    flops.append(f)
-    mem_bytes.append(breakdown["total"])
-    tier_reports.append({
-        "budget_bytes": budget,
-        "num_clients": int((tiers == j).sum()),
-        "memory": breakdown,
-        "flops_per_example": f,
-        "importance": out["importance"],
-        "importance_fraction": out["importance"] / max(total_value, 1e-30),
-        "trained_params": int(spec.numel[np.arange(len(levels)),
-                                         levels].sum()),
-        "selected": {"/".join(spec.paths[t]): spec.fractions[k - 1]
-                     for t, k in enumerate(levels) if k > 0},
-        "resolution_bytes": out["resolution_bytes"],
-        "num_cells": out["num_cells"],
-    })
-  plan = masks_lib.make_plan(params, tier_masks, tiers,
-                             flops_per_example=flops, memory_bytes=mem_bytes)
-  report = {"policy": policy, "method": method, "tiers": tier_reports,
-            "min_feasible_bytes": floor_bytes, "num_groups": spec.num_groups,
-            "num_tensors": spec.num_tensors, "num_params": info.num_params,
-            "full_model_memory": memory_lib.memory_from_sizes(
-                info, spec, spec.sizes[:, -1], batch_size, optimizer)}
-  return plan, report

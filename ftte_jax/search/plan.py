@@ -1,0 +1,173 @@
+"""Mask plans from the subset search: one searched mask per memory tier.
+
+``build_plan`` turns one model analysis (``groups.analyze``) and its groups
+(``groups.make_groups``), an importance estimate and the fleet's device
+memory into the ``MaskPlan`` the engine consumes, solving one knapsack
+(``knapsack.solve``) per memory tier (docs/design.md, Subset search).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ftte_jax.core import masks as masks_lib
+from ftte_jax.core.typing import PyTree
+from ftte_jax.search import groups as groups_lib
+from ftte_jax.search import importance as importance_lib
+from ftte_jax.search import knapsack
+from ftte_jax.search import memory as memory_lib
+
+POLICIES = ("min", "per_tier")
+
+
+def assign_tiers(device_memory_bytes: Sequence[float],
+                 tier_of_client: Sequence[int] | None, policy: str
+                 ) -> tuple[np.ndarray, list[float]]:
+  """Tier of each client ([N] int32) and each tier's budget in bytes.
+
+  Policy ``'min'``: a single tier with budget ``min(device_memory_bytes)``
+  (the paper's ``M_min``). Policy ``'per_tier'``: tier ``j``'s budget is the
+  smallest memory among its clients (``tier_of_client``; when None, one tier
+  per distinct memory value, ascending).
+  """
+  if policy not in POLICIES:
+    raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+  mem = np.asarray(device_memory_bytes, np.float64).reshape(-1)
+  if mem.size == 0 or not np.all(mem > 0):
+    raise ValueError("device_memory_bytes must be a non-empty [N] array of "
+                     "positive byte counts")
+  if policy == "min":
+    tiers = np.zeros(mem.size, np.int32)
+  elif tier_of_client is None:
+    tiers = np.searchsorted(np.unique(mem), mem).astype(np.int32)
+  else:
+    tiers = np.asarray(tier_of_client, np.int64).reshape(-1)
+    if tiers.shape != mem.shape:
+      raise ValueError(f"tier_of_client must have shape {mem.shape} like "
+                       f"device_memory_bytes, got {tiers.shape}")
+    used = np.unique(tiers)
+    if used[0] < 0 or not np.array_equal(used, np.arange(used.size)):
+      raise ValueError("tier_of_client must use every tier id 0..T-1, got "
+                       f"ids {used.tolist()}")
+    tiers = tiers.astype(np.int32)
+  return tiers, [float(mem[tiers == j].min()) for j in range(tiers.max() + 1)]
+
+
+def group_values(spec: groups_lib.GroupSpec, importance: Any) -> jnp.ndarray:
+  """Group scores ``[T, K+1]`` from a Fisher tree, or checked given scores."""
+  if isinstance(importance, (np.ndarray, jnp.ndarray)):
+    values = jnp.asarray(importance, jnp.float32)
+    if values.shape != spec.sizes.shape:
+      raise ValueError(f"importance scores must have shape {spec.sizes.shape} "
+                       f"[tensors, levels], got {values.shape}")
+    return values
+  # One compiled call instead of many small eager ops.
+  return jax.jit(lambda f: importance_lib.group_importance(spec, f))(
+      importance)
+
+
+def _check_floor(problem: knapsack.SearchProblem, spec: groups_lib.GroupSpec,
+                 budget: float, policy: str, batch_size: int,
+                 tx: optax.GradientTransformation) -> float:
+  """The minimum feasible training memory; raises if ``budget`` is below."""
+  floor_bytes, t, k = knapsack.min_feasible(problem)
+  if budget < floor_bytes:
+    raise ValueError(
+        f"memory budget {budget:.0f} bytes (smallest device, policy="
+        f"{policy!r}) is below the minimum feasible training memory "
+        f"{floor_bytes:.0f} bytes (training only {'/'.join(spec.paths[t])} at "
+        f"fraction {spec.fractions[k - 1]}, batch_size={batch_size}, "
+        f"{memory_lib.validated_slots(batch_size, spec, tx)} optimizer slots)")
+  return floor_bytes
+
+
+def _search_tier(info, spec, params, problem, values, budget, to_mask,
+                 batch_size, tx, solve_args) -> tuple[PyTree, dict[str, Any]]:
+  """One tier's mask and its report: choice, memory, FLOPs, importance."""
+  out = knapsack.solve(problem, values, budget, *solve_args)
+  levels = out["levels"]
+  mask = jax.device_get(to_mask(levels))
+  breakdown = memory_lib.training_memory(info, spec, params, mask, batch_size,
+                                         tx)
+  if breakdown["total"] > budget:  # The rounding guarantees this never runs.
+    raise AssertionError(f"search exceeded budget: {breakdown['total']} > "
+                         f"{budget}")
+  total_value = float(jnp.sum(values[:, -1]))
+  return mask, {
+      "memory": breakdown,
+      "flops_per_example": memory_lib.training_flops(info, spec, params, mask),
+      "importance": out["importance"],
+      "importance_fraction": out["importance"] / max(total_value, 1e-30),
+      "trained_params": int(spec.numel[np.arange(len(levels)), levels].sum()),
+      "selected": {"/".join(spec.paths[t]): spec.fractions[k - 1]
+                   for t, k in enumerate(levels) if k > 0},
+      "resolution_bytes": out["resolution_bytes"],
+      "num_cells": out["num_cells"],
+  }
+
+
+def build_plan(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
+               params: PyTree, importance: Any,
+               device_memory_bytes: Sequence[float],
+               tx: optax.GradientTransformation,
+               tier_of_client: Sequence[int] | None = None,
+               policy: str = "min", batch_size: int = 32,
+               method: str = "exact", num_cells: int = 1024,
+               resolution_bytes: float | None = None
+               ) -> tuple[masks_lib.MaskPlan, dict[str, Any]]:
+  """Searches one mask per memory tier and packs them into a ``MaskPlan``.
+
+  Args:
+    info, spec: the model analysis (``groups.analyze``) and its groups.
+    params: the model parameters (bare or ``{'params': ...}``); masks match.
+    importance: a Fisher tree shaped like ``params``
+      (``importance.fisher_diagonal``) or group scores ``[T, K+1]``.
+    device_memory_bytes: ``[N]`` memory of each client.
+    tx: the client optimizer (its state is charged per trained parameter).
+    tier_of_client: ``[N]`` tier ids ``0..T-1`` (each used) or None.
+    policy: 'min' or 'per_tier' (tiers and budgets: ``assign_tiers``).
+    batch_size: client batch size (activation memory).
+    method: 'exact' (DP) or 'greedy'.
+    num_cells: DP cells (resolution = free budget / num_cells).
+    resolution_bytes: explicit DP resolution (the table grows to fit).
+
+  Returns:
+    ``(MaskPlan, report)``; report has ``tiers`` (per tier: budget_bytes,
+    num_clients, memory breakdown and flops_per_example of the chosen mask
+    (``memory``), importance(_fraction),
+    trained_params, selected groups, resolution) and ``min_feasible_bytes``,
+    ``num_groups``, ``method``, ``policy``, ``full_model_memory``.
+
+  Raises:
+    ValueError: on a bad option or a budget below the minimum feasible memory.
+  """
+  knapsack.check_method(method)
+  tiers, budgets = assign_tiers(device_memory_bytes, tier_of_client, policy)
+  problem = knapsack.make_problem(info, spec, batch_size, tx)
+  values = group_values(spec, importance)
+  floor_bytes = _check_floor(problem, spec, min(budgets), policy, batch_size,
+                             tx)
+  to_mask = jax.jit(lambda lv: groups_lib.levels_to_mask(spec, params, lv))
+  tier_masks, reports = [], []
+  for j, budget in enumerate(budgets):
+    mask, report = _search_tier(info, spec, params, problem, values, budget,
+                                to_mask, batch_size, tx,
+                                (method, num_cells, resolution_bytes))
+    tier_masks.append(mask)
+    reports.append({"budget_bytes": budget,
+                    "num_clients": int((tiers == j).sum()), **report})
+  plan = masks_lib.make_plan(
+      params, tier_masks, tiers,
+      flops_per_example=[r["flops_per_example"] for r in reports],
+      memory_bytes=[r["memory"]["total"] for r in reports])
+  return plan, {
+      "policy": policy, "method": method, "tiers": reports,
+      "min_feasible_bytes": floor_bytes, "num_groups": spec.num_groups,
+      "num_tensors": spec.num_tensors, "num_params": info.num_params,
+      "full_model_memory": memory_lib.memory_from_sizes(
+          info, spec, spec.sizes[:, -1], batch_size, tx)}
