@@ -104,8 +104,8 @@ def run_one(args: argparse.Namespace, alpha: float, beta: float,
       client_lr=args.client_lr,
       # 20 tiny steps: a rolled loop compiles faster than an unrolled one.
       unroll_local_steps=False)
-  fleet = fleet_lib.make_fleet(
-      fleet_lib.FleetConfig(num_clients=data.num_clients), seed)
+  fleet = fleet_lib.make_fleet(fleet_lib.FleetConfig(), data.num_clients,
+                               seed)
   plan = masks_lib.full_plan(params, data.num_clients)
   env = engine.make_environment(cfg, data, fleet, plan)
   sim = engine.make_simulator(cfg, apply_fn,

@@ -1,13 +1,14 @@
 """absl flags for every ExperimentConfig option, derived from the dataclasses.
 
-Each field of ``EngineConfig``, ``DataConfig``, ``FleetConfig``,
+Each option of ``EngineConfig``, ``DataConfig``, ``FleetConfig``,
 ``SearchConfig`` and the top level of ``ExperimentConfig`` becomes one flag
-of the same name (``search.method`` and ``search.policy`` become
-``--search_method`` and ``--search_policy``; ``fleet.num_clients`` is
-``--num_clients``), so an option added to a config class gets a flag without
-touching this file. Every config flag defaults to None, meaning "not given":
-engine options then come from the ``--algorithm`` preset (presets differ,
-e.g. fedasync has buffer_size=1), everything else from the dataclass default.
+named after the option (``search.method`` is ``--search_method``), whose
+type, valid values (enum choices, integer bounds), help and default all come
+from the field's declaration (``ftte_jax.core.options``): an option added to
+a config class gets a flag without touching this file. Every config flag
+defaults to None, meaning "not given": engine options then come from the
+``--algorithm`` preset (presets differ, e.g. fedasync has buffer_size=1),
+everything else from the dataclass default.
 
 Launchers (``launch.main``, ``launch.sweep``, ``experiments.compare``) share
 this module: ``define_config_flags`` registers the flags, ``resolve`` turns
@@ -17,192 +18,127 @@ make bad input exit with status 2 and one line naming the flag.
 
 from __future__ import annotations
 
-import collections.abc
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
-import types
 import typing
 from typing import Any, Sequence
 
 from absl import flags
 
-from ftte_jax.core import aggregation
-from ftte_jax.core import algorithms
-from ftte_jax.data import datasets
 from ftte_jax import experiment
+from ftte_jax.core import algorithms
 from ftte_jax.core import fleet as fleet_lib
-from ftte_jax import models
-from ftte_jax.data import partition
-from ftte_jax.search import solver as search
-from ftte_jax.core import staleness
+from ftte_jax.core import options
 
 EXIT_USAGE = 2  # exit status for bad command-line input.
+PRESET_FLAG = "algorithm"  # names the preset; not an override.
 
-# (section of ExperimentConfig, dataclass, field -> flag renames, skipped).
+# (section of ExperimentConfig, its dataclass); nested configs are sections.
 _SECTIONS = (
-    ("engine", algorithms.EngineConfig, {}, {"algorithm"}),
-    ("data", experiment.DataConfig, {}, set()),
-    ("fleet", fleet_lib.FleetConfig, {}, {"num_clients"}),
-    ("search", experiment.SearchConfig,
-     {"method": "search_method", "policy": "search_policy"}, set()),
-    ("", experiment.ExperimentConfig, {}, {"engine", "data", "fleet",
-                                           "search"}),
+    ("engine", algorithms.EngineConfig),
+    ("data", experiment.DataConfig),
+    ("fleet", fleet_lib.FleetConfig),
+    ("search", experiment.SearchConfig),
+    ("", experiment.ExperimentConfig),
 )
-
-# Valid values of string options (enum flags), from the library's constants.
-_CHOICES = {
-    "server_optimizer": algorithms.SERVER_OPTIMIZERS,
-    "staleness": staleness.STALENESS_FUNCTIONS,
-    "normalization": aggregation.NORMALIZATIONS,
-    "mask": algorithms.MASK_POLICIES,
-    "memory_policy": algorithms.MEMORY_POLICIES,
-    "client_batching": algorithms.CLIENT_BATCHING,
-    "dataset": datasets.DATASETS,
-    "partition": tuple(partition.PARTITIONS) + ("natural",),
-    "model": models.MODELS,
-    "search_method": search.METHODS,
-    "search_policy": search.POLICIES,
-    "importance": experiment.IMPORTANCE_SOURCES,
-}
-
-# Integer options that must be >= 1 (checked at parse time so that, e.g.,
-# --num_clients=-5 is reported as such, not as a concurrency error).
-_POSITIVE_INTS = {
-    "num_clients", "rounds", "eval_every", "concurrency", "buffer_size",
-    "ring_size", "local_steps", "batch_size", "eval_batch_size",
-    "last_n_tensors", "probe_clients", "probe_examples", "num_cells",
-    "num_test", "shards_per_client"}
-
-# Help for fields whose class docstring has no Attributes entry.
-_EXTRA_HELP = {
-    "dataset": "dataset name",
-    "data_dir": "directory holding the dataset files; default: "
-                "$FTTE_DATA_DIR, else ~/.cache/ftte_jax",
-    "num_clients": "number of simulated clients (devices), N",
-    "partition": "how the training pool is split across clients",
-    "dirichlet_alpha": "Dirichlet label-skew concentration (smaller = more "
-                       "skew), for --partition=dirichlet",
-    "shards_per_client": "label shards per client, for --partition=shards",
-    "quantity_sigma": "lognormal sigma of client sizes, for "
-                      "--partition=quantity",
-    "num_test": "held-out test examples (mnist/cifar10 pool split)",
-    "model_options": "JSON object of model keyword arguments, e.g. "
-                     "'{\"hidden\": 64}'",
-    "memory_tier_fractions": "device memory tiers as fractions of full-model "
-                             "training memory (comma list, ascending), or "
-                             "'none' to use --memory_tiers in bytes",
-}
 
 
 @dataclasses.dataclass(frozen=True)
 class FlagSpec:
-  """One config flag: where its value goes and how to convert it."""
+  """One config flag: the option it sets and where its value goes."""
 
-  flag: str  # flag name.
   section: str  # "engine" | "data" | "fleet" | "search" | "" (top level).
-  field: str  # dataclass field name.
-  kind: str  # bool | int | float | str | floats | json.
-  optional: bool  # the field accepts None.
+  option: options.Option
 
+  @property
+  def flag(self) -> str:
+    return self.option.name
 
-def _attribute_docs(cls) -> dict[str, str]:
-  """Parses the ``Attributes:`` block of a Google-style class docstring."""
-  doc = cls.__doc__ or ""
-  m = re.search(r"Attributes:\n(.*?)(\n\s*\n|\Z)", doc, re.S)
-  out: dict[str, str] = {}
-  if not m:
-    return out
-  name = None
-  for line in m.group(1).splitlines():
-    head = re.match(r"\s{4}(\w+): (.*)", line)
-    if head:
-      name = head.group(1)
-      out[name] = head.group(2).strip()
-    elif name and line.strip():
-      out[name] += " " + line.strip()
-  return out
+  @property
+  def field(self) -> str:
+    return self.option.field
 
-
-def _kind(tp) -> tuple[str, bool]:
-  """Maps a field's type to (flag kind, optional)."""
-  optional = False
-  origin = typing.get_origin(tp)
-  if origin in (typing.Union, types.UnionType):
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    optional = len(args) < len(typing.get_args(tp))
-    tp = args[0]
-    origin = typing.get_origin(tp)
-  if tp is bool:
-    return "bool", optional
-  if tp in (int, float, str):
-    return tp.__name__, optional
-  if tp is dict or origin is dict:
-    return "json", optional
-  if origin in (collections.abc.Sequence, list, tuple) or tp in (list, tuple):
-    return "floats", optional
-  raise TypeError(f"no flag kind for type {tp!r}")
+  @property
+  def kind(self) -> str:
+    return self.option.kind
 
 
 def _specs() -> list[FlagSpec]:
   specs, seen = [], set()
-  for section, cls, renames, skip in _SECTIONS:
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-      if f.name in skip:
+  for section, cls in _SECTIONS:
+    for opt in options.options(cls):
+      if opt.kind == "config":
         continue
-      kind, optional = _kind(hints[f.name])
-      name = renames.get(f.name, f.name)
-      if name in seen:
-        raise AssertionError(f"two config fields map to flag --{name}")
-      seen.add(name)
-      specs.append(FlagSpec(name, section, f.name, kind, optional))
+      if opt.name in seen:
+        raise AssertionError(f"two config fields map to flag --{opt.name}")
+      seen.add(opt.name)
+      specs.append(FlagSpec(section, opt))
   return specs
 
 
 SPECS: list[FlagSpec] = _specs()
-FLAG_NAMES = frozenset(s.flag for s in SPECS) | {"algorithm"}
+FLAG_NAMES = frozenset(s.flag for s in SPECS)
 
 
-def _default_text(spec: FlagSpec) -> str:
-  if spec.section == "engine":
-    return "default: the --algorithm preset's"
-  cls = next(c for s, c, _, _ in _SECTIONS if s == spec.section)
-  f = next(f for f in dataclasses.fields(cls) if f.name == spec.field)
-  value = (f.default_factory() if f.default is dataclasses.MISSING
-           else f.default)
+def _show(spec: FlagSpec, value) -> str:
+  """A default value as it would be written on the command line."""
   if spec.kind == "floats" and value is not None:
-    value = ",".join(f"{v:g}" for v in value) or "(empty)"
-  return f"default: {value}"
+    return ",".join(f"{v:g}" for v in value) or "(empty)"
+  if spec.kind == "json":
+    return json.dumps(value)
+  if spec.kind == "float" and value is not None:
+    return f"{value:g}"
+  return str(value)
+
+
+def _help(spec: FlagSpec, flag_default) -> str:
+  """The option's help, its valid values and (if absl won't) its default."""
+  text = f"{spec.option.help} (valid: {options.describe(spec.option)}"
+  if flag_default is not None:  # absl prints a flag's own default itself.
+    return text + ")"
+  if spec.section == "engine":
+    return text + "; default: the --algorithm preset's)"
+  return text + f"; default: {_show(spec, spec.option.default)})"
 
 
 def define_config_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
-  """Registers --algorithm and one flag per config field on ``fv``."""
-  flags.DEFINE_enum("algorithm", "ftte", algorithms.PRESETS,
-                    "algorithm preset; unset engine flags take its values",
-                    flag_values=fv)
+  """Registers --algorithm and one flag per config option on ``fv``."""
   for spec in SPECS:
-    cls = next(c for s, c, _, _ in _SECTIONS if s == spec.section)
-    doc = _attribute_docs(cls).get(spec.field) or _EXTRA_HELP.get(
-        spec.flag, spec.field)
-    help_text = f"{doc} ({_default_text(spec)})"
-    name = spec.flag
-    if spec.kind == "bool":
-      flags.DEFINE_bool(name, None, help_text, flag_values=fv)
+    opt, name = spec.option, spec.flag
+    default = opt.default if name == PRESET_FLAG else None
+    kw = dict(help=_help(spec, default), flag_values=fv)
+    if opt.choices is not None:
+      flags.DEFINE_enum(name, default, list(opt.choices), **kw)
+    elif spec.kind == "bool":
+      flags.DEFINE_bool(name, default, **kw)
     elif spec.kind == "int":
-      flags.DEFINE_integer(name, None, help_text, flag_values=fv,
-                           lower_bound=1 if name in _POSITIVE_INTS else None)
+      flags.DEFINE_integer(name, default, **_int_bounds(opt), **kw)
     elif spec.kind == "float":
-      flags.DEFINE_float(name, None, help_text, flag_values=fv)
-    elif spec.kind == "str" and name in _CHOICES:
-      flags.DEFINE_enum(name, None, list(_CHOICES[name]), help_text,
-                        flag_values=fv)
+      flags.DEFINE_float(name, default, **kw)
     elif spec.kind in ("str", "json"):
-      flags.DEFINE_string(name, None, help_text, flag_values=fv)
+      flags.DEFINE_string(name, default, **kw)
     else:
-      flags.DEFINE_list(name, None, help_text, flag_values=fv)
+      flags.DEFINE_list(name, default, **kw)
+
+
+def _int_bounds(opt: options.Option) -> dict[str, int | None]:
+  """An int option's bounds, as absl's inclusive ones.
+
+  absl checks them as the flag is parsed, so that e.g. --num_clients=-5 is
+  reported as such, not as a concurrency error.
+  """
+  lo = hi = None
+  if opt.low is not None:
+    lo = (math.ceil(opt.low) if opt.low_inclusive else
+          math.floor(opt.low) + 1)
+  if opt.high is not None:
+    hi = (math.floor(opt.high) if opt.high_inclusive else
+          math.ceil(opt.high) - 1)
+  return dict(lower_bound=lo, upper_bound=hi)
 
 
 def define_run_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
@@ -230,7 +166,7 @@ def _convert(spec: FlagSpec, value) -> Any:
       raise ValueError(f"{spec.flag} must be a JSON object, got {value!r}")
     return out
   if spec.kind == "floats":
-    if spec.optional and [v.lower() for v in value] in (["none"], []):
+    if spec.option.optional and [v.lower() for v in value] in (["none"], []):
       return None
     try:
       return tuple(float(v) for v in value)
@@ -248,41 +184,44 @@ class Resolved:
   given: dict  # flag -> value for every config flag set on the command line.
 
 
+def _given(fv: flags.FlagValues) -> tuple[str, dict[str, dict], dict]:
+  """(preset name, section -> {field: value}, flag -> raw value given)."""
+  name = fv[PRESET_FLAG].value
+  parts: dict[str, dict] = {section: {} for section, _ in _SECTIONS}
+  given = {}
+  for spec in SPECS:
+    if spec.flag == PRESET_FLAG:
+      continue
+    value = fv[spec.flag].value
+    if value is None:
+      continue
+    given[spec.flag] = value
+    parts[spec.section][spec.field] = _convert(spec, value)
+  return name, parts, given
+
+
 def resolve(fv: flags.FlagValues = flags.FLAGS) -> Resolved:
   """Builds and validates the ExperimentConfig that parsed flags describe.
 
   Raises:
     ValueError: an invalid option; the message starts with its name.
   """
-  parts: dict[str, dict] = {"engine": {}, "data": {}, "fleet": {},
-                            "search": {}, "": {}}
-  given = {}
-  for spec in SPECS:
-    value = fv[spec.flag].value
-    if value is None:
-      continue
-    given[spec.flag] = value
-    parts[spec.section][spec.field] = _convert(spec, value)
-  engine = algorithms.preset(fv.algorithm, **parts["engine"])
+  name, parts, given = _given(fv)
+  engine = algorithms.preset(name, **parts["engine"])
   data = experiment.DataConfig(**parts["data"])
   if data.data_dir is not None and not os.path.isdir(data.data_dir):
     raise ValueError(f"data_dir: no such directory {data.data_dir!r}")
-  fleet = fleet_lib.FleetConfig(num_clients=data.num_clients,
-                                **parts["fleet"])
   config = experiment.ExperimentConfig(
-      engine=engine, data=data, fleet=fleet,
+      engine=engine, data=data, fleet=fleet_lib.FleetConfig(**parts["fleet"]),
       search=experiment.SearchConfig(**parts["search"]), **parts[""])
   experiment.validate(config)
   return Resolved(config, given)
 
 
 def given_args(fv: flags.FlagValues = flags.FLAGS) -> list[str]:
-  """The config flags set on ``fv`` as command-line arguments."""
-  out = [f"--algorithm={fv.algorithm}"]
-  for spec in SPECS:
-    if fv[spec.flag].value is not None:
-      out.append(fv[spec.flag].serialize())
-  return out
+  """The config flags set on ``fv`` (--algorithm first) as arguments."""
+  return [fv[spec.flag].serialize() for spec in SPECS
+          if fv[spec.flag].value is not None]
 
 
 def _parse_args(args: Sequence[str]) -> flags.FlagValues:

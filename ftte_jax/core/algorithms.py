@@ -12,7 +12,9 @@ import dataclasses
 import math
 
 from ftte_jax.core import aggregation
-from ftte_jax.core import staleness
+from ftte_jax.core import options
+from ftte_jax.core import staleness as staleness_lib
+from ftte_jax.core.options import option
 
 PRESETS = ("fedavg", "fedbuff", "fedasync", "ftte")
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -25,75 +27,91 @@ CLIENT_BATCHING = ("vmap", "map", "auto")
 class EngineConfig:
   """Every engine option; hyperparameters are static, never traced.
 
-  Attributes:
-    algorithm: preset name this config came from (for the record).
-    concurrency: C, client tasks in flight at once.
-    buffer_size: K, updates per server step (K <= C).
-    ring_size: S, global versions kept; older updates are dropped as stale.
-      ``preset`` sets it to max(16, 4 * ceil(C / K)) unless given: the
-      typical staleness is about C / K (FedAsync with C = 100, K = 1 lost
-      98% of its updates to a fixed S = 16).
-    local_steps: local SGD steps per task (the maximum when local_epochs set).
-    local_epochs: if set, client i takes ceil(local_epochs * n_i / batch)
-      steps (no more than local_steps would allow is *not* enforced: the
-      loop length becomes the largest client's count).
-    batch_size: local batch size.
-    client_lr: client SGD learning rate.
-    client_momentum: client SGD momentum (0 = plain SGD).
-    server_optimizer: sgd | momentum | adam, applied to the aggregate.
-    server_lr: server learning rate (FedAsync's mixing rate alpha).
-    server_momentum: momentum of the ``momentum`` server optimizer.
-    staleness: age weight: constant | polynomial | hinge | exponential.
-    staleness_a: decay rate of the age weight.
-    staleness_b: hinge threshold of the age weight.
-    variance_beta: FTTE variance weight 1/(1+beta*d), scaled to mean 1 over
-      the valid updates of a step; 0 switches it off.
-    data_weight_exponent: gamma in the n_i^gamma data-size weight.
-    normalization: coordinate (FedAvg; DESIGN's FTTE form) | damped (FTTE
-      preset: coordinate-wise over data weights, so age shrinks the step) |
-      buffer (FedBuff/FedAsync). See ``aggregation.aggregate``.
-    mask: full | last_n (FTTE before the search) | search.
-    last_n_tensors: tensors trained by the ``last_n`` mask rule.
-    memory_policy: exclude devices that cannot hold their mask's training
-      memory, or ignore memory.
-    deadline_s: task deadline in virtual seconds; a task not back by then is
-      dropped and its slot freed. None: deadline_factor times the slowest
-      eligible device's nominal task time.
-    deadline_factor: see deadline_s.
-    client_batching: how the K clients of a step are trained: vmap (all at
-      once), map (one after another inside the jit), or auto (map on CPU,
-      vmap on accelerators; measured in experiments/benchmarks/throughput.py).
-    unroll_local_steps: fully unroll the local-step loop (fast on CPU for
-      convolutions, DESIGN §5) instead of a rolled loop.
-    eval_batch_size: batch size of the held-out evaluation.
+  Each field's meaning and valid values are declared with it
+  (``options.option``); ``validate`` adds the checks that span fields.
   """
 
-  algorithm: str = "ftte"
-  concurrency: int = 100
-  buffer_size: int = 10
-  ring_size: int = 16
-  local_steps: int = 5
-  local_epochs: float | None = None
-  batch_size: int = 32
-  client_lr: float = 0.05
-  client_momentum: float = 0.0
-  server_optimizer: str = "sgd"
-  server_lr: float = 1.0
-  server_momentum: float = 0.9
-  staleness: str = "polynomial"
-  staleness_a: float = 0.5
-  staleness_b: float = 4.0
-  variance_beta: float = 1.0
-  data_weight_exponent: float = 1.0
-  normalization: str = "coordinate"
-  mask: str = "last_n"
-  last_n_tensors: int = 2
-  memory_policy: str = "exclude"
-  deadline_s: float | None = None
-  deadline_factor: float = 3.0
-  client_batching: str = "auto"
-  unroll_local_steps: bool = True
-  eval_batch_size: int = 1000
+  algorithm: str = option(
+      "ftte", choices=PRESETS,
+      help="algorithm preset (algorithms.preset) whose values the engine "
+      "options not given take")
+  concurrency: int = option(100, low=1,
+                            help="C, client tasks in flight at once")
+  buffer_size: int = option(10, low=1,
+                            help="K, updates per server step (K <= C)")
+  ring_size: int = option(
+      16, low=1,
+      help="S, global versions kept; older updates are dropped as stale. "
+      "The presets set it to max(16, 4 * ceil(C / K)) unless given: the "
+      "typical staleness is about C / K (FedAsync with C = 100, K = 1 lost "
+      "98% of its updates to a fixed S = 16)")
+  local_steps: int = option(
+      5, low=1,
+      help="local SGD steps per task (the maximum when local_epochs is set)")
+  local_epochs: float | None = option(
+      None, low=0, low_inclusive=False,
+      help="if set, client i takes ceil(local_epochs * n_i / batch_size) "
+      "steps (the loop length becomes the largest client's count)")
+  batch_size: int = option(32, low=1, help="local batch size")
+  client_lr: float = option(0.05, low=0, low_inclusive=False,
+                            help="client SGD learning rate")
+  client_momentum: float = option(
+      0.0, low=0, high=1, high_inclusive=False,
+      help="client SGD momentum (0 = plain SGD)")
+  server_optimizer: str = option(
+      "sgd", choices=SERVER_OPTIMIZERS,
+      help="optimizer applied to the aggregate at the server")
+  server_lr: float = option(
+      1.0, low=0, low_inclusive=False,
+      help="server learning rate (FedAsync's mixing rate alpha)")
+  server_momentum: float = option(
+      0.9, low=0, high=1, high_inclusive=False,
+      help="momentum of the 'momentum' server optimizer")
+  staleness: str = option(
+      "polynomial", choices=staleness_lib.STALENESS_FUNCTIONS,
+      help="age weight of an update (staleness.make_staleness_fn)")
+  staleness_a: float = option(0.5, low=0,
+                              help="decay rate of the age weight")
+  staleness_b: float = option(4.0, low=0,
+                              help="hinge threshold of the age weight")
+  variance_beta: float = option(
+      1.0, low=0,
+      help="FTTE variance weight 1/(1+beta*d), scaled to mean 1 over the "
+      "valid updates of a step; 0 switches it off")
+  data_weight_exponent: float = option(
+      1.0, low=0, help="gamma in the n_i^gamma data-size weight")
+  normalization: str = option(
+      "coordinate", choices=aggregation.NORMALIZATIONS,
+      help="coordinate (FedAvg; DESIGN's FTTE form), damped (FTTE preset: "
+      "coordinate-wise over data weights, so age shrinks the step) or buffer "
+      "(FedBuff/FedAsync); see aggregation.aggregate")
+  mask: str = option(
+      "last_n", choices=MASK_POLICIES,
+      help="which parameters a client trains: full model, the last_n rule "
+      "(FTTE before the search) or the memory-budgeted subset search")
+  last_n_tensors: int = option(
+      2, low=1, help="tensors trained by the last_n mask rule")
+  memory_policy: str = option(
+      "exclude", choices=MEMORY_POLICIES,
+      help="exclude devices that cannot hold their mask's training memory, "
+      "or ignore memory")
+  deadline_s: float | None = option(
+      None, low=0, low_inclusive=False,
+      help="task deadline in virtual seconds; a task not back by then is "
+      "dropped and its slot freed. None: deadline_factor times the slowest "
+      "eligible device's nominal task time")
+  deadline_factor: float = option(3.0, low=0, low_inclusive=False,
+                                  help="see deadline_s")
+  client_batching: str = option(
+      "auto", choices=CLIENT_BATCHING,
+      help="how the K clients of a step are trained: vmap (all at once), "
+      "map (one after another inside the jit), or auto (map on CPU, vmap on "
+      "accelerators; measured in experiments/benchmarks/throughput.py)")
+  unroll_local_steps: bool = option(
+      True, help="fully unroll the local-step loop (fast on CPU for "
+      "convolutions, DESIGN §5) instead of a rolled loop")
+  eval_batch_size: int = option(1000, low=1,
+                                help="batch size of the held-out evaluation")
 
 
 _PRESET_DEFAULTS = {
@@ -116,7 +134,6 @@ _PRESET_DEFAULTS = {
                  data_weight_exponent=1.0, normalization="damped",
                  mask="search"),
 }
-
 
 def preset(name: str, **overrides) -> EngineConfig:
   """Returns the EngineConfig of preset ``name`` with ``overrides`` applied.
@@ -154,63 +171,17 @@ def preset(name: str, **overrides) -> EngineConfig:
   return config
 
 
-def _positive_int(name: str, value) -> None:
-  if not (isinstance(value, int) and value >= 1):
-    raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def _positive(name: str, value) -> None:
-  if not (value > 0 and math.isfinite(value)):
-    raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-
-
 def validate(config: EngineConfig, num_clients: int | None = None) -> None:
-  """Raises ValueError naming the first invalid option and its valid range."""
-  if config.algorithm not in PRESETS:
-    raise ValueError(f"algorithm must be one of {PRESETS}, got "
-                     f"{config.algorithm!r}")
-  for name in ("concurrency", "buffer_size", "ring_size", "local_steps",
-               "batch_size", "eval_batch_size", "last_n_tensors"):
-    _positive_int(name, getattr(config, name))
+  """Raises ValueError naming the first invalid option and its valid values.
+
+  Args:
+    config: the engine config.
+    num_clients: N, if known: concurrency may not exceed it.
+  """
+  options.check_fields(config)
   if config.buffer_size > config.concurrency:
     raise ValueError(f"buffer_size (K={config.buffer_size}) must be <= "
                      f"concurrency (C={config.concurrency})")
   if num_clients is not None and config.concurrency > num_clients:
     raise ValueError(f"concurrency (C={config.concurrency}) must be <= "
                      f"num_clients ({num_clients})")
-  if config.local_epochs is not None:
-    _positive("local_epochs", config.local_epochs)
-  _positive("client_lr", config.client_lr)
-  _positive("server_lr", config.server_lr)
-  _positive("deadline_factor", config.deadline_factor)
-  if config.deadline_s is not None:
-    _positive("deadline_s", config.deadline_s)
-  if not 0.0 <= config.client_momentum < 1.0:
-    raise ValueError(f"client_momentum must be in [0, 1), got "
-                     f"{config.client_momentum}")
-  if not 0.0 <= config.server_momentum < 1.0:
-    raise ValueError(f"server_momentum must be in [0, 1), got "
-                     f"{config.server_momentum}")
-  if config.server_optimizer not in SERVER_OPTIMIZERS:
-    raise ValueError(f"server_optimizer must be one of {SERVER_OPTIMIZERS}, "
-                     f"got {config.server_optimizer!r}")
-  staleness.make_staleness_fn(config.staleness, config.staleness_a,
-                              config.staleness_b)
-  if config.variance_beta < 0:
-    raise ValueError(f"variance_beta must be >= 0, got {config.variance_beta}")
-  if config.data_weight_exponent < 0:
-    raise ValueError("data_weight_exponent must be >= 0, got "
-                     f"{config.data_weight_exponent}")
-  if config.normalization not in aggregation.NORMALIZATIONS:
-    raise ValueError(f"normalization must be one of "
-                     f"{aggregation.NORMALIZATIONS}, got "
-                     f"{config.normalization!r}")
-  if config.mask not in MASK_POLICIES:
-    raise ValueError(f"mask must be one of {MASK_POLICIES}, got "
-                     f"{config.mask!r}")
-  if config.memory_policy not in MEMORY_POLICIES:
-    raise ValueError(f"memory_policy must be one of {MEMORY_POLICIES}, got "
-                     f"{config.memory_policy!r}")
-  if config.client_batching not in CLIENT_BATCHING:
-    raise ValueError(f"client_batching must be one of {CLIENT_BATCHING}, got "
-                     f"{config.client_batching!r}")
