@@ -12,8 +12,9 @@ everything else from the dataclass default.
 
 Launchers (``launch.main``, ``launch.sweep``, ``experiments.compare``) share
 this module: ``define_config_flags`` registers the flags, ``resolve`` turns
-parsed flags into an ``ExperimentConfig``, ``parse_or_exit`` and ``fail``
-make bad input exit with status 2 and one line naming the flag.
+parsed flags into an ``ExperimentConfig``, ``for_algorithm`` points shared
+arguments at one preset, and ``parse_or_exit`` and ``fail`` make bad input
+exit with status 2 and one line naming the flag.
 """
 
 from __future__ import annotations
@@ -222,6 +223,35 @@ def given_args(fv: flags.FlagValues = flags.FLAGS) -> list[str]:
   """The config flags set on ``fv`` (--algorithm first) as arguments."""
   return [fv[spec.flag].serialize() for spec in SPECS
           if fv[spec.flag].value is not None]
+
+
+def _flag_of(arg: str) -> str:
+  return arg.split("=", 1)[0].lstrip("-")
+
+
+def for_algorithm(args: Sequence[str], algorithm: str,
+                  extra: Sequence[str] = ()) -> list[str]:
+  """Config arguments that run ``algorithm`` on a shared setup.
+
+  ``args`` set what several presets share; ``extra`` are this algorithm's
+  own and come last. Each option the preset pins (``algorithms.pinned``)
+  that ``extra`` does not set takes its pinned value in place of the shared
+  one: fedasync gets --buffer_size=1, fedavg --concurrency equal to its
+  buffer size.
+
+  Raises:
+    ValueError: bad flag syntax or an unknown algorithm.
+  """
+  args = expand_args(args)
+  _, parts, _ = _given(_parse_args([*args, *extra]))
+  engine_flags = {s.field: s.flag for s in SPECS if s.section == "engine"}
+  own = {_flag_of(a) for a in extra}
+  pins = {engine_flags[k]: v
+          for k, v in algorithms.pinned(algorithm, parts["engine"]).items()
+          if engine_flags[k] not in own}
+  kept = [a for a in args if _flag_of(a) not in {PRESET_FLAG, *pins}]
+  return [*kept, f"--{PRESET_FLAG}={algorithm}",
+          *(f"--{k}={v}" for k, v in pins.items()), *extra]
 
 
 def _parse_args(args: Sequence[str]) -> flags.FlagValues:

@@ -101,3 +101,35 @@ def test_compare_arguments_and_rows():
   assert rows[0]["memory_ratio_vs_fedavg"] == pytest.approx(0.2)
   assert rows[0]["upload_ratio_vs_fedavg"] == pytest.approx(0.3)
   assert rows[1]["speedup_vs_fedavg"] == 0.0
+
+
+def test_compare_same_updates_for_any_buffer_size():
+  from experiments import compare
+  # fedavg with its own K=2 against the shared K=4: twice the steps.
+  args = compare.algorithm_args([f"--flagfile={SMOKE}"], ["fedavg"],
+                                ["fedavg:--buffer_size=2"])["fedavg"]
+  assert args[-4:] == ["--concurrency=2", "--buffer_size=2", "--rounds=40",
+                       "--eval_every=10"]
+  # Its own --rounds wins: nothing is scaled.
+  args = compare.algorithm_args([f"--flagfile={SMOKE}"], ["fedasync"],
+                                ["fedasync:--rounds=7"])["fedasync"]
+  assert args[-1] == "--rounds=7" and "--eval_every=5" in args
+
+
+def test_for_algorithm_replaces_what_the_preset_pins():
+  from launch import flags as flags_lib
+  base = [f"--flagfile={SMOKE}", "--algorithm=fedbuff"]
+  args = flags_lib.for_algorithm(base, "fedasync")
+  assert "--buffer_size=4" not in args and "--algorithm=fedbuff" not in args
+  assert args[-2:] == ["--algorithm=fedasync", "--buffer_size=1"]
+  config = flags_lib.resolve_args(args).config
+  assert (config.engine.buffer_size, config.engine.concurrency) == (1, 8)
+  # The algorithm's own flags are kept, and win, even against a pin.
+  args = flags_lib.for_algorithm(base, "fedavg", ["--buffer_size=2"])
+  assert args[-3:] == ["--algorithm=fedavg", "--concurrency=2",
+                       "--buffer_size=2"]
+  args = flags_lib.for_algorithm(base, "fedavg", ["--concurrency=8"])
+  assert args[-2:] == ["--algorithm=fedavg", "--concurrency=8"]
+  with pytest.raises(ValueError, match="concurrency must be 4, got 8"):
+    flags_lib.resolve_args(args)
+  assert flags_lib.for_algorithm(base, "ftte")[-1] == "--algorithm=ftte"

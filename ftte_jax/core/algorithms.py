@@ -2,14 +2,16 @@
 
 FedAvg, FedBuff, FedAsync and FTTE are not separate code paths: each is an
 ``EngineConfig`` for the one event-driven engine in ``ftte_jax.engine``
-(DESIGN §2). ``preset(name, **overrides)`` builds one; ``validate`` checks a
-config against a fleet before anything is compiled.
+(DESIGN §2). ``preset(name, **overrides)`` builds one; ``pinned`` says which
+options a preset fixes (one rule for ``preset`` and for launchers that run
+several presets); ``validate`` checks a config before anything is compiled.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any, Mapping
 
 from ftte_jax.core import aggregation
 from ftte_jax.core import options
@@ -124,7 +126,7 @@ _PRESET_DEFAULTS = {
                     variance_beta=0.0, data_weight_exponent=0.0,
                     normalization="buffer", mask="full"),
     # Xie et al. 2019: every arrival mixes in with alpha * (1+tau)^-a.
-    "fedasync": dict(buffer_size=1, staleness="polynomial", staleness_a=0.5,
+    "fedasync": dict(staleness="polynomial", staleness_a=0.5,
                      variance_beta=0.0, data_weight_exponent=0.0,
                      normalization="buffer", mask="full", server_lr=0.6),
     # This project's FTTE reconstruction: age x variance, sparse subset.
@@ -135,14 +137,47 @@ _PRESET_DEFAULTS = {
                  mask="search"),
 }
 
-def preset(name: str, **overrides) -> EngineConfig:
-  """Returns the EngineConfig of preset ``name`` with ``overrides`` applied.
+# What a preset pins, as a function of its other options, and why.
+_PINS = {
+    "fedasync": ("applies every update alone",
+                 lambda kw: {"buffer_size": 1}),
+    "fedavg": ("is synchronous, so concurrency equals buffer_size",
+               lambda kw: {"concurrency": kw["buffer_size"]}),
+}
 
-  For ``fedavg`` the concurrency always equals the buffer size (a synchronous
-  round); passing a different ``concurrency`` is an error.
+
+def pinned(name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+  """The engine options preset ``name`` fixes, given the other overrides.
+
+  ``fedasync`` always has buffer_size 1; ``fedavg`` (a synchronous round)
+  has concurrency equal to its buffer size. A launcher running several
+  presets on shared overrides sets these values for each; ``preset``
+  refuses an override that contradicts them.
+
+  Args:
+    name: a preset in ``PRESETS``.
+    overrides: engine options given (pinned ones among them are ignored).
+
+  Returns:
+    Option name -> the value the preset requires ({} if none).
   """
   if name not in PRESETS:
     raise ValueError(f"algorithm must be one of {PRESETS}, got {name!r}")
+  if name not in _PINS:
+    return {}
+  kw = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+  kw.update(_PRESET_DEFAULTS[name])
+  kw.update(overrides)
+  return _PINS[name][1](kw)
+
+
+def preset(name: str, **overrides) -> EngineConfig:
+  """Returns the EngineConfig of preset ``name`` with ``overrides`` applied.
+
+  Options the preset pins (``pinned``) take their pinned value; overriding
+  one with another value is an error.
+  """
+  pins = pinned(name, overrides)
   fields = {f.name for f in dataclasses.fields(EngineConfig)}
   unknown = sorted(set(overrides) - fields)
   if unknown:
@@ -151,16 +186,11 @@ def preset(name: str, **overrides) -> EngineConfig:
   kw = dict(_PRESET_DEFAULTS[name])
   kw.update(overrides)
   kw["algorithm"] = name
-  if name == "fedavg":
-    k = kw.get("buffer_size", EngineConfig.buffer_size)
-    if "concurrency" in overrides and overrides["concurrency"] != k:
-      raise ValueError(
-          f"fedavg is synchronous: concurrency must equal buffer_size ({k}), "
-          f"got concurrency={overrides['concurrency']}")
-    kw["concurrency"] = k
-  if name == "fedasync" and kw["buffer_size"] != 1:
-    raise ValueError(f"fedasync applies every update alone: buffer_size must "
-                     f"be 1, got {kw['buffer_size']}")
+  for key, value in pins.items():
+    if key in overrides and overrides[key] != value:
+      raise ValueError(f"{name} {_PINS[name][0]}: {key} must be "
+                       f"{value!r}, got {overrides[key]!r}")
+    kw[key] = value
   if "ring_size" not in overrides:
     c = kw.get("concurrency", EngineConfig.concurrency)
     k = kw.get("buffer_size", EngineConfig.buffer_size)
