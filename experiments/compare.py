@@ -53,9 +53,7 @@ def define_flags() -> None:
                             "one algorithm only (repeatable)")
   flags.DEFINE_string("compare_dir", None, "parent of the runs' workdirs and "
                       "of the tables (default runs/compare-<time>)")
-  flags.DEFINE_integer("checkpoint_every", 25, "passed to every run",
-                       lower_bound=1)
-  flags.DEFINE_bool("overwrite", False, "passed to every run: start afresh")
+  flags_lib.define_checkpoint_flags()
 
 
 def algorithm_args(base: list[str], algorithms: list[str],
@@ -185,10 +183,8 @@ def main(argv: list[str]) -> None:
   jobs = [sweep.Job(alg, {"algorithm": alg}, args,
                     workdir=os.path.abspath(os.path.join(out_dir, alg)))
           for alg, args in per_alg.items()]
-  extra = [f"--checkpoint_every={FLAGS.checkpoint_every}"]
-  if FLAGS.overwrite:
-    extra.append("--overwrite")
-  sweep.run_jobs(jobs, parallel=1, extra_args=extra)
+  sweep.run_jobs(jobs, parallel=1,
+                 extra_args=flags_lib.checkpoint_args(FLAGS))
 
   summaries, curves = {}, {}
   for job in jobs:

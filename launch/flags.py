@@ -11,7 +11,8 @@ defaults to None, meaning "not given": engine options then come from the
 everything else from the dataclass default.
 
 Launchers (``launch.main``, ``launch.sweep``, ``experiments.compare``) share
-this module: ``define_config_flags`` registers the flags, ``resolve`` turns
+this module: ``define_config_flags`` registers the flags,
+``define_run_flags`` the output and checkpoint flags, ``resolve`` turns
 parsed flags into an ``ExperimentConfig``, ``for_algorithm`` points shared
 arguments at one preset, and ``parse_or_exit`` and ``fail`` make bad input
 exit with status 2 and one line naming the flag.
@@ -37,6 +38,8 @@ from ftte_jax.core import options
 
 EXIT_USAGE = 2  # exit status for bad command-line input.
 PRESET_FLAG = "algorithm"  # names the preset; not an override.
+# Flags every launcher passes on to the launch.main runs it starts.
+CHECKPOINT_FLAGS = ("checkpoint_every", "keep_checkpoints", "overwrite")
 
 # (section of ExperimentConfig, its dataclass); nested configs are sections.
 _SECTIONS = (
@@ -143,17 +146,28 @@ def _int_bounds(opt: options.Option) -> dict[str, int | None]:
 
 
 def define_run_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
-  """Registers the launcher's own flags (output, checkpoints, overwrite)."""
+  """Registers launch.main's --workdir and the checkpoint flags."""
   flags.DEFINE_string("workdir", None, "output directory; default "
                       "runs/<algorithm>-<first 8 hex of the config hash>, so "
                       "re-running a command resumes it", flag_values=fv)
+  define_checkpoint_flags(fv)
+
+
+def define_checkpoint_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """Registers ``CHECKPOINT_FLAGS``; sweep and compare pass them to runs."""
   flags.DEFINE_integer("checkpoint_every", 25, "save a checkpoint every this "
-                       "many server steps (and at the end)", lower_bound=1,
+                       "many server steps (and at the end); sweep and "
+                       "compare pass it to every run", lower_bound=1,
                        flag_values=fv)
-  flags.DEFINE_integer("keep_checkpoints", 3, "most recent checkpoints kept",
-                       lower_bound=1, flag_values=fv)
-  flags.DEFINE_bool("overwrite", False, "discard whatever --workdir holds "
-                    "and start fresh", flag_values=fv)
+  flags.DEFINE_integer("keep_checkpoints", 3, "most recent checkpoints kept "
+                       "(per run)", lower_bound=1, flag_values=fv)
+  flags.DEFINE_bool("overwrite", False, "discard whatever a run's --workdir "
+                    "holds and start fresh", flag_values=fv)
+
+
+def checkpoint_args(fv: flags.FlagValues = flags.FLAGS) -> list[str]:
+  """``CHECKPOINT_FLAGS`` as launch.main arguments, to pass on to a run."""
+  return [fv[name].serialize() for name in CHECKPOINT_FLAGS]
 
 
 def _convert(spec: FlagSpec, value) -> Any:
@@ -290,7 +304,7 @@ def one_line(error: BaseException | str) -> str:
   if isinstance(error, flags.CantOpenFlagFileError):
     return "--flagfile: " + msg.replace("ERROR:: ", "")
   m = re.match(r"(\w+)\b", msg)
-  if m and m.group(1) in FLAG_NAMES | {"workdir", "checkpoint_every"}:
+  if m and m.group(1) in FLAG_NAMES | {"workdir", *CHECKPOINT_FLAGS}:
     msg = "--" + msg
   return msg
 

@@ -52,7 +52,8 @@ def test_sweep_gathers_summaries(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "launch.sweep", f"--flagfile={SMOKE}",
        "--rounds=5", "--grid=algorithm=ftte,fedbuff", "--seeds=3",
-       "--parallel=2", f"--sweep_dir={tmp_path}"],
+       "--parallel=2", f"--sweep_dir={tmp_path}", "--checkpoint_every=2",
+       "--keep_checkpoints=1"],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr
   rows = json.loads((tmp_path / "results.json").read_text())
@@ -63,6 +64,10 @@ def test_sweep_gathers_summaries(tmp_path):
     assert r["params_sha256"] == summary["params_sha256"]
     assert r["rounds"] == 5
     assert (tmp_path / r["run"] / "run.log").exists()
+    # The checkpoint flags are passed on to every run.
+    launch = json.loads((tmp_path / r["run"] / "config.json").read_text())[
+        "launch"]
+    assert (launch["checkpoint_every"], launch["keep_checkpoints"]) == (2, 1)
   with open(tmp_path / "results.csv") as f:
     assert len(list(csv.DictReader(f))) == 2
   md = (tmp_path / "results.md").read_text()
@@ -133,3 +138,13 @@ def test_for_algorithm_replaces_what_the_preset_pins():
   with pytest.raises(ValueError, match="concurrency must be 4, got 8"):
     flags_lib.resolve_args(args)
   assert flags_lib.for_algorithm(base, "ftte")[-1] == "--algorithm=ftte"
+
+
+def test_checkpoint_flags_are_defined_once_and_passed_on():
+  from absl import flags
+  from launch import flags as flags_lib
+  fv = flags.FlagValues()
+  flags_lib.define_checkpoint_flags(fv)
+  fv(["sweep", "--checkpoint_every=7", "--overwrite"])
+  assert flags_lib.checkpoint_args(fv) == [
+      "--checkpoint_every=7", "--keep_checkpoints=3", "--overwrite"]
