@@ -10,12 +10,12 @@ defaults to None, meaning "not given": engine options then come from the
 ``--algorithm`` preset (presets differ, e.g. fedasync has buffer_size=1),
 everything else from the dataclass default.
 
-Launchers (``launch.main``, ``launch.sweep``, ``experiments.compare``) share
-this module: ``define_config_flags`` registers the flags,
-``define_run_flags`` the output and checkpoint flags, ``resolve`` turns
-parsed flags into an ``ExperimentConfig``, ``for_algorithm`` points shared
-arguments at one preset, and ``parse_or_exit`` and ``fail`` make bad input
-exit with status 2 and one line naming the flag.
+Launchers (``launch.main``, ``launch.sweep``, ``experiments.compare`` and the
+experiment scripts) share this module: ``define_config_flags`` registers the
+flags, ``define_run_flags`` the output and checkpoint flags, ``resolve``
+turns parsed flags into an ``ExperimentConfig``, ``for_algorithm`` points
+shared arguments at one preset, and ``parse_or_exit`` and ``fail`` make bad
+input exit with status 2 and one line naming the flag.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import os
 import re
 import sys
 import typing
-from typing import Any, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 from absl import flags
 
@@ -109,11 +109,29 @@ def _help(spec: FlagSpec, flag_default) -> str:
   return text + f"; default: {_show(spec, spec.option.default)})"
 
 
-def define_config_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
-  """Registers --algorithm and one flag per config option on ``fv``."""
+def define_config_flags(fv: flags.FlagValues = flags.FLAGS,
+                        defaults: Mapping[str, Any] | None = None,
+                        exclude: Collection[str] = ()) -> None:
+  """Registers --algorithm and one flag per config option on ``fv``.
+
+  Args:
+    fv: where to register.
+    defaults: flag name -> default, in the form the flag parses (e.g.
+      "0.5,2" for a list), for a script whose setting differs from the
+      library's; such a flag's value counts as given.
+    exclude: flags not to register (a script that sets those options
+      itself); ``resolve`` then uses the library's default.
+  """
+  defaults = dict(defaults or {})
+  defaults.setdefault(PRESET_FLAG, algorithms.EngineConfig.algorithm)
+  unknown = (set(defaults) | set(exclude)) - FLAG_NAMES
+  if unknown:
+    raise ValueError(f"not config flags: {sorted(unknown)}")
   for spec in SPECS:
+    if spec.flag in exclude:
+      continue
     opt, name = spec.option, spec.flag
-    default = opt.default if name == PRESET_FLAG else None
+    default = defaults.get(name)
     kw = dict(help=_help(spec, default), flag_values=fv)
     if opt.choices is not None:
       flags.DEFINE_enum(name, default, list(opt.choices), **kw)
@@ -201,11 +219,12 @@ class Resolved:
 
 def _given(fv: flags.FlagValues) -> tuple[str, dict[str, dict], dict]:
   """(preset name, section -> {field: value}, flag -> raw value given)."""
-  name = fv[PRESET_FLAG].value
+  name = (fv[PRESET_FLAG].value if PRESET_FLAG in fv else
+          algorithms.EngineConfig.algorithm)
   parts: dict[str, dict] = {section: {} for section, _ in _SECTIONS}
   given = {}
   for spec in SPECS:
-    if spec.flag == PRESET_FLAG:
+    if spec.flag == PRESET_FLAG or spec.flag not in fv:
       continue
     value = fv[spec.flag].value
     if value is None:
@@ -236,7 +255,20 @@ def resolve(fv: flags.FlagValues = flags.FLAGS) -> Resolved:
 def given_args(fv: flags.FlagValues = flags.FLAGS) -> list[str]:
   """The config flags set on ``fv`` (--algorithm first) as arguments."""
   return [fv[spec.flag].serialize() for spec in SPECS
-          if fv[spec.flag].value is not None]
+          if spec.flag in fv and fv[spec.flag].value is not None]
+
+
+def flag_values(fv: flags.FlagValues, extra: Sequence[str] = ()) -> dict:
+  """The config flags set on ``fv`` and the ``extra`` ones, by name."""
+  out = {s.flag: fv[s.flag].value for s in SPECS
+         if s.flag in fv and fv[s.flag].value is not None}
+  out.update((name, fv[name].value) for name in extra)
+  return out
+
+
+def section_flags(section: str) -> frozenset[str]:
+  """The config flags of one section ("engine", "data", ..., "": top)."""
+  return frozenset(s.flag for s in SPECS if s.section == section)
 
 
 def _flag_of(arg: str) -> str:
