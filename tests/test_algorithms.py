@@ -41,11 +41,11 @@ def test_preset_applies_and_enforces_pins():
   assert algorithms.preset("fedavg", buffer_size=4).concurrency == 4
   assert algorithms.preset("fedavg", buffer_size=4,
                            concurrency=4).concurrency == 4
-  with pytest.raises(ValueError, match="fedasync .*buffer_size must be 1, "
-                     "got 4"):
+  with pytest.raises(ValueError, match="^fedasync .*buffer_size must be 1, "
+                     "got buffer_size=4"):
     algorithms.preset("fedasync", buffer_size=4)
-  with pytest.raises(ValueError, match="fedavg .*concurrency must be 4, "
-                     "got 8"):
+  with pytest.raises(ValueError, match=r"^fedavg is synchronous: concurrency "
+                     r"must equal buffer_size \(4\), got concurrency=8"):
     algorithms.preset("fedavg", buffer_size=4, concurrency=8)
 
 

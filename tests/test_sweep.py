@@ -135,7 +135,7 @@ def test_for_algorithm_replaces_what_the_preset_pins():
                        "--buffer_size=2"]
   args = flags_lib.for_algorithm(base, "fedavg", ["--concurrency=8"])
   assert args[-2:] == ["--algorithm=fedavg", "--concurrency=8"]
-  with pytest.raises(ValueError, match="concurrency must be 4, got 8"):
+  with pytest.raises(ValueError, match=r"buffer_size \(4\), got concurrency=8"):
     flags_lib.resolve_args(args)
   assert flags_lib.for_algorithm(base, "ftte")[-1] == "--algorithm=ftte"
 

@@ -139,10 +139,10 @@ _PRESET_DEFAULTS = {
 
 # What a preset pins, as a function of its other options, and why.
 _PINS = {
-    "fedasync": ("applies every update alone",
-                 lambda kw: {"buffer_size": 1}),
-    "fedavg": ("is synchronous, so concurrency equals buffer_size",
-               lambda kw: {"concurrency": kw["buffer_size"]}),
+    "fedasync": (lambda kw: {"buffer_size": 1},
+                 "applies every update alone: buffer_size must be 1"),
+    "fedavg": (lambda kw: {"concurrency": kw["buffer_size"]},
+               "is synchronous: concurrency must equal buffer_size ({})"),
 }
 
 
@@ -168,7 +168,7 @@ def pinned(name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
   kw = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
   kw.update(_PRESET_DEFAULTS[name])
   kw.update(overrides)
-  return _PINS[name][1](kw)
+  return _PINS[name][0](kw)
 
 
 def preset(name: str, **overrides) -> EngineConfig:
@@ -188,8 +188,8 @@ def preset(name: str, **overrides) -> EngineConfig:
   kw["algorithm"] = name
   for key, value in pins.items():
     if key in overrides and overrides[key] != value:
-      raise ValueError(f"{name} {_PINS[name][0]}: {key} must be "
-                       f"{value!r}, got {overrides[key]!r}")
+      raise ValueError(f"{name} {_PINS[name][1].format(value)}, got "
+                       f"{key}={overrides[key]!r}")
     kw[key] = value
   if "ring_size" not in overrides:
     c = kw.get("concurrency", EngineConfig.concurrency)
