@@ -9,13 +9,14 @@ fleet, seed, rounds, target accuracy...). Each algorithm runs as its own
 ``launch.main`` process (sequentially; each already uses every core) in
 ``<compare_dir>/<algorithm>``, so an interrupted comparison resumes from
 checkpoints when re-run. Per-algorithm overrides: ``--algo_flags=ALG:--flag
-=value`` (repeatable). Two are added unless overridden, because the presets
-require them: fedasync gets ``--buffer_size=1``, and fedavg, synchronous,
-gets ``--concurrency`` equal to its buffer size. FedAsync applies one update
-per server step, so it also gets K times the shared ``--rounds`` and
-``--eval_every`` (K: the shared buffer size): every algorithm then applies
-the same number of client updates. Set ``--max_virtual_time`` to compare on
-an equal virtual-time budget instead.
+=value`` (repeatable). Options a preset pins (``algorithms.pinned``) take
+the pinned value unless overridden: fedasync gets ``--buffer_size=1`` and
+fedavg, synchronous, ``--concurrency`` equal to its buffer size. Every
+algorithm applies the same number of client updates: one whose buffer size
+K differs from the shared one gets the shared ``--rounds`` and
+``--eval_every`` scaled by K_shared / K (FedAsync: K_shared times as many),
+unless its own flags set them. Set ``--max_virtual_time`` to compare on an
+equal virtual-time budget instead.
 
 Writes ``compare.md`` and ``compare.json`` (final accuracy, time to target,
 speed-up versus FedAvg ``1 - t/t_fedavg``, peak device memory and its ratio
@@ -52,9 +53,7 @@ def define_flags() -> None:
                             "one algorithm only (repeatable)")
   flags.DEFINE_string("compare_dir", None, "parent of the runs' workdirs and "
                       "of the tables (default runs/compare-<time>)")
-  flags.DEFINE_integer("checkpoint_every", 25, "passed to every run",
-                       lower_bound=1)
-  flags.DEFINE_bool("overwrite", False, "passed to every run: start afresh")
+  flags_lib.define_checkpoint_flags()
 
 
 def algorithm_args(base: list[str], algorithms: list[str],
@@ -81,30 +80,32 @@ def algorithm_args(base: list[str], algorithms: list[str],
     if alg not in ALGORITHMS:
       raise ValueError(f"algorithms: unknown {alg!r}; valid: "
                        f"{list(ALGORITHMS)}")
-    args = [a for a in base if not a.startswith("--algorithm=")]
-    args.append(f"--algorithm={alg}")
-    given = {a.split("=")[0] for a in extra[alg]}
-    if alg == "fedasync" and "--buffer_size" not in given:
-      args.append("--buffer_size=1")
-    if alg == "fedasync" and not {"--rounds", "--eval_every"} & given:
-      # One update per step: K times the steps give every algorithm the same
-      # number of client updates and evaluation points.
-      k = shared.engine.buffer_size
-      args += [f"--rounds={shared.rounds * k}",
-               f"--eval_every={shared.eval_every * k}"]
-    if alg == "fedavg" and "--concurrency" not in given:
-      k = flags_lib.resolve_args(
-          [a for a in args + extra[alg] if not a.startswith(
-              "--concurrency=")]).config.engine.buffer_size
-      args = [a for a in args if not a.startswith("--concurrency=")]
-      args.append(f"--concurrency={k}")
-    args += extra[alg]
     try:
+      args = flags_lib.for_algorithm(base, alg, extra[alg])
+      own = {a.split("=", 1)[0] for a in extra[alg]}
+      if not {"--rounds", "--eval_every"} & own:
+        args = _same_updates(args, shared)
       flags_lib.resolve_args(args)
     except ValueError as e:
       raise ValueError(f"{alg}: {flags_lib.one_line(e)}") from None
     out[alg] = args
   return out
+
+
+def _same_updates(args: list[str], shared) -> list[str]:
+  """Scales --rounds and --eval_every by K_shared / K of this algorithm.
+
+  A server step applies K updates, so this gives every algorithm the same
+  number of client updates and evaluation points (rounded up).
+  """
+  k = flags_lib.resolve_args(args).config.engine.buffer_size
+  k_shared = shared.engine.buffer_size
+  if k == k_shared:
+    return args
+  scale = lambda n: -(-n * k_shared // k)  # ceil(n * k_shared / k)
+  kept = [a for a in args if not a.startswith(("--rounds=", "--eval_every="))]
+  return kept + [f"--rounds={scale(shared.rounds)}",
+                 f"--eval_every={scale(shared.eval_every)}"]
 
 
 def _ratio(a, b):
@@ -182,10 +183,8 @@ def main(argv: list[str]) -> None:
   jobs = [sweep.Job(alg, {"algorithm": alg}, args,
                     workdir=os.path.abspath(os.path.join(out_dir, alg)))
           for alg, args in per_alg.items()]
-  extra = [f"--checkpoint_every={FLAGS.checkpoint_every}"]
-  if FLAGS.overwrite:
-    extra.append("--overwrite")
-  sweep.run_jobs(jobs, parallel=1, extra_args=extra)
+  sweep.run_jobs(jobs, parallel=1,
+                 extra_args=flags_lib.checkpoint_args(FLAGS))
 
   summaries, curves = {}, {}
   for job in jobs:

@@ -11,104 +11,125 @@ optimum is lower), so the verdict uses the gap to the pooled (centralized)
 optimum, fitted per dataset by full-batch Adam. Several data/model seeds are
 averaged, since one draw of the generator can reorder neighbouring settings.
 
-``ExperimentConfig`` cannot pass the generator's (alpha, beta) (``DataConfig``
-has no field for them and ``experiment._load_data`` passes none, so it always
-builds Synthetic(1,1)); this script therefore assembles the engine from
-``datasets.load_federated``, ``masks.full_plan``, ``fleet.make_fleet`` and
-``engine.make_simulator`` directly. The fleet is homogeneous, so FedAvg's
-virtual time is just rounds times one task.
+The script assembles the engine from ``planning.load_data``,
+``masks.full_plan``, ``fleet.make_fleet`` and ``engine.make_simulator``
+directly rather than through ``experiment.build``: it evaluates on every
+device's training data and fits the pooled optimum on it, and it seeds the
+model with ``PRNGKey(seed)``. The fleet is homogeneous, so FedAvg's virtual
+time is just rounds times one task.
 
 Training loss and accuracy are over every device's training examples (equal
 weight per example, as FedProx reports); test figures over the union of the
 devices' held-out 10%.
 
-Run: python -m experiments.synthetic_heterogeneity [--out results.json]
+The config flags of ``launch.main`` that apply here (engine, fleet,
+``--num_clients``, ``--model``, ``--model_options``, ``--rounds``,
+``--eval_every``) are this script's flags too, with its defaults
+(``DEFAULTS``; ``--buffer_size`` is FedAvg's devices per round);
+``--settings`` and ``--seeds`` take the place of ``--synthetic_alpha``,
+``--synthetic_beta`` and ``--seed``.
+
+Run: python -m experiments.synthetic_heterogeneity [--out=results.json]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 import warnings
-from typing import Sequence
 
+from absl import app
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ftte_jax.core import algorithms
-from ftte_jax.data import datasets
+from experiments.benchmarks.common import machine
+from ftte_jax import experiment
+from ftte_jax import models as models_lib
 from ftte_jax.core import engine
 from ftte_jax.core import fleet as fleet_lib
 from ftte_jax.core import masks as masks_lib
-from ftte_jax import models as models_lib
+from ftte_jax.experiment import planning
+from launch import flags as flags_lib
 
+FLAGS = flags.FLAGS
 METRICS = ("train_loss", "gap", "train_accuracy", "test_loss", "test_accuracy")
+# FedProx's setting, where it differs from the library's defaults.
+DEFAULTS = {
+    "algorithm": "fedavg",
+    "num_clients": 30,
+    "local_steps": 20,
+    "batch_size": 10,
+    "client_lr": 0.01,
+    # 20 tiny steps: a rolled loop compiles faster than an unrolled one.
+    "unroll_local_steps": False,
+    # No hidden layer: multinomial logistic regression.
+    "model": "mlp",
+    "model_options": '{"hidden": []}',
+    "rounds": 200,
+}
+# Config flags this script sets itself (settings, seeds) or does not use.
+UNUSED = ((flags_lib.section_flags("data") - {"num_clients"}) |
+          flags_lib.section_flags("search") |
+          {"mask", "last_n_tensors", "seed", "memory_tier_fractions",
+           "target_accuracy", "max_virtual_time"})
+_OWN_FLAGS = ("settings", "report_rounds", "loss_threshold", "central_steps",
+              "seeds", "out")
 
 
-def machine() -> str:
-  """One line naming where the numbers come from."""
-  return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores; "
-          f"jax {jax.__version__} backend={jax.default_backend()}")
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """Registers the config flags that apply (with ``DEFAULTS``) and its own."""
+  flags_lib.define_config_flags(fv, defaults=DEFAULTS, exclude=UNUSED)
+  flags.DEFINE_string("settings", "0,0;0.5,0.5;1,1",
+                      "';'-separated alpha,beta pairs of Synthetic(alpha, "
+                      "beta)", flag_values=fv)
+  flags.DEFINE_list("report_rounds", ["20", "50", "100", "200"],
+                    "rounds shown in the table (those <= --rounds)",
+                    flag_values=fv)
+  flags.DEFINE_float("loss_threshold", None, "train loss for rounds-to-loss; "
+                     "default: the largest final mean loss among settings, "
+                     "times 1.1", flag_values=fv)
+  flags.DEFINE_integer("central_steps", 2000, "full-batch Adam steps for the "
+                       "pooled optimum", lower_bound=1, flag_values=fv)
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "data/model seeds averaged",
+                    flag_values=fv)
+  flags.DEFINE_string("out", os.path.join(
+      tempfile.gettempdir(), "ftte_synthetic_heterogeneity.json"),
+                      "JSON file for the results ('' for none)",
+                      flag_values=fv)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--settings", default="0,0;0.5,0.5;1,1",
-                 help="';'-separated alpha,beta pairs")
-  p.add_argument("--num_clients", type=int, default=30)
-  p.add_argument("--clients_per_round", type=int, default=10)
-  p.add_argument("--local_steps", type=int, default=20)
-  p.add_argument("--local_epochs", type=float, default=None,
-                 help="if set, device k takes ceil(E * n_k / batch) steps "
-                      "(FedProx's E; costly: the loop runs to the largest)")
-  p.add_argument("--batch_size", type=int, default=10)
-  p.add_argument("--client_lr", type=float, default=0.01)
-  p.add_argument("--hidden", default="",
-                 help="comma-separated MLP hidden sizes; empty = multinomial "
-                      "logistic regression (FedProx)")
-  p.add_argument("--rounds", type=int, default=200)
-  p.add_argument("--eval_every", type=int, default=10)
-  p.add_argument("--report_rounds", default="20,50,100,200",
-                 help="rounds shown in the table (those <= --rounds)")
-  p.add_argument("--loss_threshold", type=float, default=None,
-                 help="train loss for rounds-to-loss; default: the largest "
-                      "final mean loss among settings, times 1.1")
-  p.add_argument("--central_steps", type=int, default=2000,
-                 help="full-batch Adam steps for the pooled optimum")
-  p.add_argument("--seeds", default="0,1,2")
-  p.add_argument("--out", default=os.path.join(
-      tempfile.gettempdir(), "ftte_synthetic_heterogeneity.json"))
-  return p.parse_args(argv)
+def make_config(fv: flags.FlagValues, alpha: float, beta: float,
+                seed: int) -> experiment.ExperimentConfig:
+  """The config of one run on Synthetic(alpha, beta).
+
+  Raises:
+    ValueError: an invalid option (the message names it).
+  """
+  return flags_lib.resolve_args(flags_lib.given_args(fv) + [
+      "--dataset=synthetic", "--partition=natural",
+      f"--synthetic_alpha={alpha}", f"--synthetic_beta={beta}",
+      f"--seed={seed}"]).config
 
 
-def run_one(args: argparse.Namespace, alpha: float, beta: float,
-            seed: int) -> tuple[list[dict], dict]:
-  """One FedAvg run on Synthetic(alpha, beta); returns its evaluation rows."""
-  data, (x_test, y_test), info = datasets.load_federated(
-      "synthetic", args.num_clients, seed=seed, alpha=alpha, beta=beta)
-  hidden = tuple(int(h) for h in args.hidden.split(",") if h.strip())
-  model = models_lib.get_model("mlp", info["num_classes"], hidden=hidden)
+def run_one(cfg: experiment.ExperimentConfig,
+            central_steps: int) -> tuple[list[dict], dict]:
+  """One run on Synthetic(alpha, beta); returns its evaluation rows."""
+  seed = cfg.seed
+  data, (x_test, y_test), info = planning.load_data(cfg)
+  model = models_lib.get_model(cfg.model, info["num_classes"],
+                               **cfg.model_options)
   params = model.init(jax.random.PRNGKey(seed),
                       jnp.zeros((1,) + info["input_shape"]))["params"]
   apply_fn = lambda p, x: model.apply({"params": p}, x)
-  cfg = algorithms.preset(
-      "fedavg", buffer_size=args.clients_per_round,
-      local_steps=args.local_steps, local_epochs=args.local_epochs,
-      batch_size=args.batch_size,
-      client_lr=args.client_lr,
-      # 20 tiny steps: a rolled loop compiles faster than an unrolled one.
-      unroll_local_steps=False)
-  fleet = fleet_lib.make_fleet(
-      fleet_lib.FleetConfig(num_clients=data.num_clients), seed)
+  fleet = fleet_lib.make_fleet(cfg.fleet, data.num_clients, seed)
   plan = masks_lib.full_plan(params, data.num_clients)
-  env = engine.make_environment(cfg, data, fleet, plan)
-  sim = engine.make_simulator(cfg, apply_fn,
+  env = engine.make_environment(cfg.engine, data, fleet, plan)
+  sim = engine.make_simulator(cfg.engine, apply_fn,
                               int(np.asarray(env.num_steps).max()))
   step = jax.jit(sim.step, donate_argnums=1)
   evaluate = jax.jit(sim.evaluate)
@@ -128,7 +149,7 @@ def run_one(args: argparse.Namespace, alpha: float, beta: float,
       g = jax.grad(loss_fn)(p)
       u, o = opt.update(g, o, p)
       return optax.apply_updates(p, u), o
-    p, _ = jax.lax.fori_loop(0, args.central_steps, body, (p, opt.init(p)))
+    p, _ = jax.lax.fori_loop(0, central_steps, body, (p, opt.init(p)))
     return loss_fn(p)
 
   central = float(fit(params))
@@ -146,9 +167,9 @@ def run_one(args: argparse.Namespace, alpha: float, beta: float,
                  "test_accuracy": float(te["test_accuracy"])})
 
   log(state)
-  for r in range(1, args.rounds + 1):
+  for r in range(1, cfg.rounds + 1):
     state, _ = step(env, state)
-    if r % args.eval_every == 0 or r == args.rounds:
+    if r % cfg.eval_every == 0 or r == cfg.rounds:
       log(state)
   return rows, {"central_train_loss": central,
                 "num_train": info["num_train"], "num_test": info["num_test"],
@@ -187,21 +208,43 @@ def format_table(settings: list[dict], report_rounds: list[int]) -> str:
   return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-  """Runs FedAvg on every setting and seed; prints and returns the results."""
-  args = parse_args(argv)
-  # The generator's lognormal device sizes are the point of the data set;
-  # the padding they cost is known and small here.
-  warnings.filterwarnings("ignore", message="ClientData: padded index")
-  seeds = [int(s) for s in args.seeds.split(",")]
+def make_configs(
+    fv: flags.FlagValues
+) -> dict[tuple[float, float, int], experiment.ExperimentConfig]:
+  """(alpha, beta, seed) -> config of every run, in the order given.
+
+  Raises:
+    ValueError: an invalid option (the message names it).
+  """
+  try:
+    pairs = [tuple(float(v) for v in pair.split(","))
+             for pair in fv.settings.split(";")]
+  except ValueError:
+    pairs = []
+  if not pairs or any(len(p) != 2 for p in pairs):
+    raise ValueError(f"settings must be ';'-separated alpha,beta pairs, got "
+                     f"{fv.settings!r}")
+  try:
+    seeds = [int(s) for s in fv.seeds]
+  except ValueError:
+    raise ValueError(f"seeds must be integers, got {fv.seeds}") from None
+  return {(a, b, seed): make_config(fv, a, b, seed)
+          for a, b in pairs for seed in seeds}
+
+
+def run_settings(
+    fv: flags.FlagValues) -> tuple[list[dict], experiment.ExperimentConfig]:
+  """Runs every setting and seed; returns per-setting rows and a config."""
+  configs = make_configs(fv)
+  pairs = list(dict.fromkeys((a, b) for a, b, _ in configs))
+  seeds = list(dict.fromkeys(seed for _, _, seed in configs))
   settings = []
   t0 = time.perf_counter()
-  for pair in args.settings.split(";"):
-    alpha, beta = (float(v) for v in pair.split(","))
+  for alpha, beta in pairs:
     name = f"Synthetic({alpha:g},{beta:g})"
     per_seed, data_info = [], []
     for seed in seeds:
-      rows, dinfo = run_one(args, alpha, beta, seed)
+      rows, dinfo = run_one(configs[alpha, beta, seed], fv.central_steps)
       per_seed.append(rows)
       data_info.append(dinfo)
       print(f"  {name} seed {seed}: train_loss {rows[0]['train_loss']:.3f} "
@@ -211,12 +254,24 @@ def main(argv: Sequence[str] | None = None) -> dict:
     settings.append({"name": name, "alpha": alpha, "beta": beta,
                      "mean": mean_rows(per_seed), "per_seed": per_seed,
                      "data": data_info})
+  return settings, next(iter(configs.values()))
+
+
+def run_all(fv: flags.FlagValues = flags.FLAGS) -> dict:
+  """Runs FedAvg on every setting and seed; prints and returns the results."""
+  # The generator's lognormal device sizes are the point of the data set;
+  # the padding they cost is known and small here.
+  warnings.filterwarnings("ignore", message="ClientData: padded index")
+  t0 = time.perf_counter()
+  settings, cfg = run_settings(fv)
+  seeds = [int(s) for s in fv.seeds]
+  rounds = cfg.rounds
 
   # Heterogeneity slows FedAvg if, at every reported round, the mean gap to
   # the pooled optimum rises with (alpha, beta) in the order given; the raw
   # loss ordering is reported too but mixes in how separable each set is.
-  report_rounds = [int(r) for r in args.report_rounds.split(",")
-                   if int(r) <= args.rounds] + [args.rounds]
+  report_rounds = [int(r) for r in fv.report_rounds
+                   if int(r) <= rounds] + [rounds]
   loss_at = {r: [next(x["train_loss"] for x in s["mean"] if x["round"] == r)
                  for s in settings] for r in sorted(set(report_rounds))
              if any(x["round"] == r for x in settings[0]["mean"])}
@@ -229,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   central = {s["name"]: float(np.mean([d["central_train_loss"]
                                        for d in s["data"]]))
              for s in settings}
-  threshold = args.loss_threshold
+  threshold = fv.loss_threshold
   if threshold is None:
     threshold = 1.1 * max(s["mean"][-1]["train_loss"] for s in settings)
   to_loss = {s["name"]: rounds_to_loss(s["mean"], threshold)
@@ -241,13 +296,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
                        for v in last]
   slows = all(gap_monotone.values())
   table = format_table(settings, report_rounds)
-  steps = (f"{args.local_steps} local steps" if args.local_epochs is None
-           else f"{args.local_epochs:g} local epochs")
+  e = cfg.engine
+  steps = (f"{e.local_steps} local steps" if e.local_epochs is None
+           else f"{e.local_epochs:g} local epochs")
   print(machine())
-  print(f"FedAvg, {args.num_clients} devices, {args.clients_per_round}/round, "
-        f"{steps} x batch {args.batch_size}, lr "
-        f"{args.client_lr}, model mlp hidden={args.hidden or '()'}; mean of "
-        f"seeds {seeds}")
+  print(f"{e.algorithm}, {cfg.data.num_clients} devices, {e.buffer_size}/"
+        f"round, {steps} x batch {e.batch_size}, lr {e.client_lr}, model "
+        f"{cfg.model} {json.dumps(cfg.model_options)}; mean of seeds {seeds}")
   print(table)
   print("train loss at round  " + "  ".join(
       f"{r}: " + " < ".join(f"{v:.3f}" for v in vals) +
@@ -260,13 +315,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
   print("pooled-optimum train loss: " + ", ".join(
       f"{k}: {v:.3f}" for k, v in central.items()))
   print(f"rounds to train loss <= {threshold:.3f}: " + ", ".join(
-      f"{k}: {v if v is not None else '>' + str(args.rounds)}"
+      f"{k}: {v if v is not None else '>' + str(rounds)}"
       for k, v in to_loss.items()))
-  print(f"per-seed ordering at round {args.rounds}: {per_seed_monotone}")
+  print(f"per-seed ordering at round {rounds}: {per_seed_monotone}")
   print(f"heterogeneity slows FedAvg (mean gap to pooled optimum monotone at "
         f"every reported round): {'YES' if slows else 'NO'}   "
         f"wall {time.perf_counter() - t0:.0f}s")
-  result = {"machine": machine(), "args": vars(args), "table": table,
+  result = {"machine": machine(),
+            "args": flags_lib.flag_values(fv, _OWN_FLAGS), "table": table,
             "settings": settings,
             "train_loss_at_round": {str(r): v for r, v in loss_at.items()},
             "monotone_at_round": {str(r): v for r, v in monotone.items()},
@@ -278,13 +334,24 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "per_seed_monotone_final": per_seed_monotone,
             "heterogeneity_slows_fedavg": slows,
             "wall_s": time.perf_counter() - t0}
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+  if fv.out:
+    os.makedirs(os.path.dirname(os.path.abspath(fv.out)), exist_ok=True)
+    with open(fv.out, "w") as f:
       json.dump(result, f, indent=1)
-    print(f"wrote {args.out}")
+    print(f"wrote {fv.out}")
   return result
 
 
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    flags_lib.fail(f"unexpected positional arguments {argv[1:]}")
+  try:
+    make_configs(FLAGS)  # Every run's options are checked before any runs.
+  except ValueError as e:
+    flags_lib.fail(e)
+  run_all(FLAGS)
+
+
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main, flags_parser=flags_lib.parse_or_exit)

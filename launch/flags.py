@@ -1,223 +1,191 @@
 """absl flags for every ExperimentConfig option, derived from the dataclasses.
 
-Each field of ``EngineConfig``, ``DataConfig``, ``FleetConfig``,
+Each option of ``EngineConfig``, ``DataConfig``, ``FleetConfig``,
 ``SearchConfig`` and the top level of ``ExperimentConfig`` becomes one flag
-of the same name (``search.method`` and ``search.policy`` become
-``--search_method`` and ``--search_policy``; ``fleet.num_clients`` is
-``--num_clients``), so an option added to a config class gets a flag without
-touching this file. Every config flag defaults to None, meaning "not given":
-engine options then come from the ``--algorithm`` preset (presets differ,
-e.g. fedasync has buffer_size=1), everything else from the dataclass default.
+named after the option (``search.method`` is ``--search_method``), whose
+type, valid values (enum choices, integer bounds), help and default all come
+from the field's declaration (``ftte_jax.core.options``): an option added to
+a config class gets a flag without touching this file. Every config flag
+defaults to None, meaning "not given": engine options then come from the
+``--algorithm`` preset (presets differ, e.g. fedasync has buffer_size=1),
+everything else from the dataclass default.
 
-Launchers (``launch.main``, ``launch.sweep``, ``experiments.compare``) share
-this module: ``define_config_flags`` registers the flags, ``resolve`` turns
-parsed flags into an ``ExperimentConfig``, ``parse_or_exit`` and ``fail``
-make bad input exit with status 2 and one line naming the flag.
+Launchers (``launch.main``, ``launch.sweep``, ``experiments.compare`` and the
+experiment scripts) share this module: ``define_config_flags`` registers the
+flags, ``define_run_flags`` the output and checkpoint flags, ``resolve``
+turns parsed flags into an ``ExperimentConfig``, ``for_algorithm`` points
+shared arguments at one preset, and ``parse_or_exit`` and ``fail`` make bad
+input exit with status 2 and one line naming the flag.
 """
 
 from __future__ import annotations
 
-import collections.abc
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
-import types
 import typing
-from typing import Any, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 from absl import flags
 
-from ftte_jax.core import aggregation
-from ftte_jax.core import algorithms
-from ftte_jax.data import datasets
 from ftte_jax import experiment
+from ftte_jax.core import algorithms
 from ftte_jax.core import fleet as fleet_lib
-from ftte_jax import models
-from ftte_jax.data import partition
-from ftte_jax.search import knapsack
-from ftte_jax.search import plan as plan_lib
-from ftte_jax.core import staleness
+from ftte_jax.core import options
 
 EXIT_USAGE = 2  # exit status for bad command-line input.
+PRESET_FLAG = "algorithm"  # names the preset; not an override.
+# Flags every launcher passes on to the launch.main runs it starts.
+CHECKPOINT_FLAGS = ("checkpoint_every", "keep_checkpoints", "overwrite")
 
-# (section of ExperimentConfig, dataclass, field -> flag renames, skipped).
+# (section of ExperimentConfig, its dataclass); nested configs are sections.
 _SECTIONS = (
-    ("engine", algorithms.EngineConfig, {}, {"algorithm"}),
-    ("data", experiment.DataConfig, {}, set()),
-    ("fleet", fleet_lib.FleetConfig, {}, {"num_clients"}),
-    ("search", experiment.SearchConfig,
-     {"method": "search_method", "policy": "search_policy"}, set()),
-    ("", experiment.ExperimentConfig, {}, {"engine", "data", "fleet",
-                                           "search"}),
+    ("engine", algorithms.EngineConfig),
+    ("data", experiment.DataConfig),
+    ("fleet", fleet_lib.FleetConfig),
+    ("search", experiment.SearchConfig),
+    ("", experiment.ExperimentConfig),
 )
-
-# Valid values of string options (enum flags), from the library's constants.
-_CHOICES = {
-    "server_optimizer": algorithms.SERVER_OPTIMIZERS,
-    "staleness": staleness.STALENESS_FUNCTIONS,
-    "normalization": aggregation.NORMALIZATIONS,
-    "mask": algorithms.MASK_POLICIES,
-    "memory_policy": algorithms.MEMORY_POLICIES,
-    "client_batching": algorithms.CLIENT_BATCHING,
-    "dataset": datasets.DATASETS,
-    "partition": tuple(partition.PARTITIONS) + ("natural",),
-    "model": models.MODELS,
-    "search_method": knapsack.METHODS,
-    "search_policy": plan_lib.POLICIES,
-    "importance": experiment.IMPORTANCE_SOURCES,
-}
-
-# Integer options that must be >= 1 (checked at parse time so that, e.g.,
-# --num_clients=-5 is reported as such, not as a concurrency error).
-_POSITIVE_INTS = {
-    "num_clients", "rounds", "eval_every", "concurrency", "buffer_size",
-    "ring_size", "local_steps", "batch_size", "eval_batch_size",
-    "last_n_tensors", "probe_clients", "probe_examples", "num_cells",
-    "num_test", "shards_per_client"}
-
-# Help for fields whose class docstring has no Attributes entry.
-_EXTRA_HELP = {
-    "dataset": "dataset name",
-    "data_dir": "directory holding the dataset files; default: "
-                "$FTTE_DATA_DIR, else ~/.cache/ftte_jax",
-    "num_clients": "number of simulated clients (devices), N",
-    "partition": "how the training pool is split across clients",
-    "dirichlet_alpha": "Dirichlet label-skew concentration (smaller = more "
-                       "skew), for --partition=dirichlet",
-    "shards_per_client": "label shards per client, for --partition=shards",
-    "quantity_sigma": "lognormal sigma of client sizes, for "
-                      "--partition=quantity",
-    "num_test": "held-out test examples (mnist/cifar10 pool split)",
-    "model_options": "JSON object of model keyword arguments, e.g. "
-                     "'{\"hidden\": 64}'",
-    "memory_tier_fractions": "device memory tiers as fractions of full-model "
-                             "training memory (comma list, ascending), or "
-                             "'none' to use --memory_tiers in bytes",
-}
 
 
 @dataclasses.dataclass(frozen=True)
 class FlagSpec:
-  """One config flag: where its value goes and how to convert it."""
+  """One config flag: the option it sets and where its value goes."""
 
-  flag: str  # flag name.
   section: str  # "engine" | "data" | "fleet" | "search" | "" (top level).
-  field: str  # dataclass field name.
-  kind: str  # bool | int | float | str | floats | json.
-  optional: bool  # the field accepts None.
+  option: options.Option
 
+  @property
+  def flag(self) -> str:
+    return self.option.name
 
-def _attribute_docs(cls) -> dict[str, str]:
-  """Parses the ``Attributes:`` block of a Google-style class docstring."""
-  doc = cls.__doc__ or ""
-  m = re.search(r"Attributes:\n(.*?)(\n\s*\n|\Z)", doc, re.S)
-  out: dict[str, str] = {}
-  if not m:
-    return out
-  name = None
-  for line in m.group(1).splitlines():
-    head = re.match(r"\s{4}(\w+): (.*)", line)
-    if head:
-      name = head.group(1)
-      out[name] = head.group(2).strip()
-    elif name and line.strip():
-      out[name] += " " + line.strip()
-  return out
+  @property
+  def field(self) -> str:
+    return self.option.field
 
-
-def _kind(tp) -> tuple[str, bool]:
-  """Maps a field's type to (flag kind, optional)."""
-  optional = False
-  origin = typing.get_origin(tp)
-  if origin in (typing.Union, types.UnionType):
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    optional = len(args) < len(typing.get_args(tp))
-    tp = args[0]
-    origin = typing.get_origin(tp)
-  if tp is bool:
-    return "bool", optional
-  if tp in (int, float, str):
-    return tp.__name__, optional
-  if tp is dict or origin is dict:
-    return "json", optional
-  if origin in (collections.abc.Sequence, list, tuple) or tp in (list, tuple):
-    return "floats", optional
-  raise TypeError(f"no flag kind for type {tp!r}")
+  @property
+  def kind(self) -> str:
+    return self.option.kind
 
 
 def _specs() -> list[FlagSpec]:
   specs, seen = [], set()
-  for section, cls, renames, skip in _SECTIONS:
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-      if f.name in skip:
+  for section, cls in _SECTIONS:
+    for opt in options.options(cls):
+      if opt.kind == "config":
         continue
-      kind, optional = _kind(hints[f.name])
-      name = renames.get(f.name, f.name)
-      if name in seen:
-        raise AssertionError(f"two config fields map to flag --{name}")
-      seen.add(name)
-      specs.append(FlagSpec(name, section, f.name, kind, optional))
+      if opt.name in seen:
+        raise AssertionError(f"two config fields map to flag --{opt.name}")
+      seen.add(opt.name)
+      specs.append(FlagSpec(section, opt))
   return specs
 
 
 SPECS: list[FlagSpec] = _specs()
-FLAG_NAMES = frozenset(s.flag for s in SPECS) | {"algorithm"}
+FLAG_NAMES = frozenset(s.flag for s in SPECS)
 
 
-def _default_text(spec: FlagSpec) -> str:
-  if spec.section == "engine":
-    return "default: the --algorithm preset's"
-  cls = next(c for s, c, _, _ in _SECTIONS if s == spec.section)
-  f = next(f for f in dataclasses.fields(cls) if f.name == spec.field)
-  value = (f.default_factory() if f.default is dataclasses.MISSING
-           else f.default)
+def _show(spec: FlagSpec, value) -> str:
+  """A default value as it would be written on the command line."""
   if spec.kind == "floats" and value is not None:
-    value = ",".join(f"{v:g}" for v in value) or "(empty)"
-  return f"default: {value}"
+    return ",".join(f"{v:g}" for v in value) or "(empty)"
+  if spec.kind == "json":
+    return json.dumps(value)
+  if spec.kind == "float" and value is not None:
+    return f"{value:g}"
+  return str(value)
 
 
-def define_config_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
-  """Registers --algorithm and one flag per config field on ``fv``."""
-  flags.DEFINE_enum("algorithm", "ftte", algorithms.PRESETS,
-                    "algorithm preset; unset engine flags take its values",
-                    flag_values=fv)
+def _help(spec: FlagSpec, flag_default) -> str:
+  """The option's help, its valid values and (if absl won't) its default."""
+  text = f"{spec.option.help} (valid: {options.describe(spec.option)}"
+  if flag_default is not None:  # absl prints a flag's own default itself.
+    return text + ")"
+  if spec.section == "engine":
+    return text + "; default: the --algorithm preset's)"
+  return text + f"; default: {_show(spec, spec.option.default)})"
+
+
+def define_config_flags(fv: flags.FlagValues = flags.FLAGS,
+                        defaults: Mapping[str, Any] | None = None,
+                        exclude: Collection[str] = ()) -> None:
+  """Registers --algorithm and one flag per config option on ``fv``.
+
+  Args:
+    fv: where to register.
+    defaults: flag name -> default, in the form the flag parses (e.g.
+      "0.5,2" for a list), for a script whose setting differs from the
+      library's; such a flag's value counts as given.
+    exclude: flags not to register (a script that sets those options
+      itself); ``resolve`` then uses the library's default.
+  """
+  defaults = dict(defaults or {})
+  defaults.setdefault(PRESET_FLAG, algorithms.EngineConfig.algorithm)
+  unknown = (set(defaults) | set(exclude)) - FLAG_NAMES
+  if unknown:
+    raise ValueError(f"not config flags: {sorted(unknown)}")
   for spec in SPECS:
-    cls = next(c for s, c, _, _ in _SECTIONS if s == spec.section)
-    doc = _attribute_docs(cls).get(spec.field) or _EXTRA_HELP.get(
-        spec.flag, spec.field)
-    help_text = f"{doc} ({_default_text(spec)})"
-    name = spec.flag
-    if spec.kind == "bool":
-      flags.DEFINE_bool(name, None, help_text, flag_values=fv)
+    if spec.flag in exclude:
+      continue
+    opt, name = spec.option, spec.flag
+    default = defaults.get(name)
+    kw = dict(help=_help(spec, default), flag_values=fv)
+    if opt.choices is not None:
+      flags.DEFINE_enum(name, default, list(opt.choices), **kw)
+    elif spec.kind == "bool":
+      flags.DEFINE_bool(name, default, **kw)
     elif spec.kind == "int":
-      flags.DEFINE_integer(name, None, help_text, flag_values=fv,
-                           lower_bound=1 if name in _POSITIVE_INTS else None)
+      flags.DEFINE_integer(name, default, **_int_bounds(opt), **kw)
     elif spec.kind == "float":
-      flags.DEFINE_float(name, None, help_text, flag_values=fv)
-    elif spec.kind == "str" and name in _CHOICES:
-      flags.DEFINE_enum(name, None, list(_CHOICES[name]), help_text,
-                        flag_values=fv)
+      flags.DEFINE_float(name, default, **kw)
     elif spec.kind in ("str", "json"):
-      flags.DEFINE_string(name, None, help_text, flag_values=fv)
+      flags.DEFINE_string(name, default, **kw)
     else:
-      flags.DEFINE_list(name, None, help_text, flag_values=fv)
+      flags.DEFINE_list(name, default, **kw)
+
+
+def _int_bounds(opt: options.Option) -> dict[str, int | None]:
+  """An int option's bounds, as absl's inclusive ones.
+
+  absl checks them as the flag is parsed, so that e.g. --num_clients=-5 is
+  reported as such, not as a concurrency error.
+  """
+  lo = hi = None
+  if opt.low is not None:
+    lo = (math.ceil(opt.low) if opt.low_inclusive else
+          math.floor(opt.low) + 1)
+  if opt.high is not None:
+    hi = (math.floor(opt.high) if opt.high_inclusive else
+          math.ceil(opt.high) - 1)
+  return dict(lower_bound=lo, upper_bound=hi)
 
 
 def define_run_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
-  """Registers the launcher's own flags (output, checkpoints, overwrite)."""
+  """Registers launch.main's --workdir and the checkpoint flags."""
   flags.DEFINE_string("workdir", None, "output directory; default "
                       "runs/<algorithm>-<first 8 hex of the config hash>, so "
                       "re-running a command resumes it", flag_values=fv)
+  define_checkpoint_flags(fv)
+
+
+def define_checkpoint_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """Registers ``CHECKPOINT_FLAGS``; sweep and compare pass them to runs."""
   flags.DEFINE_integer("checkpoint_every", 25, "save a checkpoint every this "
-                       "many server steps (and at the end)", lower_bound=1,
+                       "many server steps (and at the end); sweep and "
+                       "compare pass it to every run", lower_bound=1,
                        flag_values=fv)
-  flags.DEFINE_integer("keep_checkpoints", 3, "most recent checkpoints kept",
-                       lower_bound=1, flag_values=fv)
-  flags.DEFINE_bool("overwrite", False, "discard whatever --workdir holds "
-                    "and start fresh", flag_values=fv)
+  flags.DEFINE_integer("keep_checkpoints", 3, "most recent checkpoints kept "
+                       "(per run)", lower_bound=1, flag_values=fv)
+  flags.DEFINE_bool("overwrite", False, "discard whatever a run's --workdir "
+                    "holds and start fresh", flag_values=fv)
+
+
+def checkpoint_args(fv: flags.FlagValues = flags.FLAGS) -> list[str]:
+  """``CHECKPOINT_FLAGS`` as launch.main arguments, to pass on to a run."""
+  return [fv[name].serialize() for name in CHECKPOINT_FLAGS]
 
 
 def _convert(spec: FlagSpec, value) -> Any:
@@ -231,7 +199,7 @@ def _convert(spec: FlagSpec, value) -> Any:
       raise ValueError(f"{spec.flag} must be a JSON object, got {value!r}")
     return out
   if spec.kind == "floats":
-    if spec.optional and [v.lower() for v in value] in (["none"], []):
+    if spec.option.optional and [v.lower() for v in value] in (["none"], []):
       return None
     try:
       return tuple(float(v) for v in value)
@@ -249,41 +217,87 @@ class Resolved:
   given: dict  # flag -> value for every config flag set on the command line.
 
 
+def _given(fv: flags.FlagValues) -> tuple[str, dict[str, dict], dict]:
+  """(preset name, section -> {field: value}, flag -> raw value given)."""
+  name = (fv[PRESET_FLAG].value if PRESET_FLAG in fv else
+          algorithms.EngineConfig.algorithm)
+  parts: dict[str, dict] = {section: {} for section, _ in _SECTIONS}
+  given = {}
+  for spec in SPECS:
+    if spec.flag == PRESET_FLAG or spec.flag not in fv:
+      continue
+    value = fv[spec.flag].value
+    if value is None:
+      continue
+    given[spec.flag] = value
+    parts[spec.section][spec.field] = _convert(spec, value)
+  return name, parts, given
+
+
 def resolve(fv: flags.FlagValues = flags.FLAGS) -> Resolved:
   """Builds and validates the ExperimentConfig that parsed flags describe.
 
   Raises:
     ValueError: an invalid option; the message starts with its name.
   """
-  parts: dict[str, dict] = {"engine": {}, "data": {}, "fleet": {},
-                            "search": {}, "": {}}
-  given = {}
-  for spec in SPECS:
-    value = fv[spec.flag].value
-    if value is None:
-      continue
-    given[spec.flag] = value
-    parts[spec.section][spec.field] = _convert(spec, value)
-  engine = algorithms.preset(fv.algorithm, **parts["engine"])
+  name, parts, given = _given(fv)
+  engine = algorithms.preset(name, **parts["engine"])
   data = experiment.DataConfig(**parts["data"])
   if data.data_dir is not None and not os.path.isdir(data.data_dir):
     raise ValueError(f"data_dir: no such directory {data.data_dir!r}")
-  fleet = fleet_lib.FleetConfig(num_clients=data.num_clients,
-                                **parts["fleet"])
   config = experiment.ExperimentConfig(
-      engine=engine, data=data, fleet=fleet,
+      engine=engine, data=data, fleet=fleet_lib.FleetConfig(**parts["fleet"]),
       search=experiment.SearchConfig(**parts["search"]), **parts[""])
   experiment.validate(config)
   return Resolved(config, given)
 
 
 def given_args(fv: flags.FlagValues = flags.FLAGS) -> list[str]:
-  """The config flags set on ``fv`` as command-line arguments."""
-  out = [f"--algorithm={fv.algorithm}"]
-  for spec in SPECS:
-    if fv[spec.flag].value is not None:
-      out.append(fv[spec.flag].serialize())
+  """The config flags set on ``fv`` (--algorithm first) as arguments."""
+  return [fv[spec.flag].serialize() for spec in SPECS
+          if spec.flag in fv and fv[spec.flag].value is not None]
+
+
+def flag_values(fv: flags.FlagValues, extra: Sequence[str] = ()) -> dict:
+  """The config flags set on ``fv`` and the ``extra`` ones, by name."""
+  out = {s.flag: fv[s.flag].value for s in SPECS
+         if s.flag in fv and fv[s.flag].value is not None}
+  out.update((name, fv[name].value) for name in extra)
   return out
+
+
+def section_flags(section: str) -> frozenset[str]:
+  """The config flags of one section ("engine", "data", ..., "": top)."""
+  return frozenset(s.flag for s in SPECS if s.section == section)
+
+
+def _flag_of(arg: str) -> str:
+  return arg.split("=", 1)[0].lstrip("-")
+
+
+def for_algorithm(args: Sequence[str], algorithm: str,
+                  extra: Sequence[str] = ()) -> list[str]:
+  """Config arguments that run ``algorithm`` on a shared setup.
+
+  ``args`` set what several presets share; ``extra`` are this algorithm's
+  own and come last. Each option the preset pins (``algorithms.pinned``)
+  that ``extra`` does not set takes its pinned value in place of the shared
+  one: fedasync gets --buffer_size=1, fedavg --concurrency equal to its
+  buffer size.
+
+  Raises:
+    ValueError: bad flag syntax or an unknown algorithm.
+  """
+  args = expand_args(args)
+  _, parts, _ = _given(_parse_args([*args, *extra]))
+  engine_flags = {s.field: s.flag for s in SPECS if s.section == "engine"}
+  own = {_flag_of(a) for a in extra}
+  pins = {engine_flags[k]: v
+          for k, v in algorithms.pinned(algorithm, parts["engine"]).items()
+          if engine_flags[k] not in own}
+  kept = [a for a in args if _flag_of(a) not in {PRESET_FLAG, *pins}]
+  return [*kept, f"--{PRESET_FLAG}={algorithm}",
+          *(f"--{k}={v}" for k, v in pins.items()), *extra]
 
 
 def _parse_args(args: Sequence[str]) -> flags.FlagValues:
@@ -322,7 +336,7 @@ def one_line(error: BaseException | str) -> str:
   if isinstance(error, flags.CantOpenFlagFileError):
     return "--flagfile: " + msg.replace("ERROR:: ", "")
   m = re.match(r"(\w+)\b", msg)
-  if m and m.group(1) in FLAG_NAMES | {"workdir", "checkpoint_every"}:
+  if m and m.group(1) in FLAG_NAMES | {"workdir", *CHECKPOINT_FLAGS}:
     msg = "--" + msg
   return msg
 

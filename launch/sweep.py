@@ -51,7 +51,7 @@ AVERAGED = ("final_accuracy", "best_accuracy", "time_to_target_s",
 
 
 def define_flags() -> None:
-  """Registers the config flags (the shared base) and the sweep's own."""
+  """Registers the config (shared base), checkpoint and sweep flags."""
   flags_lib.define_config_flags()
   flags.DEFINE_multi_string(
       "grid", [], "NAME=V1,V2,...: one flag and the values it takes "
@@ -62,10 +62,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("parallel", 1, "runs at once", lower_bound=1)
   flags.DEFINE_string("sweep_dir", None, "parent of the runs' workdirs and "
                       "of the results tables (default runs/sweep-<time>)")
-  flags.DEFINE_integer("checkpoint_every", 25, "passed to every run",
-                       lower_bound=1)
-  flags.DEFINE_bool("overwrite", False, "passed to every run: start each "
-                    "afresh")
+  flags_lib.define_checkpoint_flags()
 
 
 @dataclasses.dataclass
@@ -273,10 +270,7 @@ def main(argv: list[str]) -> None:
     job.workdir = os.path.abspath(os.path.join(sweep_dir, job.name))
   logging.info("%d runs, %d at a time, in %s", len(jobs), FLAGS.parallel,
                sweep_dir)
-  extra = [f"--checkpoint_every={FLAGS.checkpoint_every}"]
-  if FLAGS.overwrite:
-    extra.append("--overwrite")
-  run_jobs(jobs, FLAGS.parallel, extra)
+  run_jobs(jobs, FLAGS.parallel, flags_lib.checkpoint_args(FLAGS))
 
   rows = gather(jobs)
   names = [n for n, _ in axes]

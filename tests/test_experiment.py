@@ -83,9 +83,17 @@ def test_budget_below_minimum_names_budget_and_minimum():
     (dict(search=experiment.SearchConfig(importance="oracle")),
      "importance"),
     (dict(data=experiment.DataConfig(dataset="imagenet")), "dataset"),
+    (dict(data=experiment.DataConfig(num_clients=0)), "num_clients"),
+    (dict(data=experiment.DataConfig(num_clients=50)), "concurrency"),
+    (dict(max_virtual_time=float("nan")), "max_virtual_time"),
+    (dict(seed=-1), "seed"),
+    (dict(fleet=fleet.FleetConfig(tier_probs=(0.5, 0.5))), "tier_probs"),
+    (dict(fleet=fleet.FleetConfig(dropout=2.0)), "dropout"),
+    (dict(search=experiment.SearchConfig(research_every=2)),
+     "research_every needs mask='search'"),
 ])
 def test_bad_experiment_options(kwargs, option):
-  with pytest.raises(ValueError, match=option):
+  with pytest.raises(ValueError, match="^" + option):
     experiment.validate(experiment.ExperimentConfig(**kwargs))
 
 

@@ -5,19 +5,34 @@ figures; the full-size runs are reported in the issue.
 """
 
 import json
+import subprocess
+import sys
+from pathlib import Path
+
+from absl import flags
 
 from experiments import mnist_cnn, synthetic_heterogeneity
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse(script, *args):
+  """The script's flags, defined on a fresh FlagValues and parsed."""
+  fv = flags.FlagValues()
+  script.define_flags(fv)
+  fv([script.__name__, *args])
+  return fv
 
 
 def test_mnist_cnn_main_runs_and_writes_json(tmp_path, capsys):
   out = tmp_path / "mnist.json"
   # 'tiny' generated images and a small MLP stand in for MNIST + LeNet-5.
-  result = mnist_cnn.main([
-      "--dataset", "tiny", "--model", "mlp", "--num_clients", "8",
-      "--algorithms", "fedbuff", "--partitions", "iid,dirichlet",
-      "--buffer_size", "2", "--concurrency", "4", "--local_steps", "1",
-      "--batch_size", "8", "--rounds", "2", "--eval_every", "1",
-      "--target_accuracy", "0.01", "--quiet", "--out", str(out)])
+  result = mnist_cnn.run_all(parse(
+      mnist_cnn, "--dataset=tiny", "--model=mlp", "--num_clients=8",
+      "--algorithms=fedbuff", "--partitions=iid,dirichlet",
+      "--buffer_size=2", "--concurrency=4", "--local_steps=1",
+      "--batch_size=8", "--rounds=2", "--eval_every=1",
+      "--target_accuracy=0.01", "--quiet", f"--out={out}"))
   printed = capsys.readouterr().out
   assert {"machine", "args", "table", "runs"} <= set(result)
   assert len(result["runs"]) == 2
@@ -34,11 +49,10 @@ def test_mnist_cnn_main_runs_and_writes_json(tmp_path, capsys):
 
 def test_synthetic_heterogeneity_main_runs_and_writes_json(tmp_path, capsys):
   out = tmp_path / "synthetic.json"
-  result = synthetic_heterogeneity.main([
-      "--settings", "0,0;1,1", "--num_clients", "6",
-      "--clients_per_round", "2", "--local_steps", "2", "--rounds", "2",
-      "--eval_every", "1", "--report_rounds", "1,2", "--seeds", "0",
-      "--out", str(out)])
+  result = synthetic_heterogeneity.run_all(parse(
+      synthetic_heterogeneity, "--settings=0,0;1,1", "--num_clients=6",
+      "--buffer_size=2", "--local_steps=2", "--rounds=2", "--eval_every=1",
+      "--report_rounds=1,2", "--seeds=0", f"--out={out}"))
   printed = capsys.readouterr().out
   assert {"table", "settings", "train_loss_at_round", "gap_at_round",
           "monotone_at_round", "central_train_loss",
@@ -53,3 +67,56 @@ def test_synthetic_heterogeneity_main_runs_and_writes_json(tmp_path, capsys):
   assert isinstance(result["heterogeneity_slows_fedavg"], bool)
   assert "train_loss" in printed and "heterogeneity slows FedAvg" in printed
   assert json.loads(out.read_text())["table"] == result["table"]
+
+
+def test_mnist_cnn_default_configs_are_the_scripts_setting():
+  from ftte_jax import experiment
+  from ftte_jax.core import algorithms, fleet
+  configs = mnist_cnn.make_configs(parse(mnist_cnn))
+  assert [(a, p) for a, p, _ in configs] == [
+      ("fedavg", "iid"), ("fedavg", "dirichlet"), ("fedbuff", "iid"),
+      ("fedbuff", "dirichlet")]
+  shared = dict(buffer_size=10, local_steps=10, batch_size=32,
+                client_lr=0.1, client_momentum=0.0)
+  for alg, part, cfg in configs:
+    assert cfg == experiment.ExperimentConfig(
+        engine=algorithms.preset(
+            alg, **shared, **({} if alg == "fedavg" else {"concurrency": 20})),
+        data=experiment.DataConfig(dataset="mnist", num_clients=100,
+                                   partition=part, dirichlet_alpha=0.5),
+        fleet=fleet.FleetConfig(speed_sigma=0.5, straggler_fraction=0.1,
+                                straggler_slowdown=5.0, task_sigma=0.1),
+        memory_tier_fractions=None, model="lenet5", rounds=100,
+        eval_every=10, target_accuracy=0.95, seed=0)
+  # A preset's pins replace the shared values (fedasync: K = 1).
+  (_, _, cfg), = mnist_cnn.make_configs(parse(
+      mnist_cnn, "--algorithms=fedasync", "--partitions=iid"))
+  assert (cfg.engine.buffer_size, cfg.engine.concurrency) == (1, 20)
+
+
+def test_synthetic_default_config_is_fedprox_setting():
+  from ftte_jax.core import algorithms
+  configs = synthetic_heterogeneity.make_configs(parse(
+      synthetic_heterogeneity, "--settings=0.5,0.5", "--seeds=3"))
+  (key, cfg), = configs.items()
+  assert key == (0.5, 0.5, 3)
+  assert cfg.engine == algorithms.preset(
+      "fedavg", buffer_size=10, local_steps=20, batch_size=10,
+      client_lr=0.01, unroll_local_steps=False)
+  assert (cfg.data.dataset, cfg.data.num_clients, cfg.data.synthetic_alpha,
+          cfg.data.synthetic_beta, cfg.seed) == ("synthetic", 30, 0.5, 0.5, 3)
+  assert (cfg.model, cfg.model_options, cfg.rounds, cfg.eval_every) == (
+      "mlp", {"hidden": []}, 200, 10)
+  # Options the script sets itself are not flags.
+  fv = parse(synthetic_heterogeneity)
+  assert "seed" not in fv and "dataset" not in fv and "rounds" in fv
+
+
+def test_script_bad_flag_exits_2_in_one_line():
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.mnist_cnn", "--client_lr=-1"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert "Traceback" not in proc.stderr
+  lines = [l for l in proc.stderr.splitlines() if "error:" in l]
+  assert len(lines) == 1 and "--client_lr must be a positive" in lines[0]

@@ -5,6 +5,7 @@ tiny (generated 8x8 images, an MLP, 16 clients) and few.
 """
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -146,6 +147,8 @@ def test_outputs_mismatch_and_overwrite(tmp_path):
     (["--flagfile=/no/such.flags"], "--flagfile"),
     (["--algorithm=fedasync", "--buffer_size=4"], "buffer_size"),
     (["--memory_tier_fractions=2,1"], "memory_tier_fractions"),
+    (["--client_lr=nan"], "--client_lr must be a positive finite number"),
+    (["--dropout=1.5"], "--dropout must be a number in [0, 1]"),
 ])
 def test_bad_input_exits_2_in_one_line(tmp_path, args, flag):
   code, out, err = run(*args, f"--workdir={tmp_path / 'w'}", timeout=120)
@@ -154,3 +157,40 @@ def test_bad_input_exits_2_in_one_line(tmp_path, args, flag):
   lines = [l for l in err.splitlines() if "error:" in l]
   assert len(lines) == 1 and flag in lines[0], err
   assert not (tmp_path / "w").exists()  # nothing written on bad input
+
+
+def _help_blocks(text):
+  """Flag name -> its help, whitespace normalized, from absl's --helpfull."""
+  blocks, name = {}, None
+  for line in text.splitlines():
+    m = re.match(r"^  --(?:\[no\])?(\w+): ?(.*)", line)
+    if m:
+      name = m.group(1)
+      blocks[name] = m.group(2)
+    elif name and line.startswith("    "):
+      blocks[name] += " " + line.strip()
+    else:
+      name = None
+  return {k: " ".join(v.split()) for k, v in blocks.items()}
+
+
+def test_helpfull_lists_every_option_with_valid_values_and_default():
+  from ftte_jax.core import options
+  from launch import flags as flags_lib
+  code, out, err = run("--helpfull", timeout=120)
+  blocks = _help_blocks(out + err)
+  for spec in flags_lib.SPECS:
+    text = blocks[spec.flag]
+    assert f"(valid: {options.describe(spec.option)}" in text, text
+    if spec.option.choices is not None:
+      assert "<" + "|".join(spec.option.choices) + ">" in text
+    if spec.flag == "algorithm":
+      assert "(default: 'ftte')" in text
+    elif spec.section == "engine":
+      assert "default: the --algorithm preset's" in text, text
+    else:
+      assert "default: " in text, text
+  assert "default: 0.2,1.1,2)" in blocks["memory_tier_fractions"]
+  assert "(valid: an integer >= 1; default: 100)" in blocks["num_clients"]
+  for name in ("workdir", "checkpoint_every", "keep_checkpoints", "overwrite"):
+    assert name in blocks

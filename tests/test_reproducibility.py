@@ -41,12 +41,15 @@ PINNED = {
 }
 
 
-# Today's defaults (issue 11): refill on arrival, FedAsync's mixing rule.
+# Today's defaults: refill on arrival and FedAsync's mixing rule (issue 11),
+# the streamed buffer on CPU without a variance weight (issue 9).
 PINNED.update({
     "now-smoke-ftte": ([SMOKE, "--algorithm=ftte"],
                        "f4bcff618b024cfbbe7b3ed618117e2634c1929c86ffa4ac2a532aff31ed51ea"),
     "now-smoke-fedbuff": ([SMOKE, "--algorithm=fedbuff"],
-                          "0a4f08c0f5599379c107780af1e8f4ae7c06fa93f597a50641194090bee6a94f"),
+                          "a461577b06ab9dcdd8c2960ea5761f1e7cf6a3979abe327afcf8e59fd6427567"),
+    "now-smoke-fedavg": ([SMOKE, "--algorithm=fedavg", "--concurrency=4"],
+                         "625c37814e9e408d3e79cca04bc04a93cc64f349387484d8e27c1b457ac66fea"),
     "now-smoke-fedasync": ([SMOKE, "--algorithm=fedasync", "--buffer_size=1"],
                            "b3e43fe3024e47ba19672cb1b3e6fd7a0241a6c26487bfc6443583f1bbe56508"),
     "now-default": ([],

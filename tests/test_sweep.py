@@ -52,7 +52,8 @@ def test_sweep_gathers_summaries(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "launch.sweep", f"--flagfile={SMOKE}",
        "--rounds=5", "--grid=algorithm=ftte,fedbuff", "--seeds=3",
-       "--parallel=2", f"--sweep_dir={tmp_path}"],
+       "--parallel=2", f"--sweep_dir={tmp_path}", "--checkpoint_every=2",
+       "--keep_checkpoints=1"],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr
   rows = json.loads((tmp_path / "results.json").read_text())
@@ -63,6 +64,10 @@ def test_sweep_gathers_summaries(tmp_path):
     assert r["params_sha256"] == summary["params_sha256"]
     assert r["rounds"] == 5
     assert (tmp_path / r["run"] / "run.log").exists()
+    # The checkpoint flags are passed on to every run.
+    launch = json.loads((tmp_path / r["run"] / "config.json").read_text())[
+        "launch"]
+    assert (launch["checkpoint_every"], launch["keep_checkpoints"]) == (2, 1)
   with open(tmp_path / "results.csv") as f:
     assert len(list(csv.DictReader(f))) == 2
   md = (tmp_path / "results.md").read_text()
@@ -101,3 +106,45 @@ def test_compare_arguments_and_rows():
   assert rows[0]["memory_ratio_vs_fedavg"] == pytest.approx(0.2)
   assert rows[0]["upload_ratio_vs_fedavg"] == pytest.approx(0.3)
   assert rows[1]["speedup_vs_fedavg"] == 0.0
+
+
+def test_compare_same_updates_for_any_buffer_size():
+  from experiments import compare
+  # fedavg with its own K=2 against the shared K=4: twice the steps.
+  args = compare.algorithm_args([f"--flagfile={SMOKE}"], ["fedavg"],
+                                ["fedavg:--buffer_size=2"])["fedavg"]
+  assert args[-4:] == ["--concurrency=2", "--buffer_size=2", "--rounds=40",
+                       "--eval_every=10"]
+  # Its own --rounds wins: nothing is scaled.
+  args = compare.algorithm_args([f"--flagfile={SMOKE}"], ["fedasync"],
+                                ["fedasync:--rounds=7"])["fedasync"]
+  assert args[-1] == "--rounds=7" and "--eval_every=5" in args
+
+
+def test_for_algorithm_replaces_what_the_preset_pins():
+  from launch import flags as flags_lib
+  base = [f"--flagfile={SMOKE}", "--algorithm=fedbuff"]
+  args = flags_lib.for_algorithm(base, "fedasync")
+  assert "--buffer_size=4" not in args and "--algorithm=fedbuff" not in args
+  assert args[-2:] == ["--algorithm=fedasync", "--buffer_size=1"]
+  config = flags_lib.resolve_args(args).config
+  assert (config.engine.buffer_size, config.engine.concurrency) == (1, 8)
+  # The algorithm's own flags are kept, and win, even against a pin.
+  args = flags_lib.for_algorithm(base, "fedavg", ["--buffer_size=2"])
+  assert args[-3:] == ["--algorithm=fedavg", "--concurrency=2",
+                       "--buffer_size=2"]
+  args = flags_lib.for_algorithm(base, "fedavg", ["--concurrency=8"])
+  assert args[-2:] == ["--algorithm=fedavg", "--concurrency=8"]
+  with pytest.raises(ValueError, match=r"buffer_size \(4\), got concurrency=8"):
+    flags_lib.resolve_args(args)
+  assert flags_lib.for_algorithm(base, "ftte")[-1] == "--algorithm=ftte"
+
+
+def test_checkpoint_flags_are_defined_once_and_passed_on():
+  from absl import flags
+  from launch import flags as flags_lib
+  fv = flags.FlagValues()
+  flags_lib.define_checkpoint_flags(fv)
+  fv(["sweep", "--checkpoint_every=7", "--overwrite"])
+  assert flags_lib.checkpoint_args(fv) == [
+      "--checkpoint_every=7", "--keep_checkpoints=3", "--overwrite"]

@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: machine description and timing."""
+"""Helpers shared by the benchmark and experiment scripts: machine, timing."""
 
 from __future__ import annotations
 

@@ -49,8 +49,7 @@ def build(workload: str, batching: str):
   config = algorithms.preset("fedbuff", concurrency=c, buffer_size=k,
                              local_steps=steps, batch_size=batch,
                              client_lr=0.01, client_batching=batching)
-  flt = fleet.make_fleet(fleet.FleetConfig(num_clients=n,
-                                           straggler_fraction=0.5), 0)
+  flt = fleet.make_fleet(fleet.FleetConfig(straggler_fraction=0.5), n, 0)
   plan = masks.full_plan(params, n)
   env = engine.make_environment(config, data, flt, plan)
   sim = engine.make_simulator(config, apply)

@@ -2,17 +2,21 @@
 
 FedAvg, FedBuff, FedAsync and FTTE are not separate code paths: each is an
 ``EngineConfig`` for the one event-driven engine in ``ftte_jax.engine``
-(DESIGN §2). ``preset(name, **overrides)`` builds one; ``validate`` checks a
-config against a fleet before anything is compiled.
+(DESIGN §2). ``preset(name, **overrides)`` builds one; ``pinned`` says which
+options a preset fixes (one rule for ``preset`` and for launchers that run
+several presets); ``validate`` checks a config before anything is compiled.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any, Mapping
 
 from ftte_jax.core import aggregation
-from ftte_jax.core import staleness
+from ftte_jax.core import options
+from ftte_jax.core import staleness as staleness_lib
+from ftte_jax.core.options import option
 
 PRESETS = ("fedavg", "fedbuff", "fedasync", "ftte")
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -27,93 +31,110 @@ REFILLS = ("arrival", "step")
 class EngineConfig:
   """Every engine option; hyperparameters are static, never traced.
 
-  Attributes:
-    algorithm: preset name this config came from (for the record).
-    concurrency: C, client tasks in flight at once.
-    buffer_size: K, updates per server step (K <= C).
-    ring_size: S, global versions kept; older updates are dropped as stale.
-      ``preset`` sets it to max(16, 4 * ceil(C / K)) unless given: the
-      typical staleness is about C / K (FedAsync with C = 100, K = 1 lost
-      98% of its updates to a fixed S = 16).
-    local_steps: local SGD steps per task (the maximum when local_epochs set).
-    local_epochs: if set, client i takes ceil(local_epochs * n_i / batch)
-      steps (no more than local_steps would allow is *not* enforced: the
-      loop length becomes the largest client's count).
-    batch_size: local batch size.
-    client_lr: client SGD learning rate.
-    client_momentum: client SGD momentum (0 = plain SGD).
-    server_optimizer: sgd | momentum | adam, applied to the aggregate.
-    server_lr: server learning rate (FedAsync's mixing rate alpha).
-    server_momentum: momentum of the ``momentum`` server optimizer.
-    staleness: age weight: constant | polynomial | hinge | exponential.
-    staleness_a: decay rate of the age weight.
-    staleness_b: hinge threshold of the age weight.
-    variance_beta: FTTE variance weight 1/(1+beta*d), scaled to mean 1 over
-      the valid updates of a step; 0 switches it off.
-    data_weight_exponent: gamma in the n_i^gamma data-size weight.
-    normalization: coordinate (FedAvg; DESIGN's FTTE form) | damped (FTTE
-      preset: coordinate-wise over data weights, so age shrinks the step) |
-      buffer (FedBuff/FedAsync). See ``aggregation.aggregate``.
-    mask: full | last_n (FTTE before the search) | search.
-    last_n_tensors: tensors trained by the ``last_n`` mask rule.
-    memory_policy: exclude devices that cannot hold their mask's training
-      memory, or ignore memory.
-    deadline_s: task deadline in virtual seconds; a task not back by then is
-      dropped and its slot freed. None: deadline_factor times the slowest
-      eligible device's nominal task time.
-    deadline_factor: see deadline_s.
-    client_batching: how the K clients of a step are trained: vmap (all at
-      once), map (one after another inside the jit), stream (one after
-      another, keeping only the running weighted sum; needs
-      variance_beta=0), or auto (stream or map on CPU, vmap on
-      accelerators; measured in experiments/benchmarks/throughput.py).
-    unroll_local_steps: fully unroll the local-step loop (fast on CPU for
-      convolutions, DESIGN §5) instead of a rolled loop.
-    eval_batch_size: batch size of the held-out evaluation.
-    update_rule: what a client contributes: ``delta`` (its change from the
-      version it pulled, ``w_client - w_pulled``: FedBuff, FTTE) or
-      ``mixing`` (``w_client - w_now``, so server SGD with rate alpha is Xie
-      et al.'s FedAsync ``w <- (1 - alpha_t) w + alpha_t w_client``; both
-      within the client's mask).
-    refill: when new tasks start: ``arrival`` (FedBuff's algorithm: every
-      arrival frees its slot and a new task starts at once from the current
-      version, so C tasks are always in flight) or ``step`` (the K slots of
-      a step refill together after the server update; synchronous FedAvg).
-    count_timeouts: ``refill='arrival'`` only: a task that was abandoned or
-      missed its deadline counts toward K (the server then applies fewer than
-      K updates). False, the papers' behaviour: the server waits for K
-      received updates.
+  Each field's meaning and valid values are declared with it
+  (``options.option``); ``validate`` adds the checks that span fields.
   """
 
-  algorithm: str = "ftte"
-  concurrency: int = 100
-  buffer_size: int = 10
-  ring_size: int = 16
-  local_steps: int = 5
-  local_epochs: float | None = None
-  batch_size: int = 32
-  client_lr: float = 0.05
-  client_momentum: float = 0.0
-  server_optimizer: str = "sgd"
-  server_lr: float = 1.0
-  server_momentum: float = 0.9
-  staleness: str = "polynomial"
-  staleness_a: float = 0.5
-  staleness_b: float = 4.0
-  variance_beta: float = 1.0
-  data_weight_exponent: float = 1.0
-  normalization: str = "coordinate"
-  mask: str = "last_n"
-  last_n_tensors: int = 2
-  memory_policy: str = "exclude"
-  deadline_s: float | None = None
-  deadline_factor: float = 3.0
-  client_batching: str = "auto"
-  unroll_local_steps: bool = True
-  eval_batch_size: int = 1000
-  update_rule: str = "delta"
-  refill: str = "arrival"
-  count_timeouts: bool = False
+  algorithm: str = option(
+      "ftte", choices=PRESETS,
+      help="algorithm preset (algorithms.preset) whose values the engine "
+      "options not given take")
+  concurrency: int = option(100, low=1,
+                            help="C, client tasks in flight at once")
+  buffer_size: int = option(10, low=1,
+                            help="K, updates per server step (K <= C)")
+  ring_size: int = option(
+      16, low=1,
+      help="S, global versions kept; older updates are dropped as stale. "
+      "The presets set it to max(16, 4 * ceil(C / K)) unless given: the "
+      "typical staleness is about C / K (FedAsync with C = 100, K = 1 lost "
+      "98% of its updates to a fixed S = 16)")
+  local_steps: int = option(
+      5, low=1,
+      help="local SGD steps per task (the maximum when local_epochs is set)")
+  local_epochs: float | None = option(
+      None, low=0, low_inclusive=False,
+      help="if set, client i takes ceil(local_epochs * n_i / batch_size) "
+      "steps (the loop length becomes the largest client's count)")
+  batch_size: int = option(32, low=1, help="local batch size")
+  client_lr: float = option(0.05, low=0, low_inclusive=False,
+                            help="client SGD learning rate")
+  client_momentum: float = option(
+      0.0, low=0, high=1, high_inclusive=False,
+      help="client SGD momentum (0 = plain SGD)")
+  server_optimizer: str = option(
+      "sgd", choices=SERVER_OPTIMIZERS,
+      help="optimizer applied to the aggregate at the server")
+  server_lr: float = option(
+      1.0, low=0, low_inclusive=False,
+      help="server learning rate (FedAsync's mixing rate alpha)")
+  server_momentum: float = option(
+      0.9, low=0, high=1, high_inclusive=False,
+      help="momentum of the 'momentum' server optimizer")
+  staleness: str = option(
+      "polynomial", choices=staleness_lib.STALENESS_FUNCTIONS,
+      help="age weight of an update (staleness.make_staleness_fn)")
+  staleness_a: float = option(0.5, low=0,
+                              help="decay rate of the age weight")
+  staleness_b: float = option(4.0, low=0,
+                              help="hinge threshold of the age weight")
+  variance_beta: float = option(
+      1.0, low=0,
+      help="FTTE variance weight 1/(1+beta*d), scaled to mean 1 over the "
+      "valid updates of a step; 0 switches it off")
+  data_weight_exponent: float = option(
+      1.0, low=0, help="gamma in the n_i^gamma data-size weight")
+  normalization: str = option(
+      "coordinate", choices=aggregation.NORMALIZATIONS,
+      help="coordinate (FedAvg; DESIGN's FTTE form), damped (FTTE preset: "
+      "coordinate-wise over data weights, so age shrinks the step) or buffer "
+      "(FedBuff/FedAsync); see aggregation.aggregate")
+  mask: str = option(
+      "last_n", choices=MASK_POLICIES,
+      help="which parameters a client trains: full model, the last_n rule "
+      "(FTTE before the search) or the memory-budgeted subset search")
+  last_n_tensors: int = option(
+      2, low=1, help="tensors trained by the last_n mask rule")
+  memory_policy: str = option(
+      "exclude", choices=MEMORY_POLICIES,
+      help="exclude devices that cannot hold their mask's training memory, "
+      "or ignore memory")
+  deadline_s: float | None = option(
+      None, low=0, low_inclusive=False,
+      help="task deadline in virtual seconds; a task not back by then is "
+      "dropped and its slot freed. None: deadline_factor times the slowest "
+      "eligible device's nominal task time")
+  deadline_factor: float = option(3.0, low=0, low_inclusive=False,
+                                  help="see deadline_s")
+  client_batching: str = option(
+      "auto", choices=CLIENT_BATCHING,
+      help="how the K clients of a step are trained: vmap (all at once), "
+      "map (one after another inside the jit), stream (one after another, "
+      "keeping only the running weighted sum; needs variance_beta=0), or "
+      "auto (stream, or map with a variance weight, on CPU; vmap on "
+      "accelerators; measured in experiments/benchmarks/throughput.py)")
+  unroll_local_steps: bool = option(
+      True, help="fully unroll the local-step loop (fast on CPU for "
+      "convolutions, DESIGN §5) instead of a rolled loop")
+  eval_batch_size: int = option(1000, low=1,
+                                help="batch size of the held-out evaluation")
+  update_rule: str = option(
+      "delta", choices=UPDATE_RULES,
+      help="what a client contributes: delta (w_client - w_pulled: FedBuff, "
+      "FTTE) or mixing (w_client - w_now, so server SGD with rate alpha is "
+      "Xie et al.'s FedAsync w <- (1 - alpha_t) w + alpha_t w_client); both "
+      "within the client's mask")
+  refill: str = option(
+      "arrival", choices=REFILLS,
+      help="when new tasks start: arrival (FedBuff's algorithm: each "
+      "arrival frees its slot and a task starts there at once from the "
+      "current version, so C are always in flight) or step (a step's K "
+      "slots refill together after the server update; synchronous FedAvg)")
+  count_timeouts: bool = option(
+      False, help="refill=arrival only: a task abandoned or past its "
+      "deadline counts toward K (the step then applies fewer than K "
+      "updates); off, as in the papers: the server waits for K received "
+      "updates")
 
 
 _PRESET_DEFAULTS = {
@@ -126,7 +147,8 @@ _PRESET_DEFAULTS = {
                     variance_beta=0.0, data_weight_exponent=0.0,
                     normalization="buffer", mask="full"),
     # Xie et al. 2019: every arrival mixes in with alpha * (1+tau)^-a.
-    "fedasync": dict(buffer_size=1, staleness="polynomial", staleness_a=0.5,
+    # Xie et al.'s mixing w <- (1 - a_t) w + a_t w_client, a_t = alpha s(tau).
+    "fedasync": dict(staleness="polynomial", staleness_a=0.5,
                      variance_beta=0.0, data_weight_exponent=0.0,
                      normalization="buffer", mask="full", server_lr=0.6,
                      update_rule="mixing"),
@@ -138,15 +160,47 @@ _PRESET_DEFAULTS = {
                  mask="search"),
 }
 
+# What a preset pins, as a function of its other options, and why.
+_PINS = {
+    "fedasync": (lambda kw: {"buffer_size": 1},
+                 "applies every update alone: buffer_size must be 1"),
+    "fedavg": (lambda kw: {"concurrency": kw["buffer_size"]},
+               "is synchronous: concurrency must equal buffer_size ({})"),
+}
+
+
+def pinned(name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+  """The engine options preset ``name`` fixes, given the other overrides.
+
+  ``fedasync`` always has buffer_size 1; ``fedavg`` (a synchronous round)
+  has concurrency equal to its buffer size. A launcher running several
+  presets on shared overrides sets these values for each; ``preset``
+  refuses an override that contradicts them.
+
+  Args:
+    name: a preset in ``PRESETS``.
+    overrides: engine options given (pinned ones among them are ignored).
+
+  Returns:
+    Option name -> the value the preset requires ({} if none).
+  """
+  if name not in PRESETS:
+    raise ValueError(f"algorithm must be one of {PRESETS}, got {name!r}")
+  if name not in _PINS:
+    return {}
+  kw = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+  kw.update(_PRESET_DEFAULTS[name])
+  kw.update(overrides)
+  return _PINS[name][0](kw)
+
 
 def preset(name: str, **overrides) -> EngineConfig:
   """Returns the EngineConfig of preset ``name`` with ``overrides`` applied.
 
-  For ``fedavg`` the concurrency always equals the buffer size (a synchronous
-  round); passing a different ``concurrency`` is an error.
+  Options the preset pins (``pinned``) take their pinned value; overriding
+  one with another value is an error.
   """
-  if name not in PRESETS:
-    raise ValueError(f"algorithm must be one of {PRESETS}, got {name!r}")
+  pins = pinned(name, overrides)
   fields = {f.name for f in dataclasses.fields(EngineConfig)}
   unknown = sorted(set(overrides) - fields)
   if unknown:
@@ -155,16 +209,11 @@ def preset(name: str, **overrides) -> EngineConfig:
   kw = dict(_PRESET_DEFAULTS[name])
   kw.update(overrides)
   kw["algorithm"] = name
-  if name == "fedavg":
-    k = kw.get("buffer_size", EngineConfig.buffer_size)
-    if "concurrency" in overrides and overrides["concurrency"] != k:
-      raise ValueError(
-          f"fedavg is synchronous: concurrency must equal buffer_size ({k}), "
-          f"got concurrency={overrides['concurrency']}")
-    kw["concurrency"] = k
-  if name == "fedasync" and kw["buffer_size"] != 1:
-    raise ValueError(f"fedasync applies every update alone: buffer_size must "
-                     f"be 1, got {kw['buffer_size']}")
+  for key, value in pins.items():
+    if key in overrides and overrides[key] != value:
+      raise ValueError(f"{name} {_PINS[name][1].format(value)}, got "
+                       f"{key}={overrides[key]!r}")
+    kw[key] = value
   if "ring_size" not in overrides:
     c = kw.get("concurrency", EngineConfig.concurrency)
     k = kw.get("buffer_size", EngineConfig.buffer_size)
@@ -175,69 +224,20 @@ def preset(name: str, **overrides) -> EngineConfig:
   return config
 
 
-def _positive_int(name: str, value) -> None:
-  if not (isinstance(value, int) and value >= 1):
-    raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def _positive(name: str, value) -> None:
-  if not (value > 0 and math.isfinite(value)):
-    raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-
-
 def validate(config: EngineConfig, num_clients: int | None = None) -> None:
-  """Raises ValueError naming the first invalid option and its valid range."""
-  if config.algorithm not in PRESETS:
-    raise ValueError(f"algorithm must be one of {PRESETS}, got "
-                     f"{config.algorithm!r}")
-  for name in ("concurrency", "buffer_size", "ring_size", "local_steps",
-               "batch_size", "eval_batch_size", "last_n_tensors"):
-    _positive_int(name, getattr(config, name))
+  """Raises ValueError naming the first invalid option and its valid values.
+
+  Args:
+    config: the engine config.
+    num_clients: N, if known: concurrency may not exceed it.
+  """
+  options.check_fields(config)
   if config.buffer_size > config.concurrency:
     raise ValueError(f"buffer_size (K={config.buffer_size}) must be <= "
                      f"concurrency (C={config.concurrency})")
   if num_clients is not None and config.concurrency > num_clients:
     raise ValueError(f"concurrency (C={config.concurrency}) must be <= "
                      f"num_clients ({num_clients})")
-  if config.local_epochs is not None:
-    _positive("local_epochs", config.local_epochs)
-  _positive("client_lr", config.client_lr)
-  _positive("server_lr", config.server_lr)
-  _positive("deadline_factor", config.deadline_factor)
-  if config.deadline_s is not None:
-    _positive("deadline_s", config.deadline_s)
-  if not 0.0 <= config.client_momentum < 1.0:
-    raise ValueError(f"client_momentum must be in [0, 1), got "
-                     f"{config.client_momentum}")
-  if not 0.0 <= config.server_momentum < 1.0:
-    raise ValueError(f"server_momentum must be in [0, 1), got "
-                     f"{config.server_momentum}")
-  if config.server_optimizer not in SERVER_OPTIMIZERS:
-    raise ValueError(f"server_optimizer must be one of {SERVER_OPTIMIZERS}, "
-                     f"got {config.server_optimizer!r}")
-  staleness.make_staleness_fn(config.staleness, config.staleness_a,
-                              config.staleness_b)
-  if config.variance_beta < 0:
-    raise ValueError(f"variance_beta must be >= 0, got {config.variance_beta}")
-  if config.data_weight_exponent < 0:
-    raise ValueError("data_weight_exponent must be >= 0, got "
-                     f"{config.data_weight_exponent}")
-  if config.normalization not in aggregation.NORMALIZATIONS:
-    raise ValueError(f"normalization must be one of "
-                     f"{aggregation.NORMALIZATIONS}, got "
-                     f"{config.normalization!r}")
-  if config.mask not in MASK_POLICIES:
-    raise ValueError(f"mask must be one of {MASK_POLICIES}, got "
-                     f"{config.mask!r}")
-  if config.memory_policy not in MEMORY_POLICIES:
-    raise ValueError(f"memory_policy must be one of {MEMORY_POLICIES}, got "
-                     f"{config.memory_policy!r}")
-  if config.client_batching not in CLIENT_BATCHING:
-    raise ValueError(f"client_batching must be one of {CLIENT_BATCHING}, got "
-                     f"{config.client_batching!r}")
-  if config.update_rule not in UPDATE_RULES:
-    raise ValueError(f"update_rule must be one of {UPDATE_RULES}, got "
-                     f"{config.update_rule!r}")
-  if config.refill not in REFILLS:
-    raise ValueError(f"refill must be one of {REFILLS}, got "
-                     f"{config.refill!r}")
+  if config.client_batching == "stream" and config.variance_beta > 0:
+    raise ValueError("client_batching='stream' needs variance_beta=0: the "
+                     "variance weight needs every update of the buffer")

@@ -684,9 +684,6 @@ def resolve_batching(config: EngineConfig) -> str:
   with ``experiments/benchmarks/throughput.py``.
   """
   batching = config.client_batching
-  if batching == "stream" and config.variance_beta > 0:
-    raise ValueError("client_batching='stream' needs variance_beta=0: the "
-                     "variance weight needs every update of the buffer")
   if batching == "auto":
     if jax.default_backend() != "cpu":
       return "vmap"

@@ -21,12 +21,16 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import numbers
 import os
 from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+
+from ftte_jax.core import options
+from ftte_jax.core.options import option
 
 TRACE_COLUMNS = ("speed_flops", "bw_up", "bw_down", "memory_bytes", "dropout")
 
@@ -35,33 +39,39 @@ TRACE_COLUMNS = ("speed_flops", "bw_up", "bw_down", "memory_bytes", "dropout")
 class FleetConfig:
   """How to draw device profiles (ignored fields when ``trace_path`` is set).
 
-  Attributes:
-    num_clients: number of devices N.
-    speed_flops: compute speed of a normal device, FLOP/s.
-    straggler_fraction: fraction of devices that are stragglers, in [0, 1].
-    straggler_slowdown: stragglers' speed is divided by this (>= 1).
-    speed_sigma: lognormal sigma of per-device speed jitter (>= 0).
-    task_sigma: lognormal sigma of per-task duration jitter (>= 0).
-    bw_up: uplink bytes/s.
-    bw_down: downlink bytes/s.
-    dropout: probability that a task is abandoned (never arrives), [0, 1].
-    memory_tiers: memory (bytes) of each tier, ascending.
-    tier_probs: probability of each tier (sums to 1); uniform when empty.
-    trace_path: CSV trace with one row per device (see module docstring).
+  The number of devices is not here: it is the data's ``num_clients``,
+  passed to ``make_fleet``. Each field's meaning and valid values are
+  declared with it (``options.option``).
   """
 
-  num_clients: int = 100
-  speed_flops: float = 2e9
-  straggler_fraction: float = 0.0
-  straggler_slowdown: float = 10.0
-  speed_sigma: float = 0.0
-  task_sigma: float = 0.0
-  bw_up: float = 1e6
-  bw_down: float = 4e6
-  dropout: float = 0.0
-  memory_tiers: Sequence[float] = (1e12,)
-  tier_probs: Sequence[float] = ()
-  trace_path: str | None = None
+  speed_flops: float = option(
+      2e9, low=0, low_inclusive=False,
+      help="compute speed of a normal device, FLOP/s")
+  straggler_fraction: float = option(
+      0.0, low=0, high=1, help="fraction of devices that are stragglers")
+  straggler_slowdown: float = option(
+      10.0, low=1, help="stragglers' speed is divided by this")
+  speed_sigma: float = option(
+      0.0, low=0, help="lognormal sigma of per-device speed jitter")
+  task_sigma: float = option(
+      0.0, low=0, help="lognormal sigma of per-task duration jitter")
+  bw_up: float = option(1e6, low=0, low_inclusive=False,
+                        help="uplink bandwidth, bytes/s")
+  bw_down: float = option(4e6, low=0, low_inclusive=False,
+                          help="downlink bandwidth, bytes/s")
+  dropout: float = option(
+      0.0, low=0, high=1,
+      help="probability that a task is abandoned (never arrives)")
+  memory_tiers: Sequence[float] = option(
+      (1e12,), low=0, low_inclusive=False, nonempty=True, ascending=True,
+      help="memory (bytes) of each device tier")
+  tier_probs: Sequence[float] = option(
+      (), low=0, high=1,
+      help="probability of each memory tier, one per tier, summing to 1; "
+      "uniform when empty")
+  trace_path: str | None = option(
+      None, help="CSV trace with one row per device (see ftte_jax.core.fleet); "
+      "replaces the drawn profiles")
 
 
 @struct.dataclass
@@ -81,58 +91,35 @@ class Fleet:
     return int(self.speed.shape[0])
 
 
-def _check_positive(name: str, value: float) -> None:
-  if not (value > 0 and math.isfinite(value)):
-    raise ValueError(f"{name} must be a positive finite number, got {value}")
-
-
-def _check_fraction(name: str, value: float) -> None:
-  if not 0.0 <= value <= 1.0:
-    raise ValueError(f"{name} must be in [0, 1], got {value}")
-
-
 def validate(config: FleetConfig) -> None:
   """Raises ValueError naming the first invalid option."""
-  if config.num_clients < 1:
-    raise ValueError(f"num_clients must be >= 1, got {config.num_clients}")
+  options.check_fields(config)
   if config.trace_path is not None:
     if not os.path.isfile(config.trace_path):
       raise ValueError(f"trace_path: no such file {config.trace_path!r}")
     return
-  _check_positive("speed_flops", config.speed_flops)
-  _check_positive("bw_up", config.bw_up)
-  _check_positive("bw_down", config.bw_down)
-  _check_fraction("straggler_fraction", config.straggler_fraction)
-  _check_fraction("dropout", config.dropout)
-  if not config.straggler_slowdown >= 1.0:
-    raise ValueError("straggler_slowdown must be >= 1, got "
-                     f"{config.straggler_slowdown}")
-  for name in ("speed_sigma", "task_sigma"):
-    if not getattr(config, name) >= 0:
-      raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
-  if len(config.memory_tiers) < 1:
-    raise ValueError("memory_tiers must name at least one tier")
-  for m in config.memory_tiers:
-    _check_positive("memory_tiers", m)
-  if list(config.memory_tiers) != sorted(config.memory_tiers):
-    raise ValueError(f"memory_tiers must be ascending, got "
-                     f"{list(config.memory_tiers)}")
   if config.tier_probs:
     p = np.asarray(config.tier_probs, np.float64)
-    if p.shape != (len(config.memory_tiers),) or (p < 0).any() or not (
-        abs(p.sum() - 1) < 1e-6):
+    if p.shape != (len(config.memory_tiers),) or not abs(p.sum() - 1) < 1e-6:
       raise ValueError("tier_probs must have one non-negative entry per "
                        f"memory tier ({len(config.memory_tiers)}) summing to "
                        f"1, got {list(config.tier_probs)}")
 
 
-def make_fleet(config: FleetConfig, seed: int) -> Fleet:
-  """Draws (or reads) the device profiles; deterministic in ``seed``."""
+def make_fleet(config: FleetConfig, num_clients: int, seed: int) -> Fleet:
+  """Draws (or reads) the profiles of ``num_clients`` devices.
+
+  Deterministic in ``seed``. A trace must hold exactly ``num_clients`` rows.
+  """
   validate(config)
+  if isinstance(num_clients, bool) or not (
+      isinstance(num_clients, numbers.Integral) and num_clients >= 1):
+    raise ValueError(f"num_clients must be an integer >= 1, got "
+                     f"{num_clients!r}")
   if config.trace_path is not None:
-    return read_trace(config.trace_path, config.task_sigma, config.num_clients)
+    return read_trace(config.trace_path, config.task_sigma, num_clients)
   rng = np.random.default_rng(seed)
-  n = config.num_clients
+  n = int(num_clients)
   speed = np.full(n, config.speed_flops, np.float64)
   n_slow = int(round(config.straggler_fraction * n))
   slow = rng.permutation(n)[:n_slow]
@@ -191,7 +178,9 @@ def read_trace(path: str, task_sigma: float = 0.0,
     # Tiers by distinct memory size, smallest first.
     tier = np.unique(cols["memory_bytes"], return_inverse=True)[1].astype(
         np.int32)
-  _check_positive("task_sigma + 1", task_sigma + 1)
+  if not (task_sigma >= 0 and math.isfinite(task_sigma)):
+    raise ValueError(f"task_sigma must be a finite number >= 0, got "
+                     f"{task_sigma!r}")
   return Fleet(speed=jnp.asarray(cols["speed_flops"], jnp.float32),
                bw_up=jnp.asarray(cols["bw_up"], jnp.float32),
                bw_down=jnp.asarray(cols["bw_down"], jnp.float32),

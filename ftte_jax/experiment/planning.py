@@ -126,12 +126,12 @@ def make_model(config: ExperimentConfig, input_shape, num_classes: int,
 
 def make_fleet(config: ExperimentConfig, full_memory_bytes: float):
   """Draws the fleet; tier fractions are scaled by full training memory."""
-  fleet_cfg = dataclasses.replace(config.fleet,
-                                  num_clients=config.data.num_clients)
+  fleet_cfg = config.fleet
   if config.memory_tier_fractions is not None:
     fleet_cfg = dataclasses.replace(fleet_cfg, memory_tiers=tuple(
         f * full_memory_bytes for f in config.memory_tier_fractions))
-  return (fleet_lib.make_fleet(fleet_cfg, config.seed),
+  return (fleet_lib.make_fleet(fleet_cfg, config.data.num_clients,
+                               config.seed),
           tuple(float(m) for m in fleet_cfg.memory_tiers))
 
 
