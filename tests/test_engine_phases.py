@@ -143,7 +143,9 @@ def test_server_update_applies_pushes_and_skips_an_empty_step():
   tier = jnp.zeros(2, jnp.int32)
   agg = aggregation.aggregate(delta, state.plan.masks, tier, w.weights,
                               "buffer")
-  params, _, ring = engine.server_update(opt, state, agg, jnp.any(w.valid))
+  params, _, ring, refused = engine.server_update(opt, state, agg,
+                                                  jnp.any(w.valid))
+  assert not bool(refused)
   # Mean over the 2 valid updates, times server lr 0.5.
   np.testing.assert_allclose(params["w"], [0.5, 1.0])
   assert int(ring.version[3 % 4]) == 3
@@ -152,8 +154,19 @@ def test_server_update_applies_pushes_and_skips_an_empty_step():
                    weights=jnp.zeros(2))
   agg = aggregation.aggregate(delta, state.plan.masks, tier, none.weights,
                               "buffer")
-  params, _, _ = engine.server_update(opt, state, agg, jnp.any(none.valid))
+  params, _, _, refused = engine.server_update(opt, state, agg,
+                                               jnp.any(none.valid))
   np.testing.assert_array_equal(params["w"], [0.0, 0.0])
+  assert not bool(refused)
+  # Finite updates whose sum overflows: the step is refused, model kept.
+  huge = {"w": jnp.asarray([[3e38, 0.0], [3e38, 0.0]])}
+  agg = aggregation.aggregate(huge, state.plan.masks, tier,
+                              jnp.asarray([1.0, 1.0]), "coordinate")
+  params, _, ring, refused = engine.server_update(
+      optax.sgd(-10.0), state, agg, jnp.asarray(True))
+  assert bool(refused)
+  np.testing.assert_array_equal(params["w"], [0.0, 0.0])
+  np.testing.assert_array_equal(ring.params["w"][3], [0.0, 0.0])
 
 
 def test_dispatch_picks_idle_eligible_clients_and_times_their_tasks():
@@ -304,3 +317,23 @@ def test_streamed_aggregation_equals_the_buffered_one(tiny_model, algorithm,
 def test_stream_refuses_the_variance_weight():
   with pytest.raises(ValueError, match="client_batching='stream' needs"):
     algorithms.preset("ftte", client_batching="stream")
+
+
+def test_variance_weight_survives_huge_finite_updates():
+  params = {"w": jnp.zeros((3,))}
+  plan = masks.full_plan(params, 3)
+  config = algorithms.preset("ftte", concurrency=3, buffer_size=3,
+                             mask="full")
+  arrivals = engine.Arrivals(
+      slots=jnp.arange(3), clients=jnp.arange(3), tau=jnp.zeros(3, jnp.int32),
+      ok=jnp.ones(3, bool), fresh=jnp.ones(3, bool),
+      ring_slot=jnp.zeros(3, jnp.int32), clock=jnp.asarray(0.0))
+  small = jnp.asarray([[1.0, 2.0, 0.0], [1.0, 2.5, 0.0], [-3.0, 0.0, 1.0]])
+  s_age = staleness.make_staleness_fn("polynomial", 0.5)
+  args = (plan, jnp.zeros(3, jnp.int32), jnp.asarray([2, 2, 2]), arrivals,
+          jnp.ones(3, bool))
+  w_small = engine.weigh_updates(config, s_age, {"w": small}, *args)
+  # 1e30 * small: its squares overflow float32, the ratio d_i does not.
+  w_huge = engine.weigh_updates(config, s_age, {"w": small * 1e30}, *args)
+  assert bool(jnp.all(jnp.isfinite(w_huge.weights)))
+  np.testing.assert_allclose(w_huge.weights, w_small.weights, rtol=1e-5)

@@ -59,7 +59,7 @@ def test_fedasync_mixing_follows_xie_et_al():
                              arrivals, finite)
     agg = aggregation.aggregate(delta, plan.masks, jnp.zeros(1, jnp.int32),
                                 w.weights, "buffer", base_weights=w.base)
-    new, _, _ = engine.server_update(engine.make_server_optimizer(config),
+    new, _, _, _ = engine.server_update(engine.make_server_optimizer(config),
                                      state, agg, jnp.any(w.valid))
     out[rule] = float(new["w"][0])
   assert out["mixing"] == pytest.approx(expected, rel=1e-6)

@@ -439,8 +439,13 @@ def weigh_updates(config: EngineConfig, s_age: Callable, delta: PyTree,
   """Phase 3: ``a_i = n_i^gamma * s_age(tau_i) [* s_var_i] * valid_i``."""
   w = prior_weights(config, s_age, counts, arrivals, finite)
   if config.variance_beta > 0:
-    consensus = aggregation.weighted_mean(delta, plan.masks, tier, w.weights)
-    dev = aggregation.deviation(delta, plan.masks, tier, consensus)
+    # d_i is a ratio, so scaling every update by one power of two changes no
+    # bit of it, and huge (finite) updates no longer overflow its squares.
+    _, e = jnp.frexp(jnp.max(jnp.stack(
+        [jnp.max(jnp.abs(d)) for d in jax.tree.leaves(delta)])))
+    scaled = jax.tree.map(lambda d: d * jnp.ldexp(1.0, -e), delta)
+    consensus = aggregation.weighted_mean(scaled, plan.masks, tier, w.weights)
+    dev = aggregation.deviation(scaled, plan.masks, tier, consensus)
     w = w.replace(weights=w.weights * staleness.buffer_variance_weight(
         dev, w.valid, config.variance_beta))
   return w
@@ -448,19 +453,25 @@ def weigh_updates(config: EngineConfig, s_age: Callable, delta: PyTree,
 
 def server_update(server_opt: optax.GradientTransformation, state: SimState,
                   agg: PyTree, any_valid: jnp.ndarray
-                  ) -> tuple[PyTree, PyTree, Ring]:
-  """Phase 4: apply the aggregate and push; nothing valid leaves the model.
+                  ) -> tuple[PyTree, PyTree, Ring, jnp.ndarray]:
+  """Phase 4: apply the aggregate and push.
+
+  A step with nothing valid leaves the model as it is; so does a step whose
+  result would be non-finite (finite updates can still overflow): that step
+  is refused, and the model and optimizer state are kept.
 
   Returns:
-    ``(params, opt_state, ring)`` after the step.
+    ``(params, opt_state, ring, refused)`` after the step.
   """
   updates, opt_state = server_opt.update(
       jax.tree.map(jnp.negative, agg), state.opt_state, state.params)
-  params = optax.tree_utils.tree_where(
-      any_valid, optax.apply_updates(state.params, updates), state.params)
-  opt_state = optax.tree_utils.tree_where(any_valid, opt_state,
-                                          state.opt_state)
-  return params, opt_state, state.ring.push(state.version + 1, params)
+  new = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(sum(jnp.sum(p) for p in jax.tree.leaves(new)))
+  take = any_valid & finite
+  params = optax.tree_utils.tree_where(take, new, state.params)
+  opt_state = optax.tree_utils.tree_where(take, opt_state, state.opt_state)
+  return (params, opt_state, state.ring.push(state.version + 1, params),
+          any_valid & ~finite)
 
 
 def count(counters: Counters, arrivals: Arrivals, w: Weights,
@@ -493,6 +504,7 @@ def count(counters: Counters, arrivals: Arrivals, w: Weights,
       updates_dropped=c.updates_dropped + jnp.sum(~ok) + extra_dropped,
       updates_stale=c.updates_stale + jnp.sum(ok & ~fresh),
       updates_nonfinite=c.updates_nonfinite + jnp.sum(ok & fresh & ~w.valid),
+      steps_refused=c.steps_refused,
       staleness_sum=exact.add(c.staleness_sum, tau_sum),
       staleness_sum_arrivals=exact.add(
           c.staleness_sum_arrivals, jnp.sum(jnp.where(ok, tau, 0))),
@@ -627,8 +639,8 @@ def step_state(config: EngineConfig, client_update: Callable, batching: str,
   arrivals, refilled, keys = _arrivals_and_keys(config, env, state, rkey)
   agg, w, train_loss = _train_and_aggregate(
       config, client_update, batching, s_age, env, state, arrivals, keys)
-  params, opt_state, ring = server_update(server_opt, state, agg,
-                                          jnp.any(w.valid))
+  params, opt_state, ring, refused = server_update(server_opt, state, agg,
+                                                   jnp.any(w.valid))
   version = state.version + 1
   tasks, busy, synced, down, n_started, dropped = _start_next(
       config, env, state, arrivals, refilled,
@@ -637,6 +649,8 @@ def step_state(config: EngineConfig, client_update: Callable, batching: str,
   counters, n_applied, tau_sum = count(
       state.counters, arrivals, w, state.plan.upload_bytes[tier], down,
       n_started, dropped)
+  counters = counters.replace(
+      steps_refused=counters.steps_refused + refused.astype(jnp.int32))
   new_state = state.replace(
       params=params, opt_state=opt_state, ring=ring, version=version,
       clock=arrivals.clock, tasks=tasks, client_busy=busy,

@@ -79,6 +79,7 @@ class Counters:
   updates_dropped: jnp.ndarray  # [] int32: abandoned or past the deadline.
   updates_stale: jnp.ndarray  # [] int32: pulled a version older than S.
   updates_nonfinite: jnp.ndarray  # [] int32: NaN/Inf in the update.
+  steps_refused: jnp.ndarray  # [] int32: steps whose result was non-finite.
   staleness_sum: jnp.ndarray  # [2] exact: sum of tau over applied updates.
   staleness_sum_arrivals: jnp.ndarray  # [2] exact: sum of tau, arrivals.
   staleness_hist: jnp.ndarray  # [S + 1] int32: tau of arrivals; bin S: >= S.
@@ -96,7 +97,8 @@ class Counters:
     zero_i = jnp.zeros((), jnp.int32)
     return cls(
         updates_applied=zero_i, updates_dropped=zero_i, updates_stale=zero_i,
-        updates_nonfinite=zero_i, staleness_sum=exact.zero(),
+        updates_nonfinite=zero_i, steps_refused=zero_i,
+        staleness_sum=exact.zero(),
         staleness_sum_arrivals=exact.zero(),
         staleness_hist=jnp.zeros((ring_size + 1,), jnp.int32),
         bytes_up=exact.zero(), bytes_down=exact.zero(),

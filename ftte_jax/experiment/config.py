@@ -132,7 +132,8 @@ class ExperimentConfig:
   rounds: int = option(100, low=1, help="server steps to run")
   max_virtual_time: float | None = option(
       None, low=0, low_inclusive=False,
-      help="stop once the virtual clock passes this (seconds); None: no limit")
+      help="virtual-time budget (seconds): a step whose last arrival would "
+      "pass it is not taken; None: no limit")
   eval_every: int = option(10, low=1,
                            help="evaluate every this many server steps")
   target_accuracy: float | None = option(
@@ -141,6 +142,12 @@ class ExperimentConfig:
   seed: int = option(
       0, low=0,
       help="the one root seed (data split, partition, fleet, init, engine)")
+  on_divergence: str = option(
+      "stop", choices=("stop", "skip"),
+      help="when a server step's result would be non-finite (the step is "
+      "refused and counted either way) or the test loss is not finite: "
+      "stop ends the run (the launcher exits 3 after saving the last good "
+      "state and the summary); skip goes on")
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)

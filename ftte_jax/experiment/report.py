@@ -45,6 +45,7 @@ def counters_row(state: engine.SimState) -> dict:
       "updates_dropped": int(cnt.updates_dropped),
       "updates_stale": int(cnt.updates_stale),
       "updates_nonfinite": int(cnt.updates_nonfinite),
+      "steps_refused": int(cnt.steps_refused),
       "mean_staleness": mean_applied,
       "mean_staleness_applied": mean_applied,
       "mean_staleness_arrivals": (exact.value(cnt.staleness_sum_arrivals) /
@@ -122,6 +123,7 @@ def summary(config, setup, env, info: dict, state: engine.SimState,
             "bytes_up", "bytes_down", "probe_bytes_up", "probe_bytes_down",
             "mean_staleness", "mean_staleness_applied",
             "mean_staleness_arrivals", "staleness_hist",
-            "updates_dropped", "updates_stale", "updates_nonfinite"):
+            "updates_dropped", "updates_stale", "updates_nonfinite",
+            "steps_refused"):
     out[k] = counters[k]
   return out

@@ -10,6 +10,7 @@ logs exactly the rows an uninterrupted run would.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Callable
 
@@ -112,6 +113,7 @@ class Experiment:
     if not log.history:
       log(state)
     stopped_by = "rounds"
+    refused = int(state.counters.steps_refused)
     while not self.finished(state):
       tracking = (cfg.target_accuracy is not None and
                   log.history[-1]["test_accuracy"] < cfg.target_accuracy)
@@ -123,11 +125,21 @@ class Experiment:
       state = self._after_step(new_state, log, tracking)
       if on_step:
         on_step(state)
+      if cfg.on_divergence == "stop" and self._diverged(state, log, refused):
+        stopped_by = "divergence"
+        break
     if log.history[-1]["round"] != int(state.version):
       log(state)  # stopped by the budget between evaluations
     return state, log.history, {
         "wall_s": time.perf_counter() - log.t_start, "compile_s": compile_s,
         "steps": log.steps, "stopped_by": stopped_by}
+
+  @staticmethod
+  def _diverged(state: engine.SimState, log: _Log, refused_before: int
+                ) -> bool:
+    """A step was refused (non-finite result) or the test loss blew up."""
+    return (int(state.counters.steps_refused) > refused_before or
+            not math.isfinite(log.history[-1]["test_loss"]))
 
   def _after_step(self, state: engine.SimState, log: _Log,
                   tracking: bool) -> engine.SimState:
