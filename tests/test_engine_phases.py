@@ -337,3 +337,29 @@ def test_variance_weight_survives_huge_finite_updates():
   w_huge = engine.weigh_updates(config, s_age, {"w": small * 1e30}, *args)
   assert bool(jnp.all(jnp.isfinite(w_huge.weights)))
   np.testing.assert_allclose(w_huge.weights, w_small.weights, rtol=1e-5)
+
+
+@pytest.mark.parametrize("algorithm", ["fedbuff", "ftte"])
+def test_chunked_steps_equal_single_steps_bit_for_bit(tiny_model, algorithm):
+  apply, params = tiny_model
+  _, _, data = make_dataset(num_clients=8, per_client=12, equal=False)
+  config = algorithms.preset(algorithm, concurrency=4, buffer_size=2,
+                             local_steps=2, batch_size=4, mask="full")
+  plan = masks.full_plan(params, 8)
+  env = engine.make_environment(config, data, const_fleet(8, sigma=0.3), plan)
+  sim = engine.make_simulator(config, apply, int(env.num_steps.max()))
+  state = jax.jit(sim.init)(jax.random.PRNGKey(2), env, params, plan)
+  step = jax.jit(sim.step)
+  single = state
+  for _ in range(7):
+    single, _ = step(env, single)
+  chunk = jax.jit(sim.steps)
+  chunked, taken, over = chunk(env, state, 4)
+  chunked, taken2, _ = chunk(env, chunked, 3)
+  assert int(taken) == 4 and int(taken2) == 3 and not bool(over)
+  chex.assert_trees_all_equal(chunked, single)
+  # A budget stops before the first step that would pass it.
+  budget = float(single.clock) - 1e-6
+  stopped, taken, over = chunk(env, state, 100, budget)
+  assert bool(over) and int(taken) == 6
+  assert float(stopped.clock) <= budget

@@ -169,3 +169,21 @@ def test_per_update_bytes_exact_after_100k_updates():
   assert exact.value(c.bytes_up) / int(c.uploads) == 44056.0
   assert exact.value(c.bytes_down) == 1e6 * steps
   assert exact.value(c.staleness_sum) / int(c.updates_applied) == 3.0
+
+
+@pytest.mark.parametrize("steps_per_call", [0, 4])
+def test_chunked_run_equals_stepwise_run(steps_per_call):
+  def run(spc):
+    exp = experiment.build(tiny_config("fedbuff", rounds=23, eval_every=5,
+                                       steps_per_call=spc,
+                                       max_virtual_time=0.02))
+    state, history, timing = exp.run()
+    return exp.summary(state, history, timing), history
+
+  (a, ha), (b, hb) = run(1), run(steps_per_call)
+  assert a["params_sha256"] == b["params_sha256"]
+  assert a["stopped_by"] == b["stopped_by"]
+  strip = lambda rows: [{k: v for k, v in r.items()
+                         if k not in ("wall_s", "client_updates_per_s")}
+                        for r in rows]
+  assert strip(ha) == strip(hb)

@@ -34,6 +34,7 @@ class Experiment:
   sim: engine.Simulator
   plan_report: dict  # the latest search's report (a re-search replaces it).
   step_fn: Callable = dataclasses.field(init=False)
+  steps_fn: Callable = dataclasses.field(init=False)
   eval_fn: Callable = dataclasses.field(init=False)
 
   def __post_init__(self):
@@ -41,6 +42,8 @@ class Experiment:
     # stops), so its input state must survive: no donation then.
     donate = () if self.config.max_virtual_time is not None else (1,)
     self.step_fn = jax.jit(self.sim.step, donate_argnums=donate)
+    # Chunks undo a step past the budget themselves: always donated.
+    self.steps_fn = jax.jit(self.sim.steps, donate_argnums=1)
     self.eval_fn = jax.jit(self.sim.evaluate)
 
   @property
@@ -71,9 +74,13 @@ class Experiment:
     return {k: float(v) for k, v in jax.device_get(out).items()}
 
   def compile(self, state: engine.SimState) -> float:
-    """Compiles the step and the evaluation; returns the seconds it took."""
+    """Compiles the step program the run uses and the evaluation; returns
+    the seconds it took."""
     t0 = time.perf_counter()
-    self.step_fn.lower(self.env, state).compile()
+    if self.config.steps_per_call == 1:
+      self.step_fn.lower(self.env, state).compile()
+    else:
+      self.steps_fn.lower(self.env, state, 1, 1.0).compile()
     self.eval_fn.lower(state.params, *self.setup.test).compile()
     return time.perf_counter() - t0
 
@@ -85,6 +92,7 @@ class Experiment:
           history: list[dict] | None = None,
           on_eval: Callable[[engine.SimState, dict], None] | None = None,
           on_step: Callable[[engine.SimState], None] | None = None,
+          sync_every: int | None = None,
           ) -> tuple[engine.SimState, list[dict], dict]:
     """Runs server steps until ``rounds`` or the virtual-time budget.
 
@@ -93,19 +101,25 @@ class Experiment:
     and not (or no longer) reached, the model is evaluated after every step
     and the exact crossing step is logged as an extra row
     (``"crossing": true``), so time to target does not depend on
-    ``eval_every``.
+    ``eval_every``. With ``steps_per_call`` != 1 (and no target being
+    tracked) the steps up to the next evaluation, re-search or sync point
+    run as one jitted call (``Simulator.steps``), bit-identical to single
+    steps.
 
     Args:
       state: state to continue from (a restored checkpoint); fresh if None.
       history: metric rows already logged before ``state`` (on resume).
       on_eval: called with (state, row) after each logged row.
-      on_step: called with the state after every step (checkpointing).
+      on_step: called with the state at every sync point (checkpointing).
+      sync_every: sync points are rounds that are multiples of this; None:
+        every step when ``on_step`` is given.
 
     Returns:
       (final state, metric rows, timing dict with wall_s, compile_s, steps
       and stopped_by).
     """
     cfg = self.config
+    sync = sync_every or (1 if on_step else cfg.rounds)
     state = self.init_state() if state is None else state
     log = _Log(self, list(history or []), on_eval)
     compile_s = 0.0 if self.finished(state) else self.compile(state)
@@ -117,13 +131,11 @@ class Experiment:
     while not self.finished(state):
       tracking = (cfg.target_accuracy is not None and
                   log.history[-1]["test_accuracy"] < cfg.target_accuracy)
-      new_state, _ = self.step_fn(self.env, state)
-      if (cfg.max_virtual_time is not None and
-          float(new_state.clock) > cfg.max_virtual_time):
+      state, over = self._advance(state, log, tracking, sync)
+      if over:
         stopped_by = "max_virtual_time"
         break
-      state = self._after_step(new_state, log, tracking)
-      if on_step:
+      if on_step and int(state.version) % sync == 0:
         on_step(state)
       if cfg.on_divergence == "stop" and self._diverged(state, log, refused):
         stopped_by = "divergence"
@@ -134,6 +146,31 @@ class Experiment:
         "wall_s": time.perf_counter() - log.t_start, "compile_s": compile_s,
         "steps": log.steps, "stopped_by": stopped_by}
 
+  def _advance(self, state: engine.SimState, log: _Log, tracking: bool,
+               sync: int) -> tuple[engine.SimState, bool]:
+    """One step, or (``steps_per_call`` != 1, not tracking a target) a
+    chunk of steps up to the next event; returns the new state and whether
+    the budget stopped it."""
+    cfg = self.config
+    budget = cfg.max_virtual_time
+    if cfg.steps_per_call == 1:
+      new_state, _ = self.step_fn(self.env, state)
+      if budget is not None and float(new_state.clock) > budget:
+        return state, True
+      return self._after_step(new_state, log, tracking, 1), False
+    r = int(state.version)
+    events = [cfg.eval_every, sync, cfg.search.research_every or cfg.rounds]
+    n = min([cfg.rounds - r] + [e - r % e for e in events])
+    if tracking:
+      n = 1
+    elif cfg.steps_per_call > 1:
+      n = min(n, cfg.steps_per_call)
+    state, taken, over = self.steps_fn(
+        self.env, state, n, float("inf") if budget is None else budget)
+    if int(taken):
+      state = self._after_step(state, log, tracking, int(taken))
+    return state, bool(over)
+
   @staticmethod
   def _diverged(state: engine.SimState, log: _Log, refused_before: int
                 ) -> bool:
@@ -142,10 +179,11 @@ class Experiment:
             not math.isfinite(log.history[-1]["test_loss"]))
 
   def _after_step(self, state: engine.SimState, log: _Log,
-                  tracking: bool) -> engine.SimState:
-    """Re-search and logging after a step that was taken."""
+                  tracking: bool, taken: int) -> engine.SimState:
+    """Re-search and logging after ``taken`` steps (none of them due one
+    before the last)."""
     cfg = self.config
-    log.steps += 1
+    log.steps += taken
     r = int(state.version)
     every = cfg.search.research_every
     if every and r % every == 0 and r < cfg.rounds:
