@@ -116,9 +116,11 @@ def comparison_rows(summaries: dict[str, dict]) -> list[dict]:
   """One row per algorithm; speed-up and ratios are against FedAvg."""
   base = summaries.get(BASELINE) or {}
   t_base = base.get("time_to_target_s")
+  h_base = base.get("time_to_target_sustained_s")
   rows = []
   for alg, s in summaries.items():
     t = s.get("time_to_target_s")
+    h = s.get("time_to_target_sustained_s")
     rows.append({
         "algorithm": alg,
         "final_accuracy": s.get("final_accuracy"),
@@ -126,6 +128,10 @@ def comparison_rows(summaries: dict[str, dict]) -> list[dict]:
         "time_to_target_s": t,
         "speedup_vs_fedavg": (1.0 - t / t_base if t is not None and t_base
                               else None),
+        "time_to_target_sustained_s": h,
+        "sustained_speedup_vs_fedavg": (1.0 - h / h_base if h is not None
+                                        and h_base else None),
+        "stopped_by": s.get("stopped_by"),
         "peak_device_memory_bytes": s.get("peak_device_memory_bytes"),
         "memory_ratio_vs_fedavg": _ratio(s.get("peak_device_memory_bytes"),
                                          base.get("peak_device_memory_bytes")),
