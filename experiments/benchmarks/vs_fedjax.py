@@ -38,6 +38,9 @@ This file runs under both interpreters: only the standard library, absl and
 numpy at import time.
 """
 
+# Imports of jax, ftte_jax and fedjax sit inside the functions of the
+# interpreter that has them.
+# pylint: disable=import-outside-toplevel
 from __future__ import annotations
 
 import gzip
@@ -65,32 +68,6 @@ INSTALL_HINT = (
     "then pass --fedjax_python=~/fedjax-venv/bin/python")
 _MARK = "VS_FEDJAX_RESULT "  # prefix of a worker's one JSON result line.
 
-flags.DEFINE_enum("side", "both", ["ftte", "fedjax", "both"],
-                  "which side(s) to run")
-flags.DEFINE_list("models", list(MODELS), f"models, of {list(MODELS)}")
-flags.DEFINE_integer("num_clients", 1000, "clients N")
-flags.DEFINE_integer("clients_per_round", 100, "K = C of ftte's fedavg")
-flags.DEFINE_integer("rounds", 10, "rounds R (R * K client updates)")
-flags.DEFINE_list("ftte_extra", [], "extra launch.main flags for both "
-                  "sides' workload, e.g. --ftte_extra=--dataset=tiny (tests)")
-flags.DEFINE_string("fedjax_python", sys.executable,
-                    "interpreter that can import fedjax")
-flags.DEFINE_string("cache_dir", os.environ.get("JAX_COMPILATION_CACHE_DIR"),
-                    "parent of the per-side persistent compilation caches")
-flags.DEFINE_float("cache_min_compile_s", 0.0, "JAX persistent cache: "
-                   "cache compilations longer than this (both sides)")
-flags.DEFINE_integer("repeats", 1, "steady runs per side (interleaved); the "
-                     "best is reported", lower_bound=1)
-flags.DEFINE_bool("e2e", True, "also run the cold and warm end-to-end runs")
-flags.DEFINE_integer("matmul_n", 2048, "size of the peak-FLOP/s matmul")
-flags.DEFINE_string("out", os.path.join(REPO, "experiments", "benchmarks",
-                                        "results", "vs_fedjax_cpu"),
-                    "write <out>.txt and <out>.json ('' : don't)")
-flags.DEFINE_integer("timeout_s", 1800, "per-subprocess time limit")
-# Internal: a worker process.
-flags.DEFINE_enum("worker", None, ["ftte", "fedjax"], "internal")
-flags.DEFINE_string("spec", None, "internal: workload JSON file")
-flags.DEFINE_bool("peak", True, "internal: time the matmul peak")
 FLAGS = flags.FLAGS
 
 
@@ -116,8 +93,8 @@ def flops_per_update(model: str, local_steps: int, batch_size: int) -> int:
 
 def matmul_peak(n: int) -> float:
   """FLOP/s of a jitted f32 [n, n] x [n, n] matmul, best of 10."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import jax
+  import jax.numpy as jnp
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
   f = jax.jit(jnp.dot)
   f(a, a).block_until_ready()
@@ -195,8 +172,8 @@ def load_split(spec: dict):
 
 def _haiku_net(model: str):
   """The model written for FedJAX (haiku), layer for layer ftte_jax's."""
-  import haiku as hk  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
+  import haiku as hk
+  import jax
 
   def mlp(x):
     x = hk.Flatten()(x)
@@ -219,10 +196,10 @@ def _haiku_net(model: str):
 def fedjax_worker(spec: dict) -> dict:
   """FedJAX's fed_avg on the spec's workload; times every round."""
   t_start = time.perf_counter()
-  import jax  # pylint: disable=import-outside-toplevel
+  import jax
   jax.tree_map = jax.tree_util.tree_map  # FedJAX 0.0.17 on current JAX.
-  import fedjax  # pylint: disable=import-outside-toplevel
-  import haiku as hk  # pylint: disable=import-outside-toplevel
+  import fedjax
+  import haiku as hk
   t_import = time.perf_counter()
   xtr, ytr, parts, xte, yte = load_split(spec)
   digest = split_digest(parts, ytr, yte)
@@ -287,9 +264,9 @@ def ftte_args(model: str) -> list[str]:
 def ftte_worker(spec: dict) -> dict:
   """The resolved launch.main config, built and stepped in-process."""
   t_start = time.perf_counter()
-  import jax  # pylint: disable=import-outside-toplevel
-  from ftte_jax import experiment  # pylint: disable=import-outside-toplevel
-  from launch import flags as flags_lib  # pylint: disable=import-outside-toplevel
+  import jax
+  from ftte_jax import experiment
+  from launch import flags as flags_lib
   t_import = time.perf_counter()
   exp = experiment.build(flags_lib.resolve_args(spec["ftte_args"]).config)
   t_build = time.perf_counter()
@@ -318,9 +295,9 @@ def ftte_worker(spec: dict) -> dict:
 
 def workload_spec(model: str) -> dict:
   """Resolves ftte_jax's config for ``model``: the FedJAX side's settings."""
-  from ftte_jax import experiment  # pylint: disable=import-outside-toplevel
-  from ftte_jax.data import datasets  # pylint: disable=import-outside-toplevel
-  from launch import flags as flags_lib  # pylint: disable=import-outside-toplevel
+  from ftte_jax import experiment
+  from ftte_jax.data import datasets
+  from launch import flags as flags_lib
   args = ftte_args(model)
   config = flags_lib.resolve_args(args).config
   e, d = config.engine, config.data
@@ -516,10 +493,10 @@ def table(results: list[dict]) -> str:
       rat = lambda key: _ratio((a.get(key) or {}).get("updates_per_s"),
                                (b.get(key) or {}).get("updates_per_s"))
       cell = lambda x: f"**{x:.2f}x**" if x else "-"
+      steady = _ratio(a["steady_updates_per_s"], b["steady_updates_per_s"])
       lines.append(
-          f"| {res['model']} | **ftte_jax / FedJAX** | "
-          f"{cell(_ratio(a['steady_updates_per_s'], b['steady_updates_per_s']))}"
-          f" | | {cell(rat('e2e_cold'))} | {cell(rat('e2e_warm'))} | |")
+          f"| {res['model']} | **ftte_jax / FedJAX** | {cell(steady)} | | "
+          f"{cell(rat('e2e_cold'))} | {cell(rat('e2e_warm'))} | |")
   return "\n".join(lines)
 
 
@@ -546,6 +523,22 @@ def phases(results: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def _workload_line(res: dict) -> str:
+  sp, sides = res["spec"], res["sides"]
+  line = (f"{res['model']}: {sp['num_clients']} clients, "
+          f"{res['eligible_clients'] or sp['num_clients']} eligible, "
+          f"{sp['clients_per_round']} per round, {sp['rounds']} rounds, "
+          f"{sp['local_steps']} steps x batch {sp['batch_size']}, client lr "
+          f"{sp['client_lr']}, server lr {sp['server_lr']}; steady repeats "
+          "(upd/s): " + ", ".join(
+              f"{s} " + "/".join(f"{v:.1f}" for v in r["steady_repeats"])
+              for s, r in sides.items()))
+  if "fedjax" in sides:
+    line += (", same split on both sides" if sides["fedjax"].get(
+        "same_split") else ", SPLITS DIFFER")
+  return line
+
+
 def parent() -> int:
   for m in FLAGS.models:
     if m not in MODELS:
@@ -557,7 +550,7 @@ def parent() -> int:
     sides.remove("fedjax")
     if not sides:
       return 0
-  from experiments.benchmarks.common import machine  # pylint: disable=import-outside-toplevel
+  from experiments.benchmarks.common import machine
   tmp = tempfile.mkdtemp(prefix="vs_fedjax-")
   cache_root = FLAGS.cache_dir or os.path.join(tmp, "jax-cache")
   try:
@@ -587,6 +580,8 @@ def parent() -> int:
           for res in results) + f") over the best jitted f32 "
       f"{FLAGS.matmul_n}^2 matmul any worker timed, {peak / 1e9:.1f} "
       "GFLOP/s.", "",
+      "Workload per model: " + "; ".join(_workload_line(res)
+                                         for res in results), "",
       "Seconds per phase (steady workers; e2e from launch.main's summary or "
       "the FedJAX worker):", phases(results)])
   print("\n" + text, flush=True)
@@ -597,6 +592,38 @@ def parent() -> int:
     with open(FLAGS.out + ".json", "w") as f:
       json.dump(report, f, indent=1)
   return 0
+
+
+def define_flags() -> None:
+  """Registers the flags; only when run, so importing this module (tests)
+  does not clash with launch.main's --rounds and --num_clients."""
+  flags.DEFINE_enum("side", "both", ["ftte", "fedjax", "both"],
+                    "which side(s) to run")
+  flags.DEFINE_list("models", list(MODELS), f"models, of {list(MODELS)}")
+  flags.DEFINE_integer("num_clients", 1000, "clients N")
+  flags.DEFINE_integer("clients_per_round", 100, "K = C of ftte's fedavg")
+  flags.DEFINE_integer("rounds", 10, "rounds R (R * K client updates)")
+  flags.DEFINE_list("ftte_extra", [], "extra launch.main flags, e.g. "
+                    "--ftte_extra=--dataset=tiny (tests; ftte side only)")
+  flags.DEFINE_string("fedjax_python", sys.executable,
+                      "interpreter that can import fedjax")
+  flags.DEFINE_string("cache_dir",
+                      os.environ.get("JAX_COMPILATION_CACHE_DIR"),
+                      "parent of the per-side persistent compilation caches")
+  flags.DEFINE_float("cache_min_compile_s", 0.0, "JAX persistent cache: "
+                     "cache compilations longer than this (both sides)")
+  flags.DEFINE_integer("repeats", 1, "steady runs per side (interleaved); "
+                       "the best is reported", lower_bound=1)
+  flags.DEFINE_bool("e2e", True, "also run cold and warm end-to-end runs")
+  flags.DEFINE_integer("matmul_n", 2048, "size of the peak-FLOP/s matmul")
+  flags.DEFINE_string("out", os.path.join(REPO, "experiments", "benchmarks",
+                                          "results", "vs_fedjax_cpu"),
+                      "write <out>.txt and <out>.json ('' : don't)")
+  flags.DEFINE_integer("timeout_s", 1800, "per-subprocess time limit")
+  # Internal: a worker process.
+  flags.DEFINE_enum("worker", None, ["ftte", "fedjax"], "internal")
+  flags.DEFINE_string("spec", None, "internal: workload JSON file")
+  flags.DEFINE_bool("peak", True, "internal: time the matmul peak")
 
 
 def main(argv: list[str]) -> int:
@@ -619,4 +646,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
