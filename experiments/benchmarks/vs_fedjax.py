@@ -345,8 +345,13 @@ def _env(cache: str | None) -> dict:
   return env
 
 
-def _run(cmd: list[str], env: dict) -> tuple[float, str]:
-  """Runs ``cmd`` from the repository root; (wall seconds, stdout)."""
+def _run(cmd: list[str], env: dict) -> tuple[float, str, float]:
+  """Runs ``cmd`` from the repository root.
+
+  Returns:
+    (wall seconds, stdout, 1-minute load average at exit): the load says
+    how much other work shared the machine (2 cores here) during the run.
+  """
   t = time.perf_counter()
   p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                      timeout=FLAGS.timeout_s, check=False)
@@ -354,17 +359,17 @@ def _run(cmd: list[str], env: dict) -> tuple[float, str]:
   if p.returncode:
     raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}:\n"
                        f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-  return wall, p.stdout
+  return wall, p.stdout, os.getloadavg()[0]
 
 
 def _worker(python: str, side: str, spec_path: str, peak: bool,
-            cache: str | None) -> tuple[float, dict]:
+            cache: str | None) -> tuple[float, dict, float]:
   cmd = [python, os.path.abspath(__file__), f"--worker={side}",
          f"--spec={spec_path}", f"--peak={peak}",
          f"--matmul_n={FLAGS.matmul_n}"]
-  wall, out = _run(cmd, _env(cache))
+  wall, out, load = _run(cmd, _env(cache))
   line = [l for l in out.splitlines() if l.startswith(_MARK)][-1]
-  return wall, json.loads(line[len(_MARK):])
+  return wall, json.loads(line[len(_MARK):]), load
 
 
 def _cache_files(path: str) -> int:
@@ -406,9 +411,9 @@ def bench_model(model: str, sides: list[str], cache_root: str,
          "client_updates": n_upd, "sides": {}}
   for rep in range(FLAGS.repeats):
     for side in sides:  # interleaved, so drift in machine load hits both.
-      wall, r = _worker(python[side], side, spec_path, True, None)
+      wall, r, load = _worker(python[side], side, spec_path, True, None)
       r["steady_updates_per_s"] = _steady(r["round_s"], k)
-      r["steady_process_wall_s"] = wall
+      r["steady_process_wall_s"], r["load1"] = wall, load
       print(f"[{model}] {side} steady (repeat {rep + 1}) "
             f"{r['steady_updates_per_s']:.1f} upd/s; matmul peak "
             f"{r['matmul_peak_flops_per_s'] / 1e9:.1f} GFLOP/s", flush=True)
@@ -440,9 +445,9 @@ def bench_model(model: str, sides: list[str], cache_root: str,
       before = _cache_files(caches[side])
       if side == "ftte":
         workdir = _fresh(os.path.join(tmp, f"run-{model}-{phase}"))
-        wall, _ = _run([sys.executable, "-m", "launch.main"] +
-                       spec["ftte_args"] + [f"--workdir={workdir}"],
-                       _env(caches[side]))
+        wall, _, load = _run([sys.executable, "-m", "launch.main"] +
+                             spec["ftte_args"] + [f"--workdir={workdir}"],
+                             _env(caches[side]))
         with open(os.path.join(workdir, "summary.json")) as f:
           s = json.load(f)
         # summary.json: build_s (data, model, fleet, plan), run_s
@@ -454,13 +459,14 @@ def bench_model(model: str, sides: list[str], cache_root: str,
                  "final_accuracy": s["final_accuracy"]}
         extra["other_s"] = wall - extra["build_s"] - extra["run_s"]
       else:
-        wall, r = _worker(python[side], side, spec_path, False, caches[side])
+        wall, r, load = _worker(python[side], side, spec_path, False,
+                                caches[side])
         extra = {k_: r[k_] for k_ in ("import_s", "build_s", "loop_s",
                                       "final_accuracy")}
         # interpreter start and exit.
         extra["other_s"] = wall - r["import_s"] - r["build_s"] - r["loop_s"]
       out["sides"][side][f"e2e_{phase}"] = {
-          "wall_s": wall, "updates_per_s": n_upd / wall,
+          "wall_s": wall, "updates_per_s": n_upd / wall, "load1": load,
           "cache_entries_before": before,
           "cache_entries_after": _cache_files(caches[side]), **extra}
       print(f"[{model}] {side} end to end ({phase} cache) {wall:.1f} s = "
@@ -510,16 +516,17 @@ def phases(results: list[dict]) -> str:
       first, rest = r["round_s"][0], sum(r["round_s"][1:])
       lines.append(f"{res['model']:7} {side:6} " + "  ".join(
           f"{k[:-2]} {r[k]:.2f}" for k in keys) +
-                   f"  round1 {first:.2f}  rounds2..R {rest:.2f}")
+                   f"  round1 {first:.2f}  rounds2..R {rest:.2f}  load1 "
+                   f"{r['load1']:.1f}")
       for phase in ("e2e_cold", "e2e_warm"):
         e = r.get(phase)
         if e:
           detail = "  ".join(f"{k} {v:.2f}" for k, v in e.items()
                              if isinstance(v, float) and k not in (
-                                 "wall_s", "updates_per_s"))
+                                 "wall_s", "updates_per_s", "load1"))
           lines.append(f"{'':15}{phase}: wall {e['wall_s']:.2f}  {detail}  "
                        f"cache entries {e['cache_entries_before']}->"
-                       f"{e['cache_entries_after']}")
+                       f"{e['cache_entries_after']}  load1 {e['load1']:.1f}")
   return "\n".join(lines)
 
 
@@ -583,7 +590,9 @@ def parent() -> int:
       "Workload per model: " + "; ".join(_workload_line(res)
                                          for res in results), "",
       "Seconds per phase (steady workers; e2e from launch.main's summary or "
-      "the FedJAX worker):", phases(results)])
+      "the FedJAX worker); load1: 1-minute load average as the subprocess "
+      f"exited (this machine has {os.cpu_count()} cores; more means other "
+      "work competed):", phases(results)])
   print("\n" + text, flush=True)
   if FLAGS.out:
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
