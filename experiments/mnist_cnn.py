@@ -149,7 +149,7 @@ def run_all(fv: flags.FlagValues = flags.FLAGS) -> dict:
         "updates_dropped": s["updates_dropped"],
         "wall_s": time.perf_counter() - t0, "compile_s": s["compile_s"],
         "data": {k: v for k, v in exp.info["data"].items()
-                 if k != "padding"},
+                 if k != "layout"},
         "history": [{k: r[k] for k in ("round", "virtual_time_s",
                                        "test_accuracy", "test_loss")}
                     for r in history],

@@ -38,7 +38,6 @@ import json
 import os
 import tempfile
 import time
-import warnings
 
 from absl import app
 from absl import flags
@@ -259,9 +258,6 @@ def run_settings(
 
 def run_all(fv: flags.FlagValues = flags.FLAGS) -> dict:
   """Runs FedAvg on every setting and seed; prints and returns the results."""
-  # The generator's lognormal device sizes are the point of the data set;
-  # the padding they cost is known and small here.
-  warnings.filterwarnings("ignore", message="ClientData: padded index")
   t0 = time.perf_counter()
   settings, cfg = run_settings(fv)
   seeds = [int(s) for s in fv.seeds]

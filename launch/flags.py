@@ -168,7 +168,84 @@ def define_run_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string("workdir", None, "output directory; default "
                       "runs/<algorithm>-<first 8 hex of the config hash>, so "
                       "re-running a command resumes it", flag_values=fv)
+  flags.DEFINE_string(
+      "compilation_cache", "auto", "JAX's persistent compilation cache: "
+      "'auto' ($JAX_COMPILATION_CACHE_DIR if set, else <user cache>/"
+      "ftte_jax/jax_cache, the user cache being $XDG_CACHE_HOME or "
+      "~/.cache), 'off', or a directory; a second run of the same shapes "
+      "then skips compilation", flag_values=fv)
   define_checkpoint_flags(fv)
+  define_distributed_flags(fv)
+
+
+def define_distributed_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """Registers the flags of a multi-process run (``jax.distributed``)."""
+  flags.DEFINE_string(
+      "coordinator_address", None, "host:port of process 0 of a "
+      "multi-process run (jax.distributed); give --num_processes and "
+      "--process_id with it", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "processes of a multi-process "
+                       "run", lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "this process's index in [0, "
+                       "--num_processes)", lower_bound=0, flag_values=fv)
+  flags.DEFINE_bool(
+      "distributed", False, "start jax.distributed from the cluster's "
+      "environment (SLURM, TPU pods, GKE and the other environments JAX "
+      "detects) when no --coordinator_address is given", flag_values=fv)
+
+
+def init_distributed(fv: flags.FlagValues = flags.FLAGS) -> bool:
+  """Starts JAX's multi-controller runtime when the flags ask for it.
+
+  Every process then runs the same program on the global device mesh;
+  process 0 writes the outputs (``launch.main``). Must run before anything
+  touches a JAX backend. Returns whether it started.
+  """
+  given = [fv[n].value is not None for n in
+           ("coordinator_address", "num_processes", "process_id")]
+  if not (any(given) or fv.distributed):
+    return False
+  if any(given) and not all(given):
+    fail("--coordinator_address, --num_processes and --process_id go "
+         "together (or pass --distributed alone to detect the cluster)")
+  if all(given) and fv.process_id >= fv.num_processes:
+    fail(f"--process_id={fv.process_id} must be below --num_processes="
+         f"{fv.num_processes}")
+  import jax  # pylint: disable=g-import-not-at-top
+  # CPU processes reach each other through gloo; accelerators ignore it.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(fv.coordinator_address, fv.num_processes,
+                               fv.process_id)
+  except (RuntimeError, ValueError) as e:
+    fail(f"jax.distributed could not start ({one_line(e)}); check "
+         "--coordinator_address, --num_processes and --process_id")
+  return True
+
+
+def enable_compilation_cache(setting: str) -> str | None:
+  """Points JAX's persistent compilation cache at ``setting`` (see the
+  --compilation_cache flag); returns the directory, or None when off."""
+  if setting == "off":
+    return None
+  if setting == "auto":
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".cache")
+    # JAX's own variable, when set, names the cache the user chose.
+    setting = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+        cache, "ftte_jax", "jax_cache")
+  try:
+    os.makedirs(setting, exist_ok=True)
+  except OSError as e:
+    fail(f"--compilation_cache={setting}: cannot create it ({e.strerror}); "
+         "pass another directory or 'off'")
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_compilation_cache_dir", setting)
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    # The step and the evaluation take seconds to compile; tiny helpers
+    # are not worth a file each.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  return setting
 
 
 def define_checkpoint_flags(fv: flags.FlagValues = flags.FLAGS) -> None:

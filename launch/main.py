@@ -122,10 +122,13 @@ def main(argv: list[str]) -> None:
     flags_lib.fail(e)
   config = resolved.config
   # Imported after validation: a bad flag should not pay for JAX start-up.
+  flags_lib.init_distributed(FLAGS)
+  logging.info("compilation cache: %s", flags_lib.enable_compilation_cache(
+      FLAGS.compilation_cache) or "off")
   import jax  # pylint: disable=g-import-not-at-top
   from ftte_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from ftte_jax.data import datasets  # pylint: disable=g-import-not-at-top
-  from ftte_jax import experiment  # pylint: disable=g-import-not-at-top
+  # Under jax.distributed every process computes; process 0 writes.
+  primary = jax.process_index() == 0
 
   config_dict = checkpointing.to_jsonable(config.to_dict())
   sha = checkpointing.config_hash(config_dict)
@@ -136,7 +139,60 @@ def main(argv: list[str]) -> None:
   if not FLAGS.overwrite:
     _check_workdir(workdir, config_dict, sha)
   logging.info("workdir %s (config %s)", workdir, sha[:12])
+  exp, build_s = _build(config)
+  # Written only once the build succeeded: a failed start leaves nothing
+  # that a corrected command would be refused for.
+  if FLAGS.overwrite and primary:
+    _clear_workdir(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  if primary:
+    _write_config(workdir, config, config_dict, sha, resolved.given)
+  ckpt, state, history = _restore(exp, workdir, sha)
+  resumed_from = int(state.version) if state is not None else None
+  summary_path = os.path.join(workdir, "summary.json")
+  if state is not None and _finished(config, state) and os.path.exists(
+      summary_path):
+    ckpt.close()
+    logging.info("run already complete at round %d; summary in %s",
+                 resumed_from, summary_path)
+    with open(summary_path) as f:
+      _print_summary(json.load(f), workdir)
+    return
+  if resumed_from is not None:
+    logging.info("resuming from round %d (%d metric rows)", resumed_from,
+                 len(history))
+  state, history, timing = _run(exp, ckpt, state, history,
+                                workdir if primary else None)
+  summary = exp.summary(state, history, timing)
+  summary.update(config_sha256=sha, workdir=os.path.abspath(workdir),
+                 build_s=build_s, resumed_from_round=resumed_from,
+                 num_params=exp.info.get("num_params"))
+  ckpt.close()
+  if primary:
+    checkpointing.write_json(summary_path, summary)
+    _print_summary(checkpointing.to_jsonable(summary), workdir)
 
+
+def _restore(exp, workdir, sha):
+  """``(checkpointer, state or None, history)`` from the workdir."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ftte_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  ckpt = checkpointing.Checkpointer(
+      os.path.join(workdir, "checkpoints"), sha, every=FLAGS.checkpoint_every,
+      max_to_keep=FLAGS.keep_checkpoints)
+  try:
+    restored = ckpt.restore_latest(jax.eval_shape(exp.init_state))
+  except checkpointing.ConfigMismatchError as e:
+    ckpt.close()
+    flags_lib.fail(f"--workdir={workdir}: {e}; pass --overwrite to discard "
+                   "it")
+  state, history = restored if restored else (None, [])
+  return ckpt, state, history
+
+
+def _build(config):
+  """``(experiment, seconds)``; a build error exits 2 with one line."""
+  from ftte_jax import experiment  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
   try:
     exp = experiment.build(config)
@@ -150,56 +206,43 @@ def main(argv: list[str]) -> None:
   logging.info("built %s on %s in %.1fs: %d clients, %d eligible", config.model,
                config.data.dataset, build_s, config.data.num_clients,
                int(exp.env.eligible.sum()))
+  return exp, build_s
 
-  # Written only once the build succeeded: a failed start leaves nothing
-  # that a corrected command would be refused for.
-  if FLAGS.overwrite:
-    _clear_workdir(workdir)
-  os.makedirs(workdir, exist_ok=True)
+
+def _write_config(workdir, config, config_dict, sha, given) -> None:
+  """``config.json``: the resolved options, versions and how it was run."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ftte_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from ftte_jax.data import datasets  # pylint: disable=g-import-not-at-top
   checkpointing.write_json(os.path.join(workdir, "config.json"), {
       "experiment": config_dict,
       "config_sha256": sha,
       "algorithm": config.engine.algorithm,
-      "flags_given": resolved.given,
+      "flags_given": given,
       "data_dir_resolved": str(datasets.default_data_dir(
           config.data.data_dir)),
       "launch": {"workdir": os.path.abspath(workdir),
                  "checkpoint_every": FLAGS.checkpoint_every,
                  "keep_checkpoints": FLAGS.keep_checkpoints,
+                 "compilation_cache": FLAGS.compilation_cache,
                  "argv": sys.argv},
       "versions": {"python": sys.version.split()[0],
                    "jax": jax.__version__},
       "backend": jax.default_backend(),
   })
-  ckpt = checkpointing.Checkpointer(
-      os.path.join(workdir, "checkpoints"), sha, every=FLAGS.checkpoint_every,
-      max_to_keep=FLAGS.keep_checkpoints)
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  summary_path = os.path.join(workdir, "summary.json")
-  try:
-    restored = ckpt.restore_latest(jax.eval_shape(exp.init_state))
-  except checkpointing.ConfigMismatchError as e:
-    ckpt.close()
-    flags_lib.fail(f"--workdir={workdir}: {e}; pass --overwrite to discard "
-                   "it")
-  state, history = restored if restored else (None, [])
-  resumed_from = int(state.version) if state is not None else None
-  if state is not None and _finished(config, state) and os.path.exists(
-      summary_path):
-    ckpt.close()
-    logging.info("run already complete at round %d; summary in %s",
-                 resumed_from, summary_path)
-    with open(summary_path) as f:
-      _print_summary(json.load(f), workdir)
-    return
-  if resumed_from is not None:
-    logging.info("resuming from round %d (%d metric rows)", resumed_from,
-                 len(history))
-  # The checkpoint's rows are the truth: drop any logged after it.
-  checkpointing.write_text(metrics_path, "".join(
-      json.dumps(r) + "\n" for r in history))
-  rows = list(history)
 
+
+def _run(exp, ckpt, state, history, workdir):
+  """Runs (or resumes) with metrics appended (to ``workdir``'s
+  metrics.jsonl; nowhere when None) and checkpoints taken."""
+  from ftte_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  metrics_path = os.devnull
+  if workdir is not None:
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    # The checkpoint's rows are the truth: drop any logged after it.
+    checkpointing.write_text(metrics_path, "".join(
+        json.dumps(r) + "\n" for r in history))
+  rows = list(history)
   with open(metrics_path, "a") as metrics:
 
     def on_eval(state, row):
@@ -214,13 +257,7 @@ def main(argv: list[str]) -> None:
         on_step=lambda s: ckpt.maybe_save(s, rows))
   if ckpt.latest_step() != int(state.version):
     ckpt.save(state, rows)
-  summary = exp.summary(state, history, timing)
-  summary.update(config_sha256=sha, workdir=os.path.abspath(workdir),
-                 build_s=build_s, resumed_from_round=resumed_from,
-                 num_params=exp.info.get("num_params"))
-  ckpt.close()
-  checkpointing.write_json(summary_path, summary)
-  _print_summary(checkpointing.to_jsonable(summary), workdir)
+  return state, history, timing
 
 
 def _print_summary(summary: dict, workdir: str) -> None:

@@ -1,5 +1,7 @@
-"""Tests for ftte_jax.client_data."""
+"""Tests for ftte_jax.data.client_data: the CSR layout and the sampler."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -9,13 +11,19 @@ X = np.arange(20, dtype=np.float32)[:, None]
 Y = np.arange(20) % 3
 
 
-def test_from_partition_layout():
+def test_from_partition_layout_keeps_each_client_contiguous():
   parts = [np.array([0, 5]), np.array([7]), np.array([1, 2, 3])]
   cd = cdl.from_partition(X, Y, parts)
   np.testing.assert_array_equal(cd.counts, [2, 1, 3])
-  np.testing.assert_array_equal(cd.indices, [[0, 5, 0], [7, 0, 0], [1, 2, 3]])
-  assert cd.num_clients == 3 and cd.max_examples == 3
+  np.testing.assert_array_equal(cd.offsets, [0, 2, 3])
+  assert cd.num_clients == 3 and cd.num_examples == 6
+  for i, p in enumerate(parts):  # the same examples, in a seeded order.
+    got = np.asarray(cd.x)[cd.rows(i), 0]
+    np.testing.assert_array_equal(np.sort(got), X[p, 0])
+    np.testing.assert_array_equal(np.asarray(cd.y)[cd.rows(i)], Y[got.astype(int)])
   assert cd.x.dtype == np.float32 and cd.y.dtype == np.int32
+  again = cdl.from_partition(X, Y, parts)
+  np.testing.assert_array_equal(cd.x, again.x)
 
 
 @pytest.mark.parametrize("parts,match", [
@@ -26,11 +34,56 @@ def test_from_partition_errors(parts, match):
     cdl.from_partition(X, Y, parts)
 
 
-def test_padding_report():
+def test_memory_is_examples_plus_clients_whatever_the_skew():
   skewed = [np.arange(15)] + [np.array([i]) for i in range(15, 20)]
-  rep = cdl.padding_report(cdl.from_partition(X, Y, skewed))
-  assert rep["padded_slots"] == 6 * 15 and rep["num_examples"] == 20
-  assert rep["overhead"] == pytest.approx(90 / 20)
-  assert rep["max_n"] == 15 and rep["min_n"] == 1
-  balanced = cdl.from_partition(X, Y, np.array_split(np.arange(20), 4))
-  assert cdl.padding_report(balanced)["overhead"] == 1.0
+  rep = cdl.layout_report(cdl.from_partition(X, Y, skewed))
+  assert rep == {"num_clients": 6, "num_examples": 20, "max_n": 15,
+                 "min_n": 1, "index_bytes": 2 * 6 * 4}
+
+
+def test_stride_primes_are_primes_above_every_count():
+  p = cdl.STRIDE_PRIMES.astype(np.int64)
+  assert (p > cdl.MAX_CLIENT_EXAMPLES).all() and len(set(p)) == p.size
+  for q in p[:8]:  # trial division, independent of the module's sieve
+    assert all(q % d for d in range(2, int(q ** 0.5) + 1))
+
+
+def _walk_draws(key, count, batch, steps):
+  walk = cdl.make_walk(key, jnp.int32(count), batch)
+  f = jax.jit(lambda i: cdl.batch_positions(walk, jnp.int32(count), i))
+  return np.concatenate([np.asarray(f(i)) for i in range(steps)])
+
+
+@pytest.mark.parametrize("count,batch", [(1, 4), (7, 3), (32, 32), (50, 8),
+                                         (1000, 32)])
+def test_walk_visits_every_example_once_per_epoch(count, batch):
+  steps = -(-3 * count // batch)  # three epochs
+  for seed in range(3):
+    draws = _walk_draws(jax.random.PRNGKey(seed), count, batch, steps)
+    assert draws.min() >= 0 and draws.max() < count
+    for e in range(3):
+      epoch = draws[e * count:(e + 1) * count]
+      np.testing.assert_array_equal(np.sort(epoch), np.arange(count))
+    # Epochs repeat the same order (one permutation per task).
+    np.testing.assert_array_equal(draws[:count], draws[count:2 * count])
+
+
+@pytest.mark.parametrize("count", [3, 1000, 65537, 999_999_937, 2 ** 30])
+def test_walk_equals_the_affine_formula_in_python_integers(count):
+  key = jax.random.PRNGKey(count % 97)
+  k_a, k_b = jax.random.split(key)
+  primes = cdl.STRIDE_PRIMES
+  a = int(primes[int(jax.random.randint(k_a, (), 0, len(primes)))]) % count
+  b = int(jax.random.randint(k_b, (), 0, count))
+  batch = 16
+  walk = cdl.make_walk(key, jnp.int32(count), batch)
+  for step in (0, 1, 12345, 2 ** 20 + 7):
+    got = np.asarray(cdl.batch_positions(walk, jnp.int32(count), step))
+    want = [(a * (step * batch + t) + b) % count for t in range(batch)]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_walks_of_different_tasks_differ():
+  firsts = {tuple(_walk_draws(jax.random.PRNGKey(s), 100, 10, 1))
+            for s in range(20)}
+  assert len(firsts) == 20

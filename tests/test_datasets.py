@@ -327,7 +327,8 @@ def test_load_federated_mnist_pool_deterministic():
   cd, (xte, yte), info = D.load_federated("mnist", 10, "iid", seed=0)
   assert info["num_train"] == 8000 and xte.shape == (2000, 28, 28, 1)
   cd_b, (xte_b, _), _ = D.load_federated("mnist", 10, "iid", seed=0)
-  np.testing.assert_array_equal(cd.indices, cd_b.indices)
+  np.testing.assert_array_equal(cd.offsets, cd_b.offsets)
+  np.testing.assert_array_equal(cd.x, cd_b.x)
   np.testing.assert_array_equal(xte, xte_b)
 
 
@@ -356,3 +357,16 @@ def test_load_federated_npz(tmp_path):
 def test_load_federated_bad_options(args, kw, match):
   with pytest.raises(ValueError, match=match):
     D.load_federated(*args, **kw)
+
+
+def test_synthetic_samples_per_client_gives_equal_clients():
+  cd, (xte, yte), info = D.load_federated("synthetic", 50, seed=3,
+                                          samples_per_client=10)
+  np.testing.assert_array_equal(cd.counts, np.full(50, 9))  # one held out
+  assert xte.shape == (50, 60) and info["layout"]["num_examples"] == 450
+  assert len(np.unique(np.asarray(cd.y))) > 5  # every class can occur
+  again, _, _ = D.load_federated("synthetic", 50, seed=3,
+                                 samples_per_client=10)
+  np.testing.assert_array_equal(cd.x, again.x)
+  with pytest.raises(ValueError, match="samples_per_client must be >= 2"):
+    D.synthetic_fedprox(1.0, 1.0, 4, samples_per_client=1)

@@ -11,28 +11,30 @@ from ftte_jax.core import algorithms
 from ftte_jax.core import engine
 from ftte_jax.core import exact
 from ftte_jax.core import masks
+from ftte_jax.data import client_data
 
 
-def reference_batch_rows(key, row, count, step, batch):
-  # Written out independently of ftte_jax.client: a uniform score per padded
-  # slot, padded slots pushed last, walk the sorted order with wrap-around.
-  max_n = row.shape[0]
-  scores = np.array(jax.random.uniform(key, (max_n,)))
-  scores[np.arange(max_n) >= count] = 2.0
-  order = np.argsort(scores, kind="stable")
-  pos = (step * batch + np.arange(batch)) % count
-  return row[order[pos]]
+def reference_batch_rows(key, offset, count, step, batch):
+  # Written out independently of ftte_jax.client: the affine walk
+  # j -> (a*j + b) mod n in Python integers, from the same key draws.
+  k_a, k_b = jax.random.split(key)
+  primes = client_data.STRIDE_PRIMES
+  a = int(primes[int(jax.random.randint(k_a, (), 0, len(primes)))]) % count
+  b = int(jax.random.randint(k_b, (), 0, count))
+  return np.array([offset + (a * (step * batch + t) + b) % count
+                   for t in range(batch)])
 
 
 def test_fedavg_matches_python_loop_reference(tiny_model):
   apply, params0 = tiny_model
-  x, y, data = make_dataset(num_clients=10, per_client=20, equal=False)
+  _, _, data = make_dataset(num_clients=10, per_client=20, equal=False)
+  x, y = np.asarray(data.x), np.asarray(data.y)
   config = algorithms.preset("fedavg", buffer_size=4, local_steps=3,
                              batch_size=8, client_lr=0.2)
   sim, env, state = build_engine(config, apply, params0, data, const_fleet(10))
   step = jax.jit(sim.step)
   root = jax.random.PRNGKey(1)
-  indices, counts = np.asarray(data.indices), np.asarray(data.counts)
+  offsets, counts = np.asarray(data.offsets), np.asarray(data.counts)
 
   def loss(p, xb, yb):
     logits = apply(p, xb)
@@ -50,7 +52,7 @@ def test_fedavg_matches_python_loop_reference(tiny_model):
       local = jax.tree.map(np.array, ref)
       ckey = jax.random.fold_in(k_train, int(c))
       for i in range(3):
-        rows = reference_batch_rows(ckey, indices[c], counts[c], i, 8)
+        rows = reference_batch_rows(ckey, offsets[c], counts[c], i, 8)
         g = grad(local, x[rows], y[rows])
         local = jax.tree.map(lambda p, gg: p - 0.2 * np.asarray(gg), local, g)
       deltas.append(jax.tree.map(lambda a, b: a - b, local, ref))
@@ -109,7 +111,7 @@ def test_nonfinite_update_is_rejected_counted_and_model_stays_finite(
     tiny_model):
   apply, params = tiny_model
   x, y, data = make_dataset(num_clients=4, per_client=16)
-  bad = np.asarray(data.indices[1])
+  bad = data.rows(1)
   data = data.replace(x=data.x.at[bad].set(jnp.inf))
   config = algorithms.preset("fedavg", buffer_size=4, local_steps=2,
                              batch_size=8)
@@ -253,18 +255,19 @@ def test_payload_accounting_masked_upload_and_changed_only_download(
                           const_fleet(10, speed=np.linspace(1e5, 1e6, 10)),
                           plan)
   step = jax.jit(sim.step)
-  seen = set(np.asarray(state.tasks.client).tolist())
   for _ in range(12):
     state, _ = step(env, state)
-    seen |= set(np.asarray(state.tasks.client).tolist())
   cnt = state.counters
   model_bytes, sub_bytes = 4.0 * (6 * 16 + 16 + 16 * 4 + 4), 4.0 * (64 + 4)
   assert float(plan.upload_bytes[0]) == sub_bytes
   assert float(plan.model_bytes) == model_bytes
   assert exact.value(cnt.bytes_up) == int(cnt.uploads) * sub_bytes
   # First task of a client downloads the model, later ones only the
-  # coordinates that can have changed (the trained subset).
-  first = len(seen)
+  # coordinates that can have changed (the trained subset). With arrival
+  # refill a task can start and finish inside one step, so the clients
+  # that ever downloaded are read from client_synced, not from snapshots.
+  first = int(np.asarray(state.client_synced).sum())
+  assert 4 < first < int(cnt.downloads)
   assert exact.value(cnt.bytes_down) == pytest.approx(
       first * model_bytes + (int(cnt.downloads) - first) * sub_bytes)
 

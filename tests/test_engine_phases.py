@@ -363,3 +363,26 @@ def test_chunked_steps_equal_single_steps_bit_for_bit(tiny_model, algorithm):
   stopped, taken, over = chunk(env, state, 100, budget)
   assert bool(over) and int(taken) == 6
   assert float(stopped.clock) <= budget
+
+
+@pytest.mark.parametrize("size,free,n", [(10, 10, 3), (1000, 990, 8),
+                                         (100, 3, 3), (50, 20, 16)])
+def test_pick_idle_returns_distinct_available_clients(size, free, n):
+  avail = np.zeros(size, bool)
+  avail[np.random.default_rng(size).choice(size, free, replace=False)] = True
+  pick = jax.jit(lambda k: engine.pick_idle(k, jnp.asarray(avail), n))
+  for seed in range(20):
+    got = np.asarray(pick(jax.random.PRNGKey(seed)))
+    assert len(set(got.tolist())) == n and avail[got].all()
+
+
+def test_pick_idle_is_uniform_over_available_clients():
+  # 6 clients, 0 and 3 busy, pick 2: each of the 4 free ones is chosen with
+  # probability 1/2 (both through the fast path and the exact fallback).
+  avail = jnp.asarray([False, True, True, False, True, True])
+  keys = jax.random.split(jax.random.PRNGKey(0), 4000)
+  got = np.asarray(jax.vmap(lambda k: engine.pick_idle(k, avail, 2))(keys))
+  freq = np.bincount(got.ravel(), minlength=6) / len(keys)
+  np.testing.assert_allclose(freq, [0, .5, .5, 0, .5, .5], atol=0.03)
+  pairs = {tuple(sorted(r)) for r in got.tolist()}
+  assert len(pairs) == 6  # every pair of the four free clients occurs

@@ -149,6 +149,7 @@ def test_outputs_mismatch_and_overwrite(tmp_path):
     (["--memory_tier_fractions=2,1"], "memory_tier_fractions"),
     (["--client_lr=nan"], "--client_lr must be a positive finite number"),
     (["--dropout=1.5"], "--dropout must be a number in [0, 1]"),
+    (["--compilation_cache=/dev/null/cache"], "--compilation_cache"),
 ])
 def test_bad_input_exits_2_in_one_line(tmp_path, args, flag):
   code, out, err = run(*args, f"--workdir={tmp_path / 'w'}", timeout=120)

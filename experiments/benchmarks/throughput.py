@@ -84,7 +84,7 @@ def time_floor(workload: str, batching: str) -> float:
   base = jax.tree.map(lambda p: jnp.broadcast_to(p, (k,) + p.shape), params)
   ones = jax.tree.map(jnp.ones_like, base)
   keys = jax.random.split(jax.random.PRNGKey(0), k)
-  rows, counts = env.data.indices[:k], env.data.counts[:k]
+  offsets, counts = env.data.offsets[:k], env.data.counts[:k]
   steps = jnp.full((k,), config.local_steps, jnp.int32)
   x, y = env.data.x, env.data.y
   if batching == "vmap":
@@ -93,7 +93,7 @@ def time_floor(workload: str, batching: str) -> float:
   else:
     f = jax.jit(lambda *a: jax.lax.map(
         lambda b: upd(b[0], b[1], b[2], x, y, b[3], b[4], b[5]), a))
-  args = (keys, base, ones, rows, counts, steps)
+  args = (keys, base, ones, offsets, counts, steps)
   jax.block_until_ready(f(*args))
   return best_time(lambda: jax.block_until_ready(f(*args)), repeats=5,
                    number=3)

@@ -106,12 +106,19 @@ def matmul_peak(n: int) -> float:
   return 2.0 * n ** 3 / best
 
 
-def split_digest(parts, y_train, y_test) -> str:
-  """SHA-256 over the partition and the labels of pool and held-out set."""
+def split_digest(clients, y_test) -> str:
+  """SHA-256 over every client's examples (as a set) and the test labels.
+
+  Args:
+    clients: per client ``(x, y)`` arrays of its examples, in any order.
+    y_test: held-out labels.
+  """
   h = hashlib.sha256()
-  for p in parts:
-    h.update(np.asarray(np.sort(p), np.int64).tobytes() + b"|")
-  h.update(np.asarray(y_train, np.int32).tobytes())
+  for x, y in clients:
+    x = np.asarray(x, np.float32).reshape(len(y), -1)
+    rows = sorted(hashlib.sha256(xi.tobytes() + np.int32(yi).tobytes()
+                                 ).digest() for xi, yi in zip(x, y))
+    h.update(b"".join(rows) + b"|")
   h.update(np.asarray(y_test, np.int32).tobytes())
   return h.hexdigest()
 
@@ -202,7 +209,7 @@ def fedjax_worker(spec: dict) -> dict:
   import haiku as hk
   t_import = time.perf_counter()
   xtr, ytr, parts, xte, yte = load_split(spec)
-  digest = split_digest(parts, ytr, yte)
+  digest = split_digest([(xtr[p], ytr[p]) for p in parts], yte)
   # ftte_jax samples only the devices its fleet lets train: FedJAX gets
   # exactly those clients.
   ids = spec.get("eligible") or list(range(len(parts)))
@@ -321,12 +328,12 @@ def workload_spec(model: str) -> dict:
     return spec
   exp = experiment.build(config)  # no compilation: data, fleet, plan.
   data = exp.setup.data
-  rows, counts = np.asarray(data.indices), np.asarray(data.counts)
-  parts = [rows[i, :counts[i]] for i in range(len(counts))]
+  x, y = np.asarray(data.x), np.asarray(data.y)
+  clients = [(x[data.rows(i)], y[data.rows(i)])
+             for i in range(data.num_clients)]
   spec["eligible"] = [int(i) for i in np.flatnonzero(
       np.asarray(exp.env.eligible))]
-  spec["split_digest"] = split_digest(parts, np.asarray(data.y),
-                                      np.asarray(exp.setup.test[1]))
+  spec["split_digest"] = split_digest(clients, np.asarray(exp.setup.test[1]))
   return spec
 
 

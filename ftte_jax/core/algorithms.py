@@ -113,6 +113,13 @@ class EngineConfig:
       "keeping only the running weighted sum; needs variance_beta=0), or "
       "auto (stream, or map with a variance weight, on CPU; vmap on "
       "accelerators; measured in experiments/benchmarks/throughput.py)")
+  mesh_devices: int = option(
+      0, low=0,
+      help="devices the K clients of a step are split across (a 1-D "
+      "'clients' mesh; each device trains K/D clients, the aggregate is a "
+      "cross-device sum); must divide K. 0 (auto): the largest count of the "
+      "devices JAX sees (every process's, under jax.distributed) that "
+      "divides K")
   unroll_local_steps: bool = option(
       True, help="fully unroll the local-step loop (fast on CPU for "
       "convolutions, DESIGN §5) instead of a rolled loop")

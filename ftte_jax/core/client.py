@@ -5,18 +5,20 @@ beyond its own ``num_steps`` are no-ops (``jnp.where``), so clients with
 different amounts of work share one fixed-shape computation. Only masked
 coordinates move: gradients are multiplied by the client's 0/1 mask.
 
-Batches come from a per-client random permutation of its examples, walked in
-order and wrapped around (epoch-style sampling without replacement). Padded
-index slots sort last in that permutation, so they are never drawn.
+Batches come from a random affine permutation of the client's rows, walked
+in order and wrapped around (epoch-style sampling without replacement, in
+O(batch) work per step: ``client_data.batch_positions``).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ftte_jax.core.typing import ApplyFn, PyTree
+from ftte_jax.data.client_data import batch_positions, make_walk
 
 
 def cross_entropy(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray,
@@ -24,20 +26,6 @@ def cross_entropy(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray,
   """Mean softmax cross-entropy of integer labels."""
   logits = apply_fn(params, x)
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
-def batch_positions(key: jax.Array, count: jnp.ndarray, max_n: int,
-                    step: jnp.ndarray, batch_size: int) -> jnp.ndarray:
-  """Positions (into a client's padded index row) of local batch ``step``.
-
-  A random permutation of the ``count`` real positions is walked in order,
-  wrapping around; the padded positions ``>= count`` are never returned.
-  """
-  scores = jax.random.uniform(key, (max_n,))
-  scores = jnp.where(jnp.arange(max_n) < count, scores, 2.0)
-  order = jnp.argsort(scores)
-  pos = (step * batch_size + jnp.arange(batch_size)) % count
-  return order[pos]
 
 
 def make_client_optimizer(lr: float, momentum: float = 0.0
@@ -50,10 +38,46 @@ def make_client_optimizer(lr: float, momentum: float = 0.0
   return optax.sgd(lr, momentum=momentum if momentum > 0 else None)
 
 
+# Local-step loops longer than this are not unrolled: an unrolled loop of
+# thousands of steps takes minutes to compile (docs/design.md, Performance).
+MAX_UNROLL = 64
+
+
+def leaf_kinds(masks: PyTree) -> PyTree:
+  """Per leaf of a stacked ``[T, ...]`` mask tree, what any tier trains:
+  ``'all'`` (every coordinate in every tier), ``'none'`` (no coordinate in
+  any tier) or ``'some'``. Host-side; for ``make_client_update(kinds=...)``."""
+  def kind(m):
+    m = np.asarray(m)
+    return "all" if (m != 0).all() else "none" if not m.any() else "some"
+  return jax.tree.map(kind, masks)
+
+
+def _split(base: PyTree, mask: PyTree, kinds: PyTree | None):
+  """Static split of ``base`` into trained leaves and the rest.
+
+  Returns ``(kind per leaf, indices of trained leaves, mask leaves,
+  merge)``, where ``merge(sub)`` puts trained leaves ``sub`` back into
+  ``base``'s tree.
+  """
+  leaves, treedef = jax.tree.flatten(base)
+  kind = (["some"] * len(leaves) if kinds is None else
+          treedef.flatten_up_to(kinds))
+  trained = [i for i, k in enumerate(kind) if k != "none"]
+
+  def merge(sub):
+    full = list(leaves)
+    for i, leaf in zip(trained, sub):
+      full[i] = leaf
+    return treedef.unflatten(full)
+
+  return kind, trained, treedef.flatten_up_to(mask), merge
+
+
 def make_client_update(apply_fn: ApplyFn, batch_size: int,
                        tx: optax.GradientTransformation, max_steps: int,
-                       unroll: int | bool = 1):
-  """Builds ``client_update(key, base, mask, x, y, row, count, num_steps)``.
+                       unroll: int | bool = 1, kinds: PyTree | None = None):
+  """Builds ``client_update(key, base, mask, x, y, offset, count, num_steps)``.
 
   Args:
     apply_fn: ``apply_fn(params, x) -> logits``.
@@ -63,32 +87,43 @@ def make_client_update(apply_fn: ApplyFn, batch_size: int,
     max_steps: static number of loop iterations (the largest step count).
     unroll: unroll factor of the local-step loop; ``True`` unrolls fully,
       which on CPU avoids XLA's slow convolution-in-loop path
-      (docs/design.md, Performance).
+      (docs/design.md, Performance); loops over ``MAX_UNROLL`` steps are
+      never fully unrolled.
+    kinds: optional static ``leaf_kinds`` of every mask the function will
+      see. Leaves that no mask trains are then not differentiated (XLA
+      drops the backward pass below the earliest trained layer), and leaves
+      that every mask trains skip the mask product. Same results as without.
 
   Returns:
     A pure function returning the client's locally trained parameters and its
     mean training loss over the steps it took.
   """
-  grad_fn = jax.value_and_grad(lambda p, x, y: cross_entropy(apply_fn, p, x, y))
+  if unroll is True and max_steps > MAX_UNROLL:
+    unroll = 1
+  loss_fn = lambda p, x, y: cross_entropy(apply_fn, p, x, y)
 
-  def client_update(key, base, mask, x_all, y_all, row, count, num_steps):
-    max_n = row.shape[0]
+  def client_update(key, base, mask, x_all, y_all, offset, count, num_steps):
+    walk = make_walk(key, count, batch_size)
+    kind, trained, mask_leaves, merge = _split(base, mask, kinds)
+    grad_fn = jax.value_and_grad(lambda sub, x, y: loss_fn(merge(sub), x, y))
 
     def body(i, carry):
-      params, opt_state, loss_sum = carry
-      idx = row[batch_positions(key, count, max_n, i, batch_size)]
-      loss, grads = grad_fn(params, x_all[idx], y_all[idx])
-      grads = jax.tree.map(jnp.multiply, grads, mask)
-      updates, new_opt_state = tx.update(grads, opt_state, params)
-      new_params = optax.apply_updates(params, updates)
+      sub, opt_state, loss_sum = carry
+      idx = offset + batch_positions(walk, count, i)
+      loss, grads = grad_fn(sub, x_all[idx], y_all[idx])
+      grads = [g if kind[t] == "all" else g * mask_leaves[t]
+               for t, g in zip(trained, grads)]
+      updates, new_opt_state = tx.update(grads, opt_state, sub)
+      new_sub = optax.apply_updates(sub, updates)
       active = i < num_steps
-      return (optax.tree_utils.tree_where(active, new_params, params),
+      return (optax.tree_utils.tree_where(active, new_sub, sub),
               optax.tree_utils.tree_where(active, new_opt_state, opt_state),
               loss_sum + jnp.where(active, loss, 0.0))
 
-    init = (base, tx.init(base), jnp.zeros((), jnp.float32))
-    params, _, loss_sum = jax.lax.fori_loop(0, max_steps, body, init,
-                                            unroll=unroll)
-    return params, loss_sum / jnp.maximum(num_steps, 1)
+    sub = [jax.tree.leaves(base)[i] for i in trained]
+    init = (sub, tx.init(sub), jnp.zeros((), jnp.float32))
+    sub, _, loss_sum = jax.lax.fori_loop(0, max_steps, body, init,
+                                         unroll=unroll)
+    return merge(sub), loss_sum / jnp.maximum(num_steps, 1)
 
   return client_update

@@ -1,94 +1,170 @@
-"""Client tensors for vmap: the dataset lives once, clients hold padded index rows.
+"""Client tensors laid out by offsets (CSR): every example once, by client.
 
-Memory grows with the number of examples (plus one int32 per padded slot), not
-with clients times padded examples: every client row indexes into one shared
-``x``/``y`` array that sits on the device once.
+``x``/``y`` hold each client's examples contiguously, client after client;
+client ``i`` owns rows ``[offsets[i], offsets[i] + counts[i])``. Memory is
+O(examples + clients) whatever the size skew, and a local batch is drawn in
+O(batch) work whatever the client's size (``batch_positions``).
+
+Sampling scheme (docs/design.md, "Client data"): a task walks its client's
+rows in the order of a random affine permutation ``j -> (a*j + b) mod n``,
+with ``a`` coprime to ``n`` and ``b`` uniform, wrapping around: every
+example is visited exactly once in each epoch of ``n`` draws. Each client's
+rows are stored in a fixed random order (seeded), so the walk does not
+follow the partition's own order (a label-skew partition lists by class).
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+# Counts up to 2^30 keep every sum in ``batch_positions`` below 2^32.
+MAX_CLIENT_EXAMPLES = 2 ** 30
+
 
 @struct.dataclass
 class ClientData:
-  """Federated training data laid out for fixed-shape, vmapped access."""
+  """Federated training data: examples ordered by client, plus offsets."""
 
-  x: jnp.ndarray  # [M, *example_shape] float32: every training example once.
+  x: jnp.ndarray  # [M, *example_shape] float32: client 0's rows, then 1's...
   y: jnp.ndarray  # [M] int32: labels.
-  indices: jnp.ndarray  # [N, max_n] int32: client i's rows into x; padding is 0.
-  counts: jnp.ndarray  # [N] int32: how many of indices[i] are real (>= 1).
+  offsets: jnp.ndarray  # [N] int32: first row of each client.
+  counts: jnp.ndarray  # [N] int32: rows of each client (>= 1).
 
   @property
   def num_clients(self) -> int:
-    return int(self.indices.shape[0])
+    return int(self.counts.shape[0])
 
   @property
-  def max_examples(self) -> int:
-    return int(self.indices.shape[1])
+  def num_examples(self) -> int:
+    return int(self.y.shape[0])
+
+  def rows(self, i: int) -> np.ndarray:
+    """Host-side row numbers of client ``i`` (for tests and probes)."""
+    start = int(self.offsets[i])
+    return np.arange(start, start + int(self.counts[i]))
 
 
-def _index_table(num_examples: int, partition: Sequence[np.ndarray]
-                 ) -> tuple[np.ndarray, np.ndarray]:
-  """Validates a partition; returns padded indices [N, max_n] and counts [N]."""
+def _check_partition(num_examples: int, partition: Sequence[np.ndarray]
+                     ) -> np.ndarray:
+  """Validates a partition; returns the counts [N]."""
   if len(partition) == 0:
     raise ValueError("partition: need at least one client, got 0")
-  counts = np.array([len(p) for p in partition], dtype=np.int32)
+  counts = np.array([len(p) for p in partition], dtype=np.int64)
   if (counts < 1).any():
     empty = int(np.argmin(counts))
     raise ValueError(f"partition: client {empty} has no examples; every client "
                      "needs at least 1")
-  max_n = int(counts.max())
-  indices = np.zeros((len(partition), max_n), dtype=np.int32)
+  if counts.max() > MAX_CLIENT_EXAMPLES or counts.sum() >= 2 ** 31:
+    raise ValueError(f"partition: at most {MAX_CLIENT_EXAMPLES} examples per "
+                     "client and 2^31 - 1 in total (int32 row numbers)")
   for i, p in enumerate(partition):
-    p = np.asarray(p, dtype=np.int64)
+    p = np.asarray(p)
     if p.min() < 0 or p.max() >= num_examples:
       raise ValueError(f"partition: client {i} indexes outside "
                        f"[0, {num_examples})")
-    indices[i, :len(p)] = p
-  return indices, counts
+  return counts
 
 
 def from_partition(x: np.ndarray, y: np.ndarray,
-                   partition: Sequence[np.ndarray]) -> ClientData:
+                   partition: Sequence[np.ndarray], seed: int = 0
+                   ) -> ClientData:
   """Builds ClientData from per-client index arrays into ``x``/``y``.
 
   Args:
     x: [M, ...] examples.
     y: [M] integer labels.
-    partition: one 1-D integer array per client, each non-empty.
+    partition: one 1-D integer array per client, each non-empty. An example
+      listed by two clients is stored twice.
+    seed: seeds the fixed random order of each client's rows.
 
   Returns:
-    ClientData with rows padded to the largest client.
+    ClientData holding exactly the partitioned examples, client by client.
   """
   x = np.asarray(x)
   y = np.asarray(y)
   if x.shape[0] != y.shape[0]:
     raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]}")
-  indices, counts = _index_table(x.shape[0], partition)
-  return ClientData(x=jnp.asarray(x, jnp.float32), y=jnp.asarray(y, jnp.int32),
-                    indices=jnp.asarray(indices), counts=jnp.asarray(counts))
+  counts = _check_partition(x.shape[0], partition)
+  offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  rng = np.random.default_rng(seed)
+  order = np.concatenate([np.asarray(p, np.int64)[rng.permutation(len(p))]
+                          for p in partition])
+  # device_put of a fresh host array can alias it on the CPU (jnp.asarray
+  # copies it, twice at peak): one copy of the examples, not three.
+  return ClientData(x=jax.device_put(np.asarray(x, np.float32)[order]),
+                    y=jax.device_put(np.asarray(y, np.int32)[order]),
+                    offsets=jax.device_put(offsets.astype(np.int32)),
+                    counts=jax.device_put(counts.astype(np.int32)))
 
 
-def padding_report(data: ClientData) -> dict[str, float]:
-  """Summarizes what padding to the largest client costs.
-
-  Args:
-    data: a ClientData.
-
-  Returns:
-    Flat dict: 'num_clients', 'num_examples' (real client slots, sum of
-    counts), 'max_n', 'min_n', 'padded_slots' (N * max_n), 'overhead' (padded
-    / real slots; 1.0 means no padding), 'index_bytes' (int32 index table).
-  """
+def layout_report(data: ClientData) -> dict[str, float]:
+  """Sizes of the layout: clients, examples, smallest and largest client,
+  and the bytes of the offset and count vectors."""
   counts = np.asarray(data.counts)
-  real = int(counts.sum())
-  padded = int(data.indices.size)
-  return {"num_clients": int(counts.size), "num_examples": real,
-          "max_n": int(data.max_examples), "min_n": int(counts.min()),
-          "padded_slots": padded, "overhead": padded / max(real, 1),
-          "index_bytes": padded * 4}
+  return {"num_clients": int(counts.size), "num_examples": int(counts.sum()),
+          "max_n": int(counts.max()), "min_n": int(counts.min()),
+          "index_bytes": int(data.offsets.nbytes + data.counts.nbytes)}
+
+
+def _primes(lo: int, count: int) -> np.ndarray:
+  """The ``count`` smallest primes >= ``lo`` (trial division; lo < 2^31)."""
+  small = np.arange(2, int(np.sqrt(lo + 64 * count)) + 2)
+  sieve = np.ones(small.size, bool)
+  for i, p in enumerate(small):
+    if sieve[i]:
+      sieve[i + p::p] = False
+  small = small[sieve]
+  cand = np.arange(lo, lo + 64 * count, dtype=np.int64)
+  prime = np.all(cand[:, None] % small[None, :] != 0, axis=1)
+  return cand[prime][:count]
+
+
+# Strides: primes above every allowed count are coprime to any count n, so
+# ``p mod n`` generates the whole of Z_n.
+STRIDE_PRIMES = _primes(MAX_CLIENT_EXAMPLES + 1, 256).astype(np.uint32)
+
+
+def _mulmod(a: jnp.ndarray, b: jnp.ndarray, n: jnp.ndarray, bits: int
+            ) -> jnp.ndarray:
+  """``(a * b) mod n`` in uint32 for ``a < n <= 2^30`` and ``b < 2^bits``."""
+  r = jnp.zeros(jnp.broadcast_shapes(a.shape, b.shape), jnp.uint32)
+  for bit in reversed(range(bits)):  # double and add: 2r + a < 2^32.
+    r = (r * 2 + a * ((b >> bit) & 1)) % n
+  return r
+
+
+@struct.dataclass
+class Walk:
+  """One task's affine walk ``j -> (a*j + b) mod n`` over its client's rows,
+  with the per-batch terms precomputed so a batch costs O(B)."""
+
+  stride_batch: jnp.ndarray  # [] uint32: (a * B) mod n.
+  start: jnp.ndarray  # [B] uint32: (a * t + b) mod n for t < B.
+
+
+def make_walk(key: jax.Array, count: jnp.ndarray, batch_size: int) -> Walk:
+  """A random walk for one task: ``a`` coprime to ``count``, ``b`` uniform."""
+  k_a, k_b = jax.random.split(key)
+  n = count.astype(jnp.uint32)
+  a = jnp.asarray(STRIDE_PRIMES)[
+      jax.random.randint(k_a, (), 0, STRIDE_PRIMES.size)] % n
+  b = jax.random.randint(k_b, (), 0, count).astype(jnp.uint32)
+  t = jnp.arange(batch_size, dtype=jnp.uint32) % n
+  bits = max(1, int(batch_size).bit_length())
+  return Walk(stride_batch=_mulmod(a, jnp.uint32(batch_size) % n, n, bits),
+              start=(_mulmod(a, t, n, bits) + b) % n)
+
+
+def batch_positions(walk: Walk, count: jnp.ndarray, step: jnp.ndarray
+                    ) -> jnp.ndarray:
+  """Positions in ``[0, count)`` of local batch ``step``: draws
+  ``step*B .. step*B + B - 1`` of the walk."""
+  n = count.astype(jnp.uint32)
+  i = jnp.asarray(step).astype(jnp.uint32) % n
+  return ((_mulmod(walk.stride_batch, i, n, 30) + walk.start) % n
+          ).astype(jnp.int32)

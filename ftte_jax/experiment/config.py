@@ -60,6 +60,12 @@ class DataConfig:
       1.0, low=0,
       help="beta of FedProx's Synthetic(alpha, beta): spread of the devices' "
       "inputs (dataset=synthetic only)")
+  synthetic_samples_per_client: int | None = option(
+      None, low=2,
+      help="if set, every synthetic device holds exactly this many samples "
+      "instead of FedProx's lognormal sizes (scaling studies: a million "
+      "devices of the default sizes would be 450M examples); "
+      "dataset=synthetic only")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -86,7 +86,8 @@ def load_data(config: ExperimentConfig):
     opts["num_test"] = d.num_test
   partition = None if d.dataset == "synthetic" else d.partition
   if d.dataset == "synthetic":
-    opts.update(alpha=d.synthetic_alpha, beta=d.synthetic_beta)
+    opts.update(alpha=d.synthetic_alpha, beta=d.synthetic_beta,
+                samples_per_client=d.synthetic_samples_per_client)
   if partition == "dirichlet":
     opts["alpha"] = d.dirichlet_alpha
   elif partition == "shards":
@@ -221,9 +222,8 @@ def importance(config: ExperimentConfig, model: Model, params: PyTree,
   k = min(s.probe_clients, capable.size)
   chosen = np.asarray(jax.random.choice(key, capable, (k,), replace=False))
   counts = np.asarray(data.counts)[chosen]
-  rows = np.asarray(data.indices)[chosen]
-  take = np.stack([rows[i, np.arange(s.probe_examples) % counts[i]]
-                   for i in range(k)])
+  take = (np.asarray(data.offsets)[chosen][:, None] +
+          np.arange(s.probe_examples)[None, :] % counts[:, None])
   x, y = data.x[take], data.y[take]
 
   def per_client(xb, yb):

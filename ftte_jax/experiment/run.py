@@ -17,7 +17,10 @@ from typing import Callable
 import jax
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from ftte_jax.core import client
 from ftte_jax.core import engine
 from ftte_jax.experiment import planning
 from ftte_jax.experiment import report
@@ -36,11 +39,16 @@ class Experiment:
   step_fn: Callable = dataclasses.field(init=False)
   steps_fn: Callable = dataclasses.field(init=False)
   eval_fn: Callable = dataclasses.field(init=False)
+  test: tuple = dataclasses.field(init=False)  # (x, y), placed like env.
 
   def __post_init__(self):
     # With a virtual-time budget a step may have to be undone (exact
     # stops), so its input state must survive: no donation then.
     donate = () if self.config.max_virtual_time is not None else (1,)
+    # With a clients mesh every array lives replicated on all its devices
+    # (and processes); the step shards the K clients itself.
+    self.env = self.place(self.env)
+    self.test = self.place(tuple(self.setup.test))
     self.step_fn = jax.jit(self.sim.step, donate_argnums=donate)
     # Chunks undo a step past the budget themselves: always donated.
     self.steps_fn = jax.jit(self.sim.steps, donate_argnums=1)
@@ -59,18 +67,44 @@ class Experiment:
             "fleet_memory_tiers": list(s.fleet_memory_tiers),
             "num_params": optax.tree_utils.tree_size(s.model.params)}
 
+  def place(self, tree):
+    """``tree`` replicated on the clients mesh (as it is without one).
+
+    Under ``jax.distributed`` every process holds the same host values (the
+    same seed builds the same data, model and state), so each contributes
+    its local copy of the global, replicated array.
+    """
+    if self.sim.mesh is None:
+      return tree
+    replicated = NamedSharding(self.sim.mesh, P())
+
+    def put(x):
+      if isinstance(x, jax.core.Tracer):  # traced (eval_shape): no place.
+        return x
+      if jax.process_count() == 1:
+        return jax.device_put(x, replicated)
+      return jax.make_array_from_process_local_data(replicated, np.asarray(x))
+
+    return jax.tree.map(put, tree)
+
+  @property
+  def num_devices(self) -> int:
+    """Devices the clients of a step are split across."""
+    return 1 if self.sim.mesh is None else self.sim.mesh.devices.size
+
   def init_state(self) -> engine.SimState:
     """Round-0 state, starting when the probe round (if any) ended."""
     probe = self.setup.probe
     key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed),
                              planning.KEY_ENGINE)
-    return jax.jit(self.sim.init)(
-        key, self.env, self.setup.model.params, self.setup.plan,
+    key, params, plan, start = self.place((
+        key, self.setup.model.params, self.setup.plan,
         engine.Start.of(clock=probe.time_s, bytes_up=probe.bytes_up,
-                        bytes_down=probe.bytes_down))
+                        bytes_down=probe.bytes_down)))
+    return jax.jit(self.sim.init)(key, self.env, params, plan, start)
 
   def evaluate(self, params) -> dict:
-    out = self.eval_fn(params, *self.setup.test)
+    out = self.eval_fn(params, *self.test)
     return {k: float(v) for k, v in jax.device_get(out).items()}
 
   def compile(self, state: engine.SimState) -> float:
@@ -81,7 +115,7 @@ class Experiment:
       self.step_fn.lower(self.env, state).compile()
     else:
       self.steps_fn.lower(self.env, state, 1, 1.0).compile()
-    self.eval_fn.lower(state.params, *self.setup.test).compile()
+    self.eval_fn.lower(state.params, *self.test).compile()
     return time.perf_counter() - t0
 
   def finished(self, state: engine.SimState) -> bool:
@@ -120,7 +154,7 @@ class Experiment:
     """
     cfg = self.config
     sync = sync_every or (1 if on_step else cfg.rounds)
-    state = self.init_state() if state is None else state
+    state = self.init_state() if state is None else self.place(state)
     log = _Log(self, list(history or []), on_eval)
     compile_s = 0.0 if self.finished(state) else self.compile(state)
     log.start_loop()
@@ -202,16 +236,24 @@ class Experiment:
     """Searches again with importance at the current global model."""
     key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed),
                              planning.KEY_PROBE)
+    # The search runs on this process's host copy; its plan is placed
+    # like the state.
     plan, self.plan_report, probe = planning.search_plan(
-        self.config, self.setup.model, state.params, self.setup.data,
-        self.setup.fleet, jax.random.fold_in(key, int(state.version)))
-    return engine.replan(state, plan, probe.bytes_up, probe.bytes_down)
+        self.config, self.setup.model, jax.device_get(state.params),
+        self.setup.data, self.setup.fleet,
+        jax.random.fold_in(key, int(state.version)))
+    return engine.replan(state, self.place(plan), probe.bytes_up,
+                         probe.bytes_down)
 
   def summary(self, state: engine.SimState, history: list[dict],
               timing: dict) -> dict:
     """The end-of-run summary (written to summary.json by the launcher)."""
-    return report.summary(self.config, self.setup, self.env, self.info, state,
-                          history, timing)
+    out = report.summary(self.config, self.setup, self.env, self.info, state,
+                         history, timing)
+    out.update(num_devices=self.num_devices,
+               num_processes=jax.process_count(),
+               backend=jax.default_backend())
+    return out
 
 
 class _Log:
@@ -252,8 +294,12 @@ def build(config: ExperimentConfig) -> Experiment:
   setup = planning.make_setup(config)
   e = config.engine
   env = engine.make_environment(e, setup.data, setup.fleet, setup.plan)
-  sim = engine.make_simulator(e, setup.model.apply_fn,
-                              int(np.asarray(env.num_steps).max()),
-                              client_tx=setup.model.tx)
+  # A plan that no re-search replaces is static: the client update can
+  # skip what no mask trains (client.leaf_kinds).
+  static = not config.search.research_every
+  sim = engine.make_simulator(
+      e, setup.model.apply_fn, int(np.asarray(env.num_steps).max()),
+      client_tx=setup.model.tx,
+      kinds=client.leaf_kinds(setup.plan.masks) if static else None)
   return Experiment(setup=setup, env=env, sim=sim,
                     plan_report=setup.plan_report)
