@@ -87,3 +87,13 @@ def test_walks_of_different_tasks_differ():
   firsts = {tuple(_walk_draws(jax.random.PRNGKey(s), 100, 10, 1))
             for s in range(20)}
   assert len(firsts) == 20
+
+
+def test_incremental_walk_equals_batch_positions():
+  count, batch = 997, 32
+  walk = cdl.make_walk(jax.random.PRNGKey(5), jnp.int32(count), batch)
+  r = jnp.zeros((), jnp.uint32)
+  for step in range(70):  # past two epochs
+    pos, r = cdl.walk_batch(walk, jnp.int32(count), r)
+    np.testing.assert_array_equal(
+        pos, cdl.batch_positions(walk, jnp.int32(count), step))

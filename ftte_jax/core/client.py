@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from ftte_jax.core.typing import ApplyFn, PyTree
-from ftte_jax.data.client_data import batch_positions, make_walk
+from ftte_jax.data.client_data import make_walk, walk_batch
 
 
 def cross_entropy(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray,
@@ -108,8 +108,9 @@ def make_client_update(apply_fn: ApplyFn, batch_size: int,
     grad_fn = jax.value_and_grad(lambda sub, x, y: loss_fn(merge(sub), x, y))
 
     def body(i, carry):
-      sub, opt_state, loss_sum = carry
-      idx = offset + batch_positions(walk, count, i)
+      sub, opt_state, loss_sum, r = carry
+      pos, r = walk_batch(walk, count, r)
+      idx = offset + pos
       loss, grads = grad_fn(sub, x_all[idx], y_all[idx])
       grads = [g if kind[t] == "all" else g * mask_leaves[t]
                for t, g in zip(trained, grads)]
@@ -118,12 +119,13 @@ def make_client_update(apply_fn: ApplyFn, batch_size: int,
       active = i < num_steps
       return (optax.tree_utils.tree_where(active, new_sub, sub),
               optax.tree_utils.tree_where(active, new_opt_state, opt_state),
-              loss_sum + jnp.where(active, loss, 0.0))
+              loss_sum + jnp.where(active, loss, 0.0), r)
 
     sub = [jax.tree.leaves(base)[i] for i in trained]
-    init = (sub, tx.init(sub), jnp.zeros((), jnp.float32))
-    sub, _, loss_sum = jax.lax.fori_loop(0, max_steps, body, init,
-                                         unroll=unroll)
+    init = (sub, tx.init(sub), jnp.zeros((), jnp.float32),
+            jnp.zeros((), jnp.uint32))
+    sub, _, loss_sum, _ = jax.lax.fori_loop(0, max_steps, body, init,
+                                            unroll=unroll)
     return merge(sub), loss_sum / jnp.maximum(num_steps, 1)
 
   return client_update

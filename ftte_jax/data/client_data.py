@@ -112,16 +112,18 @@ def layout_report(data: ClientData) -> dict[str, float]:
 
 
 def _primes(lo: int, count: int) -> np.ndarray:
-  """The ``count`` smallest primes >= ``lo`` (trial division; lo < 2^31)."""
-  small = np.arange(2, int(np.sqrt(lo + 64 * count)) + 2)
-  sieve = np.ones(small.size, bool)
-  for i, p in enumerate(small):
-    if sieve[i]:
-      sieve[i + p::p] = False
-  small = small[sieve]
-  cand = np.arange(lo, lo + 64 * count, dtype=np.int64)
-  prime = np.all(cand[:, None] % small[None, :] != 0, axis=1)
-  return cand[prime][:count]
+  """The ``count`` smallest primes >= ``lo`` (a segmented sieve; lo < 2^31)."""
+  width = 64 * count  # prime gaps near 2^30 average about 21
+  limit = int(np.sqrt(lo + width)) + 1
+  small = np.ones(limit + 1, bool)
+  small[:2] = False
+  for p in range(2, int(limit ** 0.5) + 1):
+    if small[p]:
+      small[p * p::p] = False
+  segment = np.ones(width, bool)
+  for p in np.flatnonzero(small):
+    segment[(-lo) % p::p] = False
+  return (lo + np.flatnonzero(segment)[:count]).astype(np.int64)
 
 
 # Strides: primes above every allowed count are coprime to any count n, so
@@ -158,6 +160,18 @@ def make_walk(key: jax.Array, count: jnp.ndarray, batch_size: int) -> Walk:
   bits = max(1, int(batch_size).bit_length())
   return Walk(stride_batch=_mulmod(a, jnp.uint32(batch_size) % n, n, bits),
               start=(_mulmod(a, t, n, bits) + b) % n)
+
+
+def walk_batch(walk: Walk, count: jnp.ndarray, r: jnp.ndarray
+               ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """The next batch's positions and the walk's next offset.
+
+  ``r`` is ``(a * step * B) mod n`` (uint32; start from 0): two additions
+  a step, equal to ``batch_positions(walk, count, step)``.
+  """
+  n = count.astype(jnp.uint32)
+  return (((r + walk.start) % n).astype(jnp.int32),
+          (r + walk.stride_batch) % n)
 
 
 def batch_positions(walk: Walk, count: jnp.ndarray, step: jnp.ndarray

@@ -553,25 +553,28 @@ def _synthetic_lognormal(alpha, beta, num_clients, seed, dim, num_classes,
   mean_w = rng.normal(0, alpha, num_clients)
   big_b = rng.normal(0, beta, num_clients)
   std_x = np.arange(1, dim + 1, dtype=np.float64) ** (-1.2 / 2)
-  xtr, ytr, xte, yte, parts = [], [], [], [], []
-  offset = 0
+  # Sizes are known up front, so every client is written straight into
+  # preallocated float32 arrays (the same values as concatenating float64
+  # pieces and casting; many small freed pieces would stay in the heap).
+  n_test = (test_fraction * sizes).astype(np.int64)
+  n_train = sizes - n_test
+  tr_end, te_end = np.cumsum(n_train), np.cumsum(n_test)
+  xtr = np.empty((int(tr_end[-1]), dim), np.float32)
+  ytr = np.empty(int(tr_end[-1]), np.int32)
+  xte = np.empty((int(te_end[-1]), dim), np.float32)
+  yte = np.empty(int(te_end[-1]), np.int32)
   for k in range(num_clients):
     mean_x = rng.normal(big_b[k], 1, dim)
     w = rng.normal(mean_w[k], 1, (dim, num_classes))
     b = rng.normal(mean_w[k], 1, num_classes)
     x = mean_x + rng.standard_normal((sizes[k], dim)) * std_x
     y = np.argmax(x @ w + b, axis=1)
-    n_test = int(test_fraction * sizes[k])
-    n_train = sizes[k] - n_test
-    # float32 per client: the same values as casting the concatenation,
-    # at half the peak memory.
-    xtr.append(x[:n_train].astype(np.float32)); ytr.append(y[:n_train])
-    xte.append(x[n_train:].astype(np.float32)); yte.append(y[n_train:])
-    parts.append(np.arange(offset, offset + n_train, dtype=np.int64))
-    offset += n_train
-  cat = lambda a, dt: np.concatenate(a).astype(dt)
-  return (cat(xtr, np.float32), cat(ytr, np.int32), parts,
-          cat(xte, np.float32), cat(yte, np.int32))
+    tr = slice(tr_end[k] - n_train[k], tr_end[k])
+    te = slice(te_end[k] - n_test[k], te_end[k])
+    xtr[tr], ytr[tr] = x[:n_train[k]], y[:n_train[k]]
+    xte[te], yte[te] = x[n_train[k]:], y[n_train[k]:]
+  parts = [np.arange(e - n, e, dtype=np.int64) for e, n in zip(tr_end, n_train)]
+  return xtr, ytr, parts, xte, yte
 
 
 def _synthetic_equal(alpha, beta, num_clients, seed, dim, num_classes,
