@@ -14,7 +14,7 @@ from ftte_jax.core import exact
 from ftte_jax.core import masks
 from ftte_jax.core import staleness
 from ftte_jax.core.state import Counters, Ring, SimState, Start, Tasks
-from helpers import const_fleet, make_dataset, tiny_model
+from helpers import build_engine, const_fleet, make_dataset, run_steps, tiny_model
 
 PARAMS = {"w": jnp.zeros((2,), jnp.float32)}
 
@@ -386,3 +386,22 @@ def test_pick_idle_is_uniform_over_available_clients():
   np.testing.assert_allclose(freq, [0, .5, .5, 0, .5, .5], atol=0.03)
   pairs = {tuple(sorted(r)) for r in got.tolist()}
   assert len(pairs) == 6  # every pair of the four free clients occurs
+
+
+@pytest.mark.parametrize("algorithm, batching", [
+    ("fedbuff", "stream"), ("ftte", "map"), ("fedasync", "stream")])
+def test_client_chunks_equal_one_client_at_a_time(tiny_model, algorithm,
+                                                  batching):
+  # K = 5 in chunks of 2: two full chunks and a remainder of one.
+  apply, params = tiny_model
+  _, _, data = make_dataset(num_clients=12, per_client=10, equal=False)
+  out = {}
+  for chunk in (1, 2):
+    k = 1 if algorithm == "fedasync" else 5
+    config = algorithms.preset(algorithm, concurrency=6, buffer_size=k,
+                               local_steps=3, batch_size=4,
+                               client_batching=batching, client_chunk=chunk)
+    out[chunk] = run_steps(*build_engine(config, apply, params, data,
+                                         const_fleet(12)), 6)
+  chex.assert_trees_all_close(out[2].params, out[1].params, atol=1e-6)
+  chex.assert_trees_all_equal(out[2].counters, out[1].counters)

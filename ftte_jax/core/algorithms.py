@@ -113,6 +113,10 @@ class EngineConfig:
       "keeping only the running weighted sum; needs variance_beta=0), or "
       "auto (stream, or map with a variance weight, on CPU; vmap on "
       "accelerators; measured in experiments/benchmarks/throughput.py)")
+  client_chunk: int = option(
+      1, low=1,
+      help="map and stream batching: clients trained together (vmapped) "
+      "per loop iteration; 1 trains them one at a time")
   mesh_devices: int = option(
       0, low=0,
       help="devices the K clients of a step are split across (a 1-D "
