@@ -122,23 +122,20 @@ def main(argv: list[str]) -> None:
     flags_lib.fail(e)
   config = resolved.config
   # Imported after validation: a bad flag should not pay for JAX start-up.
+  t_imports = time.perf_counter()
   flags_lib.init_distributed(FLAGS)
   logging.info("compilation cache: %s", flags_lib.enable_compilation_cache(
       FLAGS.compilation_cache) or "off")
   import jax  # pylint: disable=g-import-not-at-top
   from ftte_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from ftte_jax import experiment  # noqa: F401  (timed here; _build uses it)
+  imports_s = time.perf_counter() - t_imports
   # Under jax.distributed every process computes; process 0 writes.
   primary = jax.process_index() == 0
 
   config_dict = checkpointing.to_jsonable(config.to_dict())
   sha = checkpointing.config_hash(config_dict)
-  workdir = FLAGS.workdir or os.path.join(
-      "runs", f"{config.engine.algorithm}-{sha[:8]}")
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    flags_lib.fail(f"--workdir={workdir} exists and is not a directory")
-  if not FLAGS.overwrite:
-    _check_workdir(workdir, config_dict, sha)
-  logging.info("workdir %s (config %s)", workdir, sha[:12])
+  workdir = _workdir(config, config_dict, sha)
   exp, build_s = _build(config)
   # Written only once the build succeeded: a failed start leaves nothing
   # that a corrected command would be refused for.
@@ -167,10 +164,23 @@ def main(argv: list[str]) -> None:
   summary.update(config_sha256=sha, workdir=os.path.abspath(workdir),
                  build_s=build_s, resumed_from_round=resumed_from,
                  num_params=exp.info.get("num_params"))
+  summary["startup_s"]["imports_s"] = imports_s
   ckpt.close()
   if primary:
     checkpointing.write_json(summary_path, summary)
     _print_summary(checkpointing.to_jsonable(summary), workdir)
+
+
+def _workdir(config, config_dict, sha) -> str:
+  """The run's workdir, refused (exit 2) if it holds another run."""
+  workdir = FLAGS.workdir or os.path.join(
+      "runs", f"{config.engine.algorithm}-{sha[:8]}")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    flags_lib.fail(f"--workdir={workdir} exists and is not a directory")
+  if not FLAGS.overwrite:
+    _check_workdir(workdir, config_dict, sha)
+  logging.info("workdir %s (config %s)", workdir, sha[:12])
+  return workdir
 
 
 def _restore(exp, workdir, sha):

@@ -111,8 +111,13 @@ def test_outputs_mismatch_and_overwrite(tmp_path):
               "client_updates", "client_updates_per_s",
               "wall_s", "compile_s", "peak_device_memory_bytes",
               "upload_bytes_per_update", "download_bytes_per_update",
-              "params_sha256"):
+              "params_sha256", "num_devices", "num_processes"):
     assert key in s, key
+  assert s["num_devices"] == 1 and s["num_processes"] == 1
+  phases = s["startup_s"]
+  assert set(phases) == {"imports_s", "data_s", "model_s", "fleet_s",
+                         "plan_s", "engine_s", "compile_s"}
+  assert all(v >= 0 for v in phases.values())
   rows = metrics(tmp_path)
   assert [r["round"] for r in rows if r["round"] % 5 == 0] == [0, 5, 10, 15,
                                                                 20]
