@@ -26,7 +26,6 @@ import os
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 
 from experiments.benchmarks.common import machine
@@ -174,16 +173,8 @@ def run_all(fv: flags.FlagValues = flags.FLAGS) -> dict:
   return result
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    flags_lib.fail(f"unexpected positional arguments {argv[1:]}")
-  try:
-    make_configs(FLAGS)  # Every run's options are checked before any runs.
-  except ValueError as e:
-    flags_lib.fail(e)
-  run_all(FLAGS)
+main = flags_lib.checked_main(make_configs, run_all)
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main, flags_parser=flags_lib.parse_or_exit)
+  flags_lib.run_app(define_flags, main)

@@ -431,3 +431,31 @@ def parse_or_exit(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except flags.Error as e:
     fail(e)
+
+
+def run_app(define: typing.Callable[[], None],
+            main: typing.Callable[[list[str]], None]) -> None:
+  """A script's entry point: registers its flags, then runs ``main`` under
+  absl with the one-line error parser (``parse_or_exit``)."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  define()
+  app.run(main, flags_parser=parse_or_exit)
+
+
+def checked_main(check: typing.Callable[[flags.FlagValues], Any],
+                 run: typing.Callable[[flags.FlagValues], Any]
+                 ) -> typing.Callable[[list[str]], None]:
+  """An absl ``main`` that refuses positional arguments and runs ``check``
+  on the flags first (a ValueError exits 2 in one line), so every run's
+  options are checked before any run starts."""
+
+  def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+      fail(f"unexpected positional arguments {argv[1:]}")
+    try:
+      check(flags.FLAGS)
+    except ValueError as e:
+      fail(e)
+    run(flags.FLAGS)
+
+  return main

@@ -31,7 +31,6 @@ import sys
 import time
 from typing import Sequence
 
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -291,8 +290,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-  define_flags()
-  app.run(main, flags_parser=flags_lib.parse_or_exit)
+  flags_lib.run_app(define_flags, main)
 
 
 if __name__ == "__main__":
