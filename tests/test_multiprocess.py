@@ -3,6 +3,7 @@ gloo) equals one process: the launcher end to end, checkpoints compared."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -47,9 +48,9 @@ def _final_params(workdir):
   return jax.device_get(state.params)
 
 
-def test_two_processes_equal_one(tmp_path):
+def _two_processes(workdir):
   port = _free_port()
-  procs = [_launch([f"--workdir={tmp_path / 'two'}",
+  procs = [_launch([f"--workdir={workdir}",
                     f"--coordinator_address=127.0.0.1:{port}",
                     "--num_processes=2", f"--process_id={i}"])
            for i in range(2)]
@@ -57,7 +58,17 @@ def test_two_processes_equal_one(tmp_path):
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   assert "summary (" in outs[0][0] and "summary (" not in outs[1][0]
-  two = json.loads((tmp_path / "two" / "summary.json").read_text())
+  return json.loads((workdir / "summary.json").read_text())
+
+
+def test_two_processes_equal_one(tmp_path):
+  two = _two_processes(tmp_path / "two")
+  # Both processes restore the checkpoint of round 10 and finish again.
+  shutil.rmtree(tmp_path / "two" / "checkpoints" / "20")
+  (tmp_path / "two" / "summary.json").unlink()
+  again = _two_processes(tmp_path / "two")
+  assert again["resumed_from_round"] == 10
+  assert again["params_sha256"] == two["params_sha256"]
   assert two["num_processes"] == 2 and two["num_devices"] == 2
   singles = {}
   for devices in (1, 2):
