@@ -39,7 +39,8 @@ def make_client_optimizer(lr: float, momentum: float = 0.0
 
 
 # Local-step loops longer than this are not unrolled: an unrolled loop of
-# thousands of steps takes minutes to compile (docs/design.md, Performance).
+# thousands of steps takes minutes to compile (docs/design.md, "Client
+# training and batching").
 MAX_UNROLL = 64
 
 
@@ -87,8 +88,8 @@ def make_client_update(apply_fn: ApplyFn, batch_size: int,
     max_steps: static number of loop iterations (the largest step count).
     unroll: unroll factor of the local-step loop; ``True`` unrolls fully,
       which on CPU avoids XLA's slow convolution-in-loop path
-      (docs/design.md, Performance); loops over ``MAX_UNROLL`` steps are
-      never fully unrolled.
+      (docs/design.md, "Client training and batching"); loops over
+      ``MAX_UNROLL`` steps are never fully unrolled.
     kinds: optional static ``leaf_kinds`` of every mask the function will
       see. Leaves that no mask trains are then not differentiated (XLA
       drops the backward pass below the earliest trained layer), and leaves
