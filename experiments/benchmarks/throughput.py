@@ -5,9 +5,12 @@ For each workload this prints client updates per second of the full engine
 aggregation, server optimizer, dispatch) and of the *compute floor*: the same
 local training (same clients, steps, batch) done by one jitted vmapped call
 with no federated machinery. ratio = engine seconds per step / floor seconds
-per K updates. Both client paths of the engine (vmap and lax.map) are timed,
-so the table shows which one ``client_batching='auto'`` should take on this
-backend (docs/design.md, Performance).
+per K updates. The engine's client paths (vmap, lax.map, and the streamed
+lax.map that keeps only the running sum) are timed, so the table shows which
+one ``client_batching='auto'`` should take on this backend (docs/design.md,
+"Client training and batching"); the stream path is compared with the map
+floor. Engine and floor both use the static fast path the experiment uses
+(``client.leaf_kinds`` of the plan: here the full model, no mask product).
 
 Run: python -m experiments.benchmarks.throughput [--quick]
 """
@@ -28,6 +31,7 @@ from ftte_jax.core import engine
 from ftte_jax.core import fleet
 from ftte_jax.core import masks
 from ftte_jax import models
+from ftte_jax.core.client import leaf_kinds
 from ftte_jax.core.client import make_client_optimizer, make_client_update
 
 WORKLOADS = {
@@ -52,7 +56,8 @@ def build(workload: str, batching: str):
   flt = fleet.make_fleet(fleet.FleetConfig(straggler_fraction=0.5), n, 0)
   plan = masks.full_plan(params, n)
   env = engine.make_environment(config, data, flt, plan)
-  sim = engine.make_simulator(config, apply)
+  sim = engine.make_simulator(config, apply,
+                              kinds=leaf_kinds(plan.masks))
   return config, apply, params, env, sim, plan
 
 
@@ -76,11 +81,12 @@ def time_engine(workload: str, batching: str, rounds: int) -> float:
 
 def time_floor(workload: str, batching: str) -> float:
   """Seconds for the K clients' local training alone, one jitted call."""
-  config, apply, params, env, _, _ = build(workload, "vmap")
+  config, apply, params, env, _, plan = build(workload, "vmap")
   k = config.buffer_size
   upd = make_client_update(apply, config.batch_size,
                            make_client_optimizer(config.client_lr),
-                           config.local_steps, unroll=True)
+                           config.local_steps, unroll=True,
+                           kinds=leaf_kinds(plan.masks))
   base = jax.tree.map(lambda p: jnp.broadcast_to(p, (k,) + p.shape), params)
   ones = jax.tree.map(jnp.ones_like, base)
   keys = jax.random.split(jax.random.PRNGKey(0), k)
@@ -114,7 +120,8 @@ def main():
   for w in args.workloads.split(","):
     k = WORKLOADS[w][4]
     floors = {b: time_floor(w, b) for b in ("vmap", "map")}
-    for b in ("vmap", "map"):
+    floors["stream"] = floors["map"]
+    for b in ("vmap", "map", "stream"):
       t = time_engine(w, b, rounds)
       row = dict(workload=w, path=b, floor_updates_per_s=k / floors[b],
                  engine_updates_per_s=k / t, ratio=t / floors[b],
@@ -123,8 +130,8 @@ def main():
       print(f"{w:8} {b:5} {row['floor_updates_per_s']:12.1f} "
             f"{row['engine_updates_per_s']:13.1f} {row['ratio']:6.2f} "
             f"{row['ratio_vs_vmap_floor']:20.2f}")
-  print("auto path on this backend:",
-        "map" if jax.default_backend() == "cpu" else "vmap")
+  print("auto path on this backend (fedbuff, no variance weight):",
+        engine.resolve_batching(algorithms.preset("fedbuff")))
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"machine": machine(), "results": results}, f, indent=1)
