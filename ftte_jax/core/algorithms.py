@@ -1,8 +1,8 @@
 """Engine configuration and the four algorithm presets.
 
 FedAvg, FedBuff, FedAsync and FTTE are not separate code paths: each is an
-``EngineConfig`` for the one event-driven engine in ``ftte_jax.engine``
-(DESIGN §2). ``preset(name, **overrides)`` builds one; ``pinned`` says which
+``EngineConfig`` for the one event-driven engine in ``ftte_jax.core.engine``
+(docs/design.md, "One engine, four algorithms"). ``preset(name, **overrides)`` builds one; ``pinned`` says which
 options a preset fixes (one rule for ``preset`` and for launchers that run
 several presets); ``validate`` checks a config before anything is compiled.
 """
@@ -86,9 +86,9 @@ class EngineConfig:
       1.0, low=0, help="gamma in the n_i^gamma data-size weight")
   normalization: str = option(
       "coordinate", choices=aggregation.NORMALIZATIONS,
-      help="coordinate (FedAvg; DESIGN's FTTE form), damped (FTTE preset: "
-      "coordinate-wise over data weights, so age shrinks the step) or buffer "
-      "(FedBuff/FedAsync); see aggregation.aggregate")
+      help="coordinate (FedAvg; the first FTTE reconstruction), damped (FTTE "
+      "preset: coordinate-wise over data weights, so age shrinks the step) or "
+      "buffer (FedBuff/FedAsync); see aggregation.aggregate")
   mask: str = option(
       "last_n", choices=MASK_POLICIES,
       help="which parameters a client trains: full model, the last_n rule "
@@ -126,7 +126,8 @@ class EngineConfig:
       "divides K")
   unroll_local_steps: bool = option(
       True, help="fully unroll the local-step loop (fast on CPU for "
-      "convolutions, DESIGN §5) instead of a rolled loop")
+      "convolutions; docs/design.md, \"Client training and batching\") instead "
+      "of a rolled loop")
   eval_batch_size: int = option(1000, low=1,
                                 help="batch size of the held-out evaluation")
   update_rule: str = option(
@@ -164,8 +165,9 @@ _PRESET_DEFAULTS = {
                      normalization="buffer", mask="full", server_lr=0.6,
                      update_rule="mixing"),
     # This project's FTTE reconstruction: age x variance, sparse subset.
-    # 'damped', not DESIGN's 'coordinate': there the age weights cancel and
-    # the default MNIST run collapsed from 0.70 to 0.27 accuracy (README).
+    # 'damped', not the first reconstruction's 'coordinate': there the age
+    # weights cancel and the default MNIST run collapsed from 0.70 to 0.27
+    # accuracy (README).
     "ftte": dict(staleness="polynomial", staleness_a=0.5, variance_beta=1.0,
                  data_weight_exponent=1.0, normalization="damped",
                  mask="search"),

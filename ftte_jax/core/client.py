@@ -7,7 +7,7 @@ coordinates move: gradients are multiplied by the client's 0/1 mask.
 
 Batches come from a random affine permutation of the client's rows, walked
 in order and wrapped around (epoch-style sampling without replacement, in
-O(batch) work per step: ``client_data.batch_positions``).
+O(batch) work per step: ``client_data.make_walk`` and ``walk_batch``).
 """
 
 from __future__ import annotations

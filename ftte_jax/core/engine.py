@@ -56,10 +56,9 @@ from ftte_jax.data.client_data import ClientData
 
 __all__ = ["Arrivals", "Counters", "Dispatch", "Environment", "Ring",
            "SimState", "Simulator", "Start", "Tasks", "Weights", "client_mesh",
-           "count",
-           "dispatch", "make_environment", "make_simulator", "pick_idle",
-           "nominal_duration", "replan", "server_update", "take_arrivals",
-           "train_buffer", "weigh_updates"]
+           "count", "dispatch", "make_environment", "make_simulator",
+           "nominal_duration", "pick_idle", "replan", "server_update",
+           "take_arrivals", "train_buffer", "weigh_updates"]
 
 # The mesh axis a step's K clients are split across.
 CLIENT_AXIS = "clients"
@@ -370,7 +369,7 @@ def _next_event(env: Environment, state: SimState, key: jax.Array, k: int,
 
 def _client_delta(client_update: Callable, env: Environment, plan: MaskPlan,
                   ring: Ring, mix_into: PyTree | None):
-  """``one(key, ring_slot, tier, row, count, steps) -> (delta, loss)``.
+  """``one(key, ring_slot, tier, offset, count, steps) -> (delta, loss)``.
 
   Base parameters and masks are gathered inside the per-client function,
   so the ``map`` and ``stream`` paths never materialize [K, ...] copies.
@@ -398,6 +397,17 @@ def _client_args(env: Environment, plan: MaskPlan, keys: jax.Array,
   return (keys, arrivals.ring_slot, plan.client_tier[clients],
           env.data.offsets[clients], env.data.counts[clients],
           env.num_steps[clients])
+
+
+def _finite_rows(delta: PyTree) -> jnp.ndarray:
+  """[K] bool: client i's update (row i of every leaf) is finite.
+
+  A row sum is non-finite iff the row has NaN/Inf (or overflows, which is
+  rejected too); one contiguous pass instead of isfinite + all.
+  """
+  k = jax.tree.leaves(delta)[0].shape[0]
+  return jnp.isfinite(sum(jnp.sum(d.reshape(k, -1), axis=1)
+                          for d in jax.tree.leaves(delta)))
 
 
 def train_buffer(client_update: Callable, batching: str, env: Environment,
@@ -439,10 +449,7 @@ def train_buffer(client_update: Callable, batching: str, env: Environment,
   k = arrivals.clients.shape[0]
   delta, loss = _over_clients(mesh, local, (env, plan, ring, mix_into), args,
                               (P(CLIENT_AXIS), P(CLIENT_AXIS)))
-  # A row sum is non-finite iff the row has NaN/Inf (or overflows, which
-  # is rejected too); one contiguous pass instead of isfinite + all.
-  finite = jnp.isfinite(sum(jnp.sum(d.reshape(k, -1), axis=1)
-                            for d in jax.tree.leaves(delta)))
+  finite = _finite_rows(delta)
   delta = jax.lax.cond(
       jnp.all(finite), lambda d: d,
       lambda d: jax.tree.map(lambda x: jnp.where(
@@ -485,8 +492,7 @@ def train_and_sum(client_update: Callable, env: Environment, plan: MaskPlan,
       # instead of several narrow ones.
       w, a = xs
       delta, loss = jax.vmap(one)(*a)
-      finite = jnp.isfinite(sum(jnp.sum(d.reshape(d.shape[0], -1), axis=1)
-                                for d in jax.tree.leaves(delta)))
+      finite = _finite_rows(delta)
       wf = jnp.where(finite, w, 0.0)
       total = jax.tree.map(
           lambda t, d: t + jnp.tensordot(
@@ -902,7 +908,7 @@ def make_simulator(config: EngineConfig, apply_fn: ApplyFn,
       it: the client update then differentiates only what a mask trains.
 
   Returns:
-    ``Simulator(init, step, evaluate)`` with
+    ``Simulator(init, step, evaluate, steps, mesh)`` with
     ``init(key, env, params, plan, start=None)`` (``start``: a
     ``Start``, e.g. after a probe round).
   """

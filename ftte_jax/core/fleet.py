@@ -2,7 +2,7 @@
 
 Profiles are drawn once per run (numpy, seeded) from named distributions or
 read from a CSV trace, then live on the device as a ``Fleet`` pytree that the
-jitted server step reads to sample task durations (DESIGN §3 "Fleet").
+jitted server step reads to sample task durations (docs/design.md, "Fleet").
 
 Trace CSV format: a header row, then one row per device, with columns
 

@@ -4,7 +4,8 @@
 Each function maps ``tau`` (any shape, int or float) to a weight in (0, 1].
 The FTTE variance weight lives here too: it down-weights updates that
 deviate from the buffer's consensus. Both functional forms are this project's
-reconstruction (the paper's formulas are not public); see DESIGN §3.
+reconstruction (the paper's formulas are not public); see docs/design.md,
+"Aggregation and weighting".
 """
 
 from __future__ import annotations

@@ -712,6 +712,8 @@ def _load_arrays(dataset, seed, data_dir, take):
   return (*_holdout(*load(data_dir, "test"), o["num_test"], seed), 10)
 
 
+# Longer than 60 lines only by its docstring, the one list of every dataset's
+# options; the loading itself is split into the helpers above.
 def load_federated(dataset: str, num_clients: int,
                    partition: str | None = None,
                    seed: int = 0, data_dir: str | os.PathLike | None = None,
@@ -752,8 +754,6 @@ def load_federated(dataset: str, num_clients: int,
     'num_classes', 'input_shape' (one example, no batch axis), 'partition',
     'num_train', 'num_test' and 'layout' (see client_data.layout_report).
   """
-  # Longer than 60 lines only by its docstring, the one list of every
-  # dataset's options.
   if dataset not in DATASETS:
     raise ValueError(f"dataset: unknown {dataset!r}; valid: {list(DATASETS)}")
   part_opts = {k: opts.pop(k) for k in list(opts) if k in _PARTITION_KEYS}
