@@ -42,6 +42,16 @@ def config_hash(config_dict: dict) -> str:
   return hashlib.sha256(text.encode()).hexdigest()
 
 
+def params_sha256(params: PyTree) -> str:
+  """SHA-256 of the parameters' bytes in flattening order (for repro checks)."""
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(jax.device_get(params)):
+    a = np.ascontiguousarray(leaf)
+    h.update(str(a.dtype).encode() + str(a.shape).encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
 def _json_default(x):
   if isinstance(x, (np.integer,)):
     return int(x)
@@ -173,3 +183,79 @@ class Checkpointer:
     """Waits for pending saves to finish, then releases the manager."""
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+# ----------------------------------------------------------------------------
+# A model's parameters on their own: the pretrained checkpoint.
+
+PARAMS_FORMAT = "ftte_jax.params/1"
+PARAMS_META = "params.json"
+
+
+def save_params(directory: str | os.PathLike, params: PyTree,
+                meta: dict) -> str:
+  """Saves a parameter tree with its description; returns the params hash.
+
+  ``directory`` gets ``params/`` (orbax) and ``params.json``: ``meta`` plus
+  the format, the tree's shapes and its SHA-256, which ``load_params``
+  checks, so a truncated or altered checkpoint is refused, never used.
+  An existing directory is an error (nothing is overwritten).
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  if os.path.exists(directory):
+    raise FileExistsError(f"{directory} exists; choose a new directory")
+  params = jax.device_get(params)
+  digest = params_sha256(params)
+  with ocp.StandardCheckpointer() as ckptr:  # leaving it waits for the save.
+    ckptr.save(os.path.join(directory, "params"), params)
+  write_json(os.path.join(directory, PARAMS_META), {
+      **meta, "format": PARAMS_FORMAT, "params_sha256": digest,
+      "shapes": {"/".join(str(getattr(k, "key", k)) for k in path):
+                 list(np.shape(leaf)) for path, leaf in
+                 jax.tree_util.tree_flatten_with_path(params)[0]}})
+  return digest
+
+
+def read_params_meta(directory: str | os.PathLike) -> dict:
+  """The description ``save_params`` wrote (cheap: no arrays are read).
+
+  Raises:
+    FileNotFoundError / ValueError: no such checkpoint, or not one of ours.
+  """
+  path = os.path.join(os.fspath(directory), PARAMS_META)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{directory}: not a parameter checkpoint (no "
+                            f"{PARAMS_META}); write one with launch.pretrain")
+  with open(path) as f:
+    meta = json.load(f)
+  if meta.get("format") != PARAMS_FORMAT:
+    raise ValueError(f"{path}: format {meta.get('format')!r}, expected "
+                     f"{PARAMS_FORMAT!r}")
+  return meta
+
+
+def load_params(directory: str | os.PathLike, like: PyTree) -> PyTree:
+  """Restores parameters shaped like ``like`` and checks their SHA-256.
+
+  Raises:
+    ValueError: the tree or a shape differs from ``like``, or the bytes do
+      not hash to the recorded digest (a damaged checkpoint).
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  meta = read_params_meta(directory)
+  want = {"/".join(str(getattr(k, "key", k)) for k in path):
+          list(np.shape(leaf)) for path, leaf in
+          jax.tree_util.tree_flatten_with_path(like)[0]}
+  if meta.get("shapes") != want:
+    raise ValueError(f"{directory}: parameter shapes {meta.get('shapes')} do "
+                     f"not match the model's {want}")
+  abstract = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(np.shape(a), np.float32), like)
+  with ocp.StandardCheckpointer() as ckptr:
+    params = ckptr.restore(os.path.join(directory, "params"), abstract)
+  digest = params_sha256(params)
+  if digest != meta.get("params_sha256"):
+    raise ValueError(f"{directory}: parameters hash to {digest[:12]}, the "
+                     f"checkpoint records {str(meta.get('params_sha256'))[:12]}"
+                     "; it is damaged")
+  return params

@@ -1,7 +1,7 @@
 """absl flags for every ExperimentConfig option, derived from the dataclasses.
 
 Each option of ``EngineConfig``, ``DataConfig``, ``FleetConfig``,
-``SearchConfig`` and the top level of ``ExperimentConfig`` becomes one flag
+``SearchConfig``, ``PretrainConfig`` and the top level of ``ExperimentConfig`` becomes one flag
 named after the option (``search.method`` is ``--search_method``), whose
 type, valid values (enum choices, integer bounds), help and default all come
 from the field's declaration (``ftte_jax.core.options``): an option added to
@@ -47,6 +47,7 @@ _SECTIONS = (
     ("data", experiment.DataConfig),
     ("fleet", fleet_lib.FleetConfig),
     ("search", experiment.SearchConfig),
+    ("pretrain", experiment.PretrainConfig),
     ("", experiment.ExperimentConfig),
 )
 
@@ -324,8 +325,11 @@ def resolve(fv: flags.FlagValues = flags.FLAGS) -> Resolved:
     raise ValueError(f"data_dir: no such directory {data.data_dir!r}")
   config = experiment.ExperimentConfig(
       engine=engine, data=data, fleet=fleet_lib.FleetConfig(**parts["fleet"]),
-      search=experiment.SearchConfig(**parts["search"]), **parts[""])
+      search=experiment.SearchConfig(**parts["search"]),
+      pretrain=experiment.PretrainConfig(**parts["pretrain"]), **parts[""])
   experiment.validate(config)
+  if config.init_checkpoint:  # reads one small JSON file.
+    experiment.check_checkpoint(config)
   return Resolved(config, given)
 
 

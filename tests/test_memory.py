@@ -48,6 +48,30 @@ def _mask(spec, params, **levels):
   return groups.levels_to_mask(spec, params, lv)
 
 
+def test_mlp_frozen_weights_in_flash_hand_computed():
+  # Same MLP (23 params, batch 5). With frozen weights in flash, RAM holds
+  # only the trained weights: Dense_1 bias (2 params) -> RAM weights 8,
+  # grads 8, no slots, stored 40, workspace 100: total 156; flash holds the
+  # other 21 params: 84 bytes.
+  params, info, spec = _setup(_MLP(), (1, 4))
+  mask = _mask(spec, params, Dense_1__bias=1)
+  m = memory.training_memory(info, spec, params, mask, 5, SGD, "flash")
+  assert m == {"weights": 8.0, "gradients": 8.0, "optimizer_state": 0.0,
+               "activations_stored": 40.0, "workspace": 100.0,
+               "activations": 140.0, "total": 156.0, "flash": 84.0}
+  # Dense_1 kernel+bias (8 params), adam: weights 32, grads 32, slots 64,
+  # stored 4*5*(3 + 2) = 100, workspace 100: 328; flash 4*15 = 60.
+  mask = _mask(spec, params, Dense_1__kernel=1, Dense_1__bias=1)
+  m = memory.training_memory(info, spec, params, mask, 5, ADAM, "flash")
+  assert (m["total"], m["flash"]) == (328.0, 60.0)
+  # Full training: every weight is in RAM, nothing in flash, same as 'ram'.
+  ones = jax.tree.map(lambda p: np.ones(p.shape), params)
+  assert (memory.training_memory(info, spec, params, ones, 5, MOMENTUM, "flash")
+          == memory.training_memory(info, spec, params, ones, 5, MOMENTUM))
+  with pytest.raises(ValueError, match="frozen_weights"):
+    memory.training_memory(info, spec, params, ones, 5, SGD, "disk")
+
+
 def test_mlp_hand_computed():
   # in/out per example: layer0 4/3, layer1 3/2. Batch 5, 4 bytes.
   # weights 4*23 = 92; pairs in+out p = [7, 5]; workspace by earliest
@@ -58,7 +82,7 @@ def test_mlp_hand_computed():
   m = mem(_mask(spec, params, Dense_1__bias=1), SGD)
   assert m == {"weights": 92.0, "gradients": 8.0, "optimizer_state": 0.0,
                "activations_stored": 40.0, "workspace": 100.0,
-               "activations": 140.0, "total": 240.0}
+               "activations": 140.0, "total": 240.0, "flash": 0.0}
   # Dense_1 kernel+bias, adam: stored = in1 3 + logits 2.
   m = mem(_mask(spec, params, Dense_1__kernel=1, Dense_1__bias=1), ADAM)
   assert (m["gradients"], m["optimizer_state"], m["activations_stored"],

@@ -13,9 +13,10 @@ from ftte_jax.core import options
 from ftte_jax.core.options import option
 
 CONFIGS = (algorithms.EngineConfig, fleet.FleetConfig, experiment.DataConfig,
-           experiment.SearchConfig, experiment.ExperimentConfig)
+           experiment.SearchConfig, experiment.PretrainConfig,
+           experiment.ExperimentConfig)
 # String options that take any value (paths); every other one has choices.
-FREE_STRINGS = {"data_dir", "trace_path"}
+FREE_STRINGS = {"data_dir", "trace_path", "init_checkpoint"}
 
 
 @dataclasses.dataclass(frozen=True)

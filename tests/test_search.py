@@ -190,3 +190,40 @@ def test_build_plan_bad_inputs():
     build(fisher, mem, SGD, policy="per_tier", tier_of_client=[0, 2, 2])
   with pytest.raises(ValueError, match="importance scores"):
     build(np.ones((2, 2)), mem, SGD)
+
+
+@pytest.mark.parametrize("frozen_weights", ["ram", "flash"])
+def test_problem_memory_equals_memory_model(frozen_weights):
+  # The search's cost of any level choice is the memory model's RAM total,
+  # with frozen weights in RAM or in flash.
+  info, spec, params, _ = _mlp(groups.PAPER_FRACTIONS)
+  problem = knapsack.make_problem(info, spec, 8, ADAM, frozen_weights)
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    levels = rng.integers(0, spec.sizes.shape[1], spec.num_tensors)
+    levels = np.where(spec.valid[np.arange(spec.num_tensors), levels],
+                      levels, 0)
+    sizes = spec.sizes[np.arange(spec.num_tensors), levels]
+    want = memory.memory_from_sizes(info, spec, sizes, 8, ADAM,
+                                    frozen_weights)["total"]
+    assert knapsack.problem_memory(problem, levels) == pytest.approx(want)
+
+
+def test_flash_budget_trains_more_and_reports_flash():
+  # At the same RAM budget, frozen weights in flash free the RAM they took:
+  # the search trains at least as much, and the report's flash bytes are
+  # the untrained weights.
+  info, spec, params, fisher = _mlp(groups.PAPER_FRACTIONS)
+  full = memory.memory_from_sizes(info, spec, spec.sizes[:, -1], 8, SGD)
+  budget = np.array([full["total"] * 0.5])
+  reports = {}
+  for where in ("ram", "flash"):
+    _, report = plan_lib.build_plan(info, spec, params, fisher, budget, SGD,
+                                    batch_size=8, frozen_weights=where)
+    reports[where] = report["tiers"][0]
+  assert (reports["flash"]["importance"] >= reports["ram"]["importance"])
+  assert reports["flash"]["trained_params"] > reports["ram"]["trained_params"]
+  assert reports["ram"]["memory"]["flash"] == 0.0
+  assert reports["flash"]["memory"]["flash"] == 4.0 * (
+      info.num_params - reports["flash"]["trained_params"])
+  assert reports["flash"]["memory"]["total"] <= budget[0]

@@ -25,6 +25,7 @@ MEMORY_POLICIES = ("exclude", "ignore")
 CLIENT_BATCHING = ("vmap", "map", "stream", "auto")
 UPDATE_RULES = ("delta", "mixing")
 REFILLS = ("arrival", "step")
+FIRST_DOWNLOADS = ("whole", "deployed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +143,13 @@ class EngineConfig:
       "arrival frees its slot and a task starts there at once from the "
       "current version, so C are always in flight) or step (a step's K "
       "slots refill together after the server update; synchronous FedAvg)")
+  first_download: str = option(
+      "whole", choices=FIRST_DOWNLOADS,
+      help="what a device's first task downloads: whole (the global model; "
+      "later tasks download only the coordinates a mask can change) or "
+      "deployed (the starting model, e.g. the pretrained checkpoint, is "
+      "already on every device, so every task downloads only those "
+      "coordinates: with one static mask, the trained subset)")
   count_timeouts: bool = option(
       False, help="refill=arrival only: a task abandoned or past its "
       "deadline counts toward K (the step then applies fewer than K "

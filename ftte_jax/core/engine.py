@@ -175,15 +175,20 @@ def make_environment(config: EngineConfig, data: ClientData, fleet: Fleet,
   if config.deadline_s is not None:
     deadline = config.deadline_s
   else:
-    # Worst case: a first task downloads the whole model.
+    # Worst case: a first task (whole model unless deployed).
     nominal, _ = nominal_duration(config.batch_size, fleet, plan,
                                   jnp.arange(n), jnp.asarray(steps),
-                                  jnp.zeros(n, bool))
+                                  _deployed(config, n))
     deadline = config.deadline_factor * float(
         np.asarray(nominal)[eligible].max())
   return Environment(data=data, fleet=fleet, eligible=jnp.asarray(eligible),
                      num_steps=jnp.asarray(steps),
                      deadline=jnp.asarray(deadline, jnp.float32))
+
+
+def _deployed(config: EngineConfig, n: int) -> jnp.ndarray:
+  """[N] bool: devices that hold the starting model before their first task."""
+  return jnp.full((n,), config.first_download == "deployed")
 
 
 def nominal_duration(batch_size: int, fleet: Fleet, plan: MaskPlan,
@@ -689,7 +694,7 @@ def init_state(config: EngineConfig, server_opt: optax.GradientTransformation,
   n = env.data.num_clients
   c = config.concurrency
   started = dispatch(env, plan, jax.random.fold_in(key, _KEY_INIT),
-                     jnp.zeros((n,), bool), jnp.zeros((n,), bool),
+                     jnp.zeros((n,), bool), _deployed(config, n),
                      start.clock, c, config.batch_size)
   counters = Counters.create(config.ring_size, probe_bytes_up=start.bytes_up,
                              probe_bytes_down=start.bytes_down)

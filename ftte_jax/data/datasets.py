@@ -655,6 +655,24 @@ def _holdout(x, y, num_test, seed):
 
 
 _PARTITION_KEYS = ("alpha", "shards_per_client", "allow_uneven", "sigma")
+# Folded into the split seed so the proxy draw differs from the hold-out's.
+_PROXY_SALT = 31337
+
+
+def split_proxy(x, y, num_proxy: int, seed: int):
+  """Splits ``num_proxy`` server-held examples off a training pool.
+
+  Returns ``(x_rest, y_rest, x_proxy, y_proxy)``; both parts keep the pool's
+  order. The proxy set is what the server holds (pretraining, proxy
+  importance); the rest is partitioned across clients, so the two never
+  share an example.
+  """
+  if not 0 <= num_proxy < len(x):
+    raise ValueError(f"proxy_examples must be in [0, {len(x) - 1}] for a "
+                     f"training pool of {len(x)} examples, got {num_proxy}")
+  perm = np.random.default_rng(seed + _PROXY_SALT).permutation(len(x))
+  px, rest = np.sort(perm[:num_proxy]), np.sort(perm[num_proxy:])
+  return x[rest], y[rest], x[px], y[px]
 
 
 def _take_options(dataset: str, opts: dict, defaults: dict) -> dict:
@@ -717,6 +735,7 @@ def _load_arrays(dataset, seed, data_dir, take):
 def load_federated(dataset: str, num_clients: int,
                    partition: str | None = None,
                    seed: int = 0, data_dir: str | os.PathLike | None = None,
+                   num_proxy: int = 0, split_seed: int | None = None,
                    **opts):
   """Loads a dataset, splits off a test set, and partitions it across clients.
 
@@ -745,14 +764,22 @@ def load_federated(dataset: str, num_clients: int,
     partition: 'iid', 'dirichlet', 'shards', 'quantity', or 'natural' (the
       only choice for synthetic); None means 'natural' for synthetic and
       'iid' otherwise.
-    seed: seeds the test split and the partition (and generated data).
+    seed: seeds the partition (and generated data); the test and proxy
+      splits too unless ``split_seed`` is given.
     data_dir: data directory (see default_data_dir).
+    num_proxy: training-pool examples held by the server instead of any
+      client (``split_proxy``); not for synthetic, whose devices have no
+      common pool.
+    split_seed: seeds the test and proxy splits (None: ``seed``), so runs of
+      several seeds can share one split and one pretrained model.
     **opts: dataset and partition options above.
 
   Returns:
     (ClientData, (x_test, y_test), info) where info has 'name',
     'num_classes', 'input_shape' (one example, no batch axis), 'partition',
-    'num_train', 'num_test' and 'layout' (see client_data.layout_report).
+    'num_train', 'num_test', 'num_proxy', 'layout' (see
+    client_data.layout_report) and, when ``num_proxy > 0``, 'proxy': the
+    server's ``(x, y)`` numpy arrays.
   """
   if dataset not in DATASETS:
     raise ValueError(f"dataset: unknown {dataset!r}; valid: {list(DATASETS)}")
@@ -764,13 +791,20 @@ def load_federated(dataset: str, num_clients: int,
     raise ValueError(f"partition: {partition!r} is not valid for dataset "
                      f"{dataset!r}; valid: {list(valid_parts)}")
   take = functools.partial(_take_options, dataset, opts)
+  split_seed = seed if split_seed is None else split_seed
+  if dataset == "synthetic" and num_proxy:
+    raise ValueError("proxy_examples: synthetic devices have no common pool "
+                     "to hold a proxy set out of; use 0")
+  proxy = None
   if dataset == "synthetic":
     xtr, ytr, xte, yte, parts = _load_synthetic(num_clients, seed, take,
                                                 part_opts)
     num_classes = 10
   else:
-    xtr, ytr, xte, yte, num_classes = _load_arrays(dataset, seed, data_dir,
-                                                   take)
+    xtr, ytr, xte, yte, num_classes = _load_arrays(dataset, split_seed,
+                                                   data_dir, take)
+    if num_proxy:
+      xtr, ytr, *proxy = split_proxy(xtr, ytr, num_proxy, split_seed)
     # fold a constant into the seed so partition and hold-out draw differently.
     parts = partition_lib.make_partition(partition, ytr, num_clients,
                                          seed + 7919, **part_opts)
@@ -778,6 +812,8 @@ def load_federated(dataset: str, num_clients: int,
   info = {"name": dataset, "num_classes": int(num_classes),
           "input_shape": tuple(int(s) for s in xtr.shape[1:]),
           "partition": partition, "num_train": int(len(xtr)),
-          "num_test": int(len(xte)),
+          "num_test": int(len(xte)), "num_proxy": int(num_proxy),
           "layout": client_data_lib.layout_report(cd)}
+  if proxy is not None:
+    info["proxy"] = tuple(proxy)
   return cd, (xte, yte), info

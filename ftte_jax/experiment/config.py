@@ -22,6 +22,10 @@ from ftte_jax.search import knapsack as knapsack_lib
 from ftte_jax.search import plan as plan_lib
 
 IMPORTANCE_SOURCES = ("clients", "proxy")
+# Where a device keeps the weights it does not train (docs/design.md,
+# "Memory model"): flash (read in place, as the Tiny Training Engine does)
+# or RAM (the whole model resident).
+FROZEN_WEIGHTS = ("ram", "flash")
 # The synthetic dataset's own split: one generated device per client.
 PARTITIONS = tuple(partition_lib.PARTITIONS) + ("natural",)
 
@@ -52,6 +56,17 @@ class DataConfig:
       help="lognormal sigma of client sizes, for partition=quantity")
   num_test: int = option(
       2000, low=1, help="held-out test examples (mnist/cifar10 pool split)")
+  proxy_examples: int = option(
+      0, low=0,
+      help="training-pool examples the server holds instead of any client "
+      "(the proxy set: central pretraining, launch.pretrain, and "
+      "importance=proxy); disjoint from every client's data and from the "
+      "test set. 0: none")
+  split_seed: int | None = option(
+      None, low=0,
+      help="seed of the test and proxy splits (None: the run's seed), so "
+      "runs of several seeds can share one split and one pretrained "
+      "checkpoint")
   synthetic_alpha: float = option(
       1.0, low=0,
       help="alpha of FedProx's Synthetic(alpha, beta): spread of the "
@@ -106,6 +121,29 @@ class SearchConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+  """Central pretraining on the server's proxy set (``pretrain.pretrain``).
+
+  Federated fine-tuning then starts from the pretrained parameters, as
+  on-device training in the Tiny Training Engine fine-tunes a model trained
+  elsewhere. ``launch.pretrain`` saves the result for ``init_checkpoint``;
+  ``steps > 0`` in a run does the same pretraining in-process.
+  """
+
+  steps: int = option(
+      0, low=0, name="pretrain_steps",
+      help="SGD steps of central pretraining on the proxy set before the "
+      "federated run (needs proxy_examples > 0); 0: none")
+  lr: float = option(0.05, low=0, low_inclusive=False, name="pretrain_lr",
+                     help="pretraining learning rate")
+  momentum: float = option(0.9, low=0, high=1, high_inclusive=False,
+                           name="pretrain_momentum",
+                           help="pretraining SGD momentum")
+  batch_size: int = option(64, low=1, name="pretrain_batch_size",
+                           help="pretraining batch size")
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
   """Everything one run needs; written to ``config.json`` by the launcher.
 
@@ -122,6 +160,21 @@ class ExperimentConfig:
       help="device profiles; memory_tiers in bytes unless "
       "memory_tier_fractions is set")
   search: SearchConfig = option(SearchConfig(), help="subset search")
+  pretrain: PretrainConfig = option(
+      PretrainConfig(), help="central pretraining on the proxy set")
+  init_checkpoint: str | None = option(
+      None,
+      help="start from the parameters saved by launch.pretrain in this "
+      "directory (every algorithm from the same ones); its proxy split must "
+      "be this run's when the dataset is the same. None: the seeded random "
+      "initialization (then pretrain_steps, if any)")
+  frozen_weights: str = option(
+      "ram", choices=FROZEN_WEIGHTS,
+      help="where a device keeps the weights it does not train: ram (the "
+      "whole model counts against device memory) or flash (read in place "
+      "from flash, as the Tiny Training Engine does; RAM holds the trained "
+      "subset's weights, gradients, optimizer state and activations, and "
+      "the summary reports the flash bytes apart)")
   memory_tier_fractions: Sequence[float] | None = option(
       (0.2, 1.1, 2.0), low=0, low_inclusive=False, nonempty=True,
       ascending=True,
@@ -171,6 +224,18 @@ def validate(config: ExperimentConfig) -> None:
   options.check_fields(config)
   options.check_fields(config.data)
   options.check_fields(config.search)
+  options.check_fields(config.pretrain)
+  if config.pretrain.steps and not config.data.proxy_examples:
+    raise ValueError("pretrain_steps needs a proxy set to train on: set "
+                     "proxy_examples > 0")
+  if config.pretrain.steps and config.init_checkpoint:
+    raise ValueError("pretrain_steps and init_checkpoint both choose the "
+                     "starting parameters; give one")
+  if config.search.importance == "proxy" and config.data.proxy_examples and (
+      config.search.probe_examples > config.data.proxy_examples):
+    raise ValueError(f"probe_examples ({config.search.probe_examples}) "
+                     "exceeds the proxy set (proxy_examples="
+                     f"{config.data.proxy_examples})")
   algorithms.validate(config.engine, config.data.num_clients)
   fleet_cfg = config.fleet
   if config.memory_tier_fractions is not None:

@@ -26,6 +26,7 @@ from ftte_jax.core.client import cross_entropy, make_client_optimizer
 from ftte_jax.core.typing import PyTree
 from ftte_jax.data import client_data as client_data_lib
 from ftte_jax.data import datasets
+from ftte_jax.experiment import pretrain as pretrain_lib
 from ftte_jax.experiment.config import ExperimentConfig
 from ftte_jax.search import groups as groups_lib
 from ftte_jax.search import importance as importance_lib
@@ -33,7 +34,7 @@ from ftte_jax.search import memory as memory_lib
 from ftte_jax.search import plan as plan_lib
 
 # Named streams of the run's root key (fold_in(root, name)).
-KEY_PARAMS, KEY_ENGINE, KEY_PROBE = 0, 1, 2
+KEY_PARAMS, KEY_ENGINE, KEY_PROBE, KEY_PRETRAIN = 0, 1, 2, 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,13 +71,18 @@ class Setup:
   config: ExperimentConfig
   data: client_data_lib.ClientData
   test: tuple[jnp.ndarray, jnp.ndarray]  # held-out (x, y).
-  data_info: dict  # from datasets.load_federated.
+  data_info: dict  # from datasets.load_federated (JSON-safe: no arrays).
   model: Model
   fleet: fleet_lib.Fleet
   fleet_memory_tiers: tuple[float, ...]  # bytes, as drawn.
   plan: masks_lib.MaskPlan
   plan_report: dict  # the search's report ({} without a search).
   probe: Probe
+  # The server's proxy set (x, y), disjoint from clients and test; None
+  # when DataConfig.proxy_examples is 0.
+  proxy: tuple[np.ndarray, np.ndarray] | None = None
+  # Where the starting parameters came from (pretrain.initial_params).
+  init_report: dict = dataclasses.field(default_factory=dict)
   # Wall seconds of each start-up phase: data (load and partition), model
   # (init and memory analysis), fleet, plan (importance and search).
   phases: dict = dataclasses.field(default_factory=dict)
@@ -99,7 +105,9 @@ def load_data(config: ExperimentConfig):
   elif partition == "quantity":
     opts["sigma"] = d.quantity_sigma
   return datasets.load_federated(d.dataset, d.num_clients, partition,
-                                 seed=config.seed, data_dir=d.data_dir, **opts)
+                                 seed=config.seed, data_dir=d.data_dir,
+                                 num_proxy=d.proxy_examples,
+                                 split_seed=d.split_seed, **opts)
 
 
 def client_optimizer(config: ExperimentConfig) -> optax.GradientTransformation:
@@ -123,6 +131,7 @@ def make_model(config: ExperimentConfig, input_shape, num_classes: int,
   spec = groups_lib.make_groups(analysis, config.search.channel_fractions)
   ones = jax.tree.map(lambda p: np.ones(p.shape, bool), params)
   tx = client_optimizer(config)
+  # Full training keeps every weight in RAM under either frozen_weights.
   full = memory_lib.training_memory(analysis, spec, params, ones, e.batch_size,
                                     tx)["total"]
   return Model(module=module, input_shape=tuple(input_shape),
@@ -154,7 +163,8 @@ def rule_plan(config: ExperimentConfig, model: Model,
                         masks_lib.last_n_mask(params, e.last_n_tensors))
   flops = memory_lib.training_flops(model.analysis, model.spec, params, mask)
   mem = memory_lib.training_memory(model.analysis, model.spec, params, mask,
-                                   e.batch_size, model.tx)["total"]
+                                   e.batch_size, model.tx,
+                                   config.frozen_weights)["total"]
   return masks_lib.make_plan(params, [mask], np.zeros(num_clients, np.int32),
                              flops_per_example=[flops], memory_bytes=[mem])
 
@@ -162,20 +172,28 @@ def rule_plan(config: ExperimentConfig, model: Model,
 def make_setup(config: ExperimentConfig) -> Setup:
   """Loads everything a run needs; no engine is compiled yet."""
   clock = _PhaseClock()
+  if config.init_checkpoint:  # a misfit checkpoint fails before any loading.
+    pretrain_lib.check_checkpoint(config)
   data, (x_test, y_test), data_info = load_data(config)
+  proxy = data_info.pop("proxy", None)
   test = (jnp.asarray(x_test, jnp.float32), jnp.asarray(y_test, jnp.int32))
   clock.lap("data_s")
   root = jax.random.PRNGKey(config.seed)
   model = make_model(config, data_info["input_shape"],
                      data_info["num_classes"],
                      jax.random.fold_in(root, KEY_PARAMS))
+  params, init_report = pretrain_lib.initial_params(
+      config, model.apply_fn, model.params, proxy,
+      jax.random.fold_in(root, KEY_PRETRAIN))
+  model = dataclasses.replace(model, params=params)
   clock.lap("model_s")
   fleet, tiers = make_fleet(config, model.full_memory_bytes)
   clock.lap("fleet_s")
   if config.engine.mask == "search":
     plan, report, probe = search_plan(config, model, model.params, data,
                                       fleet,
-                                      jax.random.fold_in(root, KEY_PROBE))
+                                      jax.random.fold_in(root, KEY_PROBE),
+                                      proxy)
   else:
     plan, report, probe = rule_plan(config, model, data.num_clients), {}, \
         Probe()
@@ -183,7 +201,8 @@ def make_setup(config: ExperimentConfig) -> Setup:
   clock.lap("plan_s")
   return Setup(config=config, data=data, test=test, data_info=data_info,
                model=model, fleet=fleet, fleet_memory_tiers=tiers, plan=plan,
-               plan_report=report, probe=probe, phases=clock.phases)
+               plan_report=report, probe=probe, proxy=proxy,
+               init_report=init_report, phases=clock.phases)
 
 
 class _PhaseClock:
@@ -199,23 +218,28 @@ class _PhaseClock:
 
 def search_plan(config: ExperimentConfig, model: Model, params: PyTree,
                 data: client_data_lib.ClientData, fleet: fleet_lib.Fleet,
-                key: jax.Array) -> tuple[masks_lib.MaskPlan, dict, Probe]:
+                key: jax.Array, proxy=None
+                ) -> tuple[masks_lib.MaskPlan, dict, Probe]:
   """Importance at ``params``, then the memory-budgeted search."""
   e, s = config.engine, config.search
-  fisher, probe = importance(config, model, params, data, fleet, key)
+  fisher, probe = importance(config, model, params, data, fleet, key, proxy)
   plan, report = plan_lib.build_plan(
       model.analysis, model.spec, params, fisher, np.asarray(fleet.memory),
       model.tx,
       tier_of_client=np.asarray(fleet.tier) if s.policy == "per_tier"
       else None, policy=s.policy, batch_size=e.batch_size, method=s.method,
-      num_cells=s.num_cells)
+      num_cells=s.num_cells, frozen_weights=config.frozen_weights)
   return plan, report, probe
 
 
 def importance(config: ExperimentConfig, model: Model, params: PyTree,
                data: client_data_lib.ClientData, fleet: fleet_lib.Fleet,
-               key: jax.Array) -> tuple[PyTree, Probe]:
+               key: jax.Array, proxy=None) -> tuple[PyTree, Probe]:
   """Diagonal Fisher at ``params``, from a probe round or proxy data.
+
+  Proxy data is the server's proxy set when the run has one (disjoint from
+  the clients'), else ``probe_examples`` drawn from the clients' pool (a
+  stand-in for public data of the same distribution).
 
   The probe round is synchronous: the chosen devices download the model,
   compute per-example squared gradients on ``probe_examples`` of their own
@@ -226,12 +250,14 @@ def importance(config: ExperimentConfig, model: Model, params: PyTree,
   s = config.search
   loss = lambda p, batch: cross_entropy(model.apply_fn, p, batch[0], batch[1])
   if s.importance == "proxy":
-    m = data.x.shape[0]
+    xs, ys = (data.x, data.y) if proxy is None else (
+        jnp.asarray(proxy[0], jnp.float32), jnp.asarray(proxy[1], jnp.int32))
+    m = xs.shape[0]
     idx = jax.random.choice(key, m, (min(s.probe_examples, m),),
                             replace=False)
     fisher = jax.jit(lambda b: importance_lib.fisher_diagonal(loss, params,
                                                               b))(
-        (data.x[idx], data.y[idx]))
+        (xs[idx], ys[idx]))
     return fisher, Probe()
   full_mem = model.full_memory_bytes
   capable = np.flatnonzero(np.asarray(fleet.memory) >= full_mem)

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import jax
 import numpy as np
 
+from ftte_jax.checkpointing import params_sha256  # re-exported: the run's hash.
 from ftte_jax.core import engine
 from ftte_jax.core import exact
 from ftte_jax.core.typing import PyTree
-
-
-def params_sha256(params: PyTree) -> str:
-  """SHA-256 of the parameters' bytes in flattening order (for repro checks)."""
-  h = hashlib.sha256()
-  for leaf in jax.tree.leaves(jax.device_get(params)):
-    a = np.ascontiguousarray(leaf)
-    h.update(str(a.dtype).encode() + str(a.shape).encode())
-    h.update(a.tobytes())
-  return h.hexdigest()
 
 
 def counters_row(state: engine.SimState) -> dict:
@@ -90,6 +79,9 @@ def summary(config, setup, env, info: dict, state: engine.SimState,
   reached, held = time_to_target(history, config.target_accuracy)
   counters = counters_row(state)
   tier_mem = np.asarray(state.plan.memory_bytes, np.float64)
+  # A tier's untrained weights: the model less what it uploads (its mask).
+  tier_flash = (float(state.plan.model_bytes) - np.asarray(
+      state.plan.upload_bytes, np.float64)) * (config.frozen_weights == "flash")
   used = np.unique(np.asarray(state.plan.client_tier)[np.asarray(
       env.eligible)])
   out = {
@@ -114,6 +106,11 @@ def summary(config, setup, env, info: dict, state: engine.SimState,
       "compile_s": timing["compile_s"],
       "peak_device_memory_bytes": float(np.nanmax(tier_mem[used])),
       "tier_memory_bytes": [float(m) for m in tier_mem],
+      # RAM above; frozen weights read from flash (frozen_weights='flash'):
+      "frozen_weights": config.frozen_weights,
+      "peak_device_flash_bytes": float(np.max(tier_flash[used])),
+      "tier_flash_bytes": [float(f) for f in tier_flash],
+      "init": info["init"],
       "full_model_memory_bytes": info["full_model_memory_bytes"],
       "eligible_clients": int(np.asarray(env.eligible).sum()),
       "probe": setup.probe.to_dict(),

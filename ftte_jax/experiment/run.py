@@ -64,6 +64,7 @@ class Experiment:
     """Static facts about the run, for summaries and tests."""
     s = self.setup
     return {"data": s.data_info, "plan": self.plan_report,
+            "init": s.init_report,
             "full_model_memory_bytes": s.model.full_memory_bytes,
             "fleet_memory_tiers": list(s.fleet_memory_tiers),
             "num_params": optax.tree_utils.tree_size(s.model.params)}
@@ -245,7 +246,7 @@ class Experiment:
     plan, self.plan_report, probe = planning.search_plan(
         self.config, self.setup.model, jax.device_get(state.params),
         self.setup.data, self.setup.fleet,
-        jax.random.fold_in(key, int(state.version)))
+        jax.random.fold_in(key, int(state.version)), self.setup.proxy)
     return engine.replan(state, self.place(plan), probe.bytes_up,
                          probe.bytes_down)
 

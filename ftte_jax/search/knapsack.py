@@ -61,13 +61,15 @@ METHODS = ("exact", "greedy")
 class SearchProblem:
   """Costs of a search instance in bytes (host numpy, float64)."""
 
-  option_bytes: np.ndarray  # [T, K+1] gradient + optimizer bytes per level.
+  option_bytes: np.ndarray  # [T, K+1] gradient + optimizer (+ weight, with
+  #                           frozen weights in flash) bytes per level.
   valid: np.ndarray  # [T, K+1] bool: level selectable (level 0 always).
   tensor_layer: np.ndarray  # [T] int: layer of each tensor.
   needs_input: np.ndarray  # [T] bool: gradient needs the layer input.
   input_bytes: np.ndarray  # [L] stored input bytes of each layer (batch incl.).
   stored_bytes: np.ndarray  # [L] stored bytes if layer e is the earliest.
-  base_bytes: float  # [] weights + workspace (paid even when nothing trains).
+  base_bytes: float  # [] workspace (+ all weights when frozen ones sit in
+  #                     RAM): paid even when nothing trains.
 
   @property
   def num_layers(self) -> int:
@@ -87,10 +89,16 @@ class Discretized:
 
 
 def make_problem(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
-                 batch_size: int,
-                 tx: optax.GradientTransformation) -> SearchProblem:
-  """Builds the search instance of a model (costs from ``memory``)."""
-  slots = memory_lib.validated_slots(batch_size, spec, tx)
+                 batch_size: int, tx: optax.GradientTransformation,
+                 frozen_weights: str = "ram") -> SearchProblem:
+  """Builds the search instance of a model (costs from ``memory``).
+
+  With ``frozen_weights='flash'`` a trained parameter also brings its
+  weight into RAM (one more 4-byte slot per level) and the base holds no
+  weights.
+  """
+  slots = memory_lib.validated_slots(batch_size, spec, tx, frozen_weights)
+  in_flash = frozen_weights == "flash"
   act = memory_lib.BYTES * batch_size
   ins, _ = memory_lib.layer_arrays(info)
   # The workspace depends on the earliest trained layer like the stored
@@ -98,15 +106,16 @@ def make_problem(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
   # stored_bytes[e], the rest is base.
   work = memory_lib.BYTES * memory_lib.workspace_after(info, batch_size)
   return SearchProblem(
-      option_bytes=(memory_lib.BYTES * (1 + slots) * spec.numel).astype(
-          np.float64),
+      option_bytes=(memory_lib.BYTES * (1 + slots + in_flash) *
+                    spec.numel).astype(np.float64),
       valid=spec.valid.copy(),
       tensor_layer=spec.layer.copy(),
       needs_input=spec.needs_input.copy(),
       input_bytes=(act * ins).astype(np.float64),
       stored_bytes=(act * memory_lib.stored_after(info) + work[:-1]
                     - work[-1]).astype(np.float64),
-      base_bytes=float(memory_lib.BYTES * info.num_params + work[-1]))
+      base_bytes=float(memory_lib.BYTES * info.num_params * (not in_flash)
+                       + work[-1]))
 
 
 def problem_memory(problem: SearchProblem, levels: np.ndarray) -> float:

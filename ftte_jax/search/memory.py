@@ -4,7 +4,11 @@ Model (float32 everywhere, ``B`` = batch size, layers ``0..L-1`` in forward
 order from ``groups.analyze``; ``in_l``/``out_l`` = elements per example of
 layer ``l``'s input/output; ``e`` = the earliest layer with any trained group):
 
-  weights      = 4 * (all parameters)  -- the whole model stays resident.
+  weights      = 4 * (all parameters)  -- the whole model stays resident
+                 (``frozen_weights='ram'``), or 4 * (trained parameters)
+                 with ``frozen_weights='flash'``: frozen weights are read in
+                 place from flash (the Tiny Training Engine's layout) and
+                 reported as ``flash``, apart from the RAM ``total``.
   gradients    = 4 * (trained parameters)  -- only selected channels.
   optimizer    = slots * 4 * (trained parameters); slots: the client
                  optimizer's state per parameter (``optimizer_slots``: sgd 0,
@@ -61,6 +65,7 @@ from ftte_jax.core.typing import PyTree
 from ftte_jax.search import groups as groups_lib
 
 BYTES = 4  # float32 weights, gradients, optimizer slots and activations.
+FROZEN_PLACES = ("ram", "flash")  # where untrained weights live.
 NORM_FLOPS_PER_ELEMENT = 8  # mean, variance, normalize, scale, shift.
 
 
@@ -165,26 +170,33 @@ def activation_cost(on, tensor_layer, needs_input, stored, inputs):
 
 
 def validated_slots(batch_size: int, spec: groups_lib.GroupSpec,
-                    tx: optax.GradientTransformation) -> int:
-  """Validates ``batch_size`` and ``tx``; returns ``tx``'s slots."""
+                    tx: optax.GradientTransformation,
+                    frozen_weights: str = "ram") -> int:
+  """Validates ``batch_size``, ``tx`` and ``frozen_weights``; returns
+  ``tx``'s slots."""
   if int(batch_size) < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if frozen_weights not in FROZEN_PLACES:
+    raise ValueError(f"frozen_weights must be one of {FROZEN_PLACES}, got "
+                     f"{frozen_weights!r}")
   return optimizer_slots(tx, abstract_params(spec))
 
 
 def memory_from_sizes(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
                       sizes: np.ndarray, batch_size: int,
-                      tx: optax.GradientTransformation) -> dict[str, float]:
+                      tx: optax.GradientTransformation,
+                      frozen_weights: str = "ram") -> dict[str, float]:
   """Memory breakdown for trained channel counts per tensor ([T] int)."""
-  slots = validated_slots(batch_size, spec, tx)
+  slots = validated_slots(batch_size, spec, tx, frozen_weights)
   sizes = np.asarray(sizes, np.int64)
   per_channel = spec.numel[:, -1] // spec.sizes[:, -1]
   trained = int((per_channel * sizes).sum())
   ins, _ = layer_arrays(info)
   e, stored = activation_cost(sizes > 0, spec.layer, spec.needs_input,
                               stored_after(info), ins)
+  in_ram = info.num_params if frozen_weights == "ram" else trained
   out = {
-      "weights": float(BYTES * info.num_params),
+      "weights": float(BYTES * in_ram),
       "gradients": float(BYTES * trained),
       "optimizer_state": float(BYTES * slots * trained),
       "activations_stored": float(BYTES * batch_size * stored),
@@ -193,12 +205,14 @@ def memory_from_sizes(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
   out["activations"] = out["activations_stored"] + out["workspace"]
   out["total"] = (out["weights"] + out["gradients"] + out["optimizer_state"]
                   + out["activations"])
+  out["flash"] = float(BYTES * (info.num_params - in_ram))
   return out
 
 
 def training_memory(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
                     params: PyTree, mask: PyTree, batch_size: int,
-                    tx: optax.GradientTransformation) -> dict[str, float]:
+                    tx: optax.GradientTransformation,
+                    frozen_weights: str = "ram") -> dict[str, float]:
   """Peak on-device training memory (bytes) of training ``mask``.
 
   Args:
@@ -209,13 +223,15 @@ def training_memory(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
     mask: boolean/0-1 tree shaped like ``params``.
     batch_size: examples per local step.
     tx: the client optimizer (its state is charged per trained parameter).
+    frozen_weights: 'ram' or 'flash' (module docstring, weights).
 
   Returns:
-    Dict of bytes: weights, gradients, optimizer_state, activations
-    (= activations_stored + workspace), total.
+    Dict of bytes: weights (in RAM), gradients, optimizer_state, activations
+    (= activations_stored + workspace), total (RAM), flash (frozen weights
+    read from flash; 0 with 'ram').
   """
   sizes = groups_lib.mask_to_sizes(spec, params, mask)
-  return memory_from_sizes(info, spec, sizes, batch_size, tx)
+  return memory_from_sizes(info, spec, sizes, batch_size, tx, frozen_weights)
 
 
 def flops_from_sizes(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,

@@ -87,13 +87,14 @@ def _check_floor(problem: knapsack.SearchProblem, spec: groups_lib.GroupSpec,
 
 
 def _search_tier(info, spec, params, problem, values, budget, to_mask,
-                 batch_size, tx, solve_args) -> tuple[PyTree, dict[str, Any]]:
+                 batch_size, tx, solve_args, frozen_weights
+                 ) -> tuple[PyTree, dict[str, Any]]:
   """One tier's mask and its report: choice, memory, FLOPs, importance."""
   out = knapsack.solve(problem, values, budget, *solve_args)
   levels = out["levels"]
   mask = jax.device_get(to_mask(levels))
   breakdown = memory_lib.training_memory(info, spec, params, mask, batch_size,
-                                         tx)
+                                         tx, frozen_weights)
   if breakdown["total"] > budget:  # The rounding guarantees this never runs.
     raise AssertionError(f"search exceeded budget: {breakdown['total']} > "
                          f"{budget}")
@@ -118,7 +119,8 @@ def build_plan(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
                tier_of_client: Sequence[int] | None = None,
                policy: str = "min", batch_size: int = 32,
                method: str = "exact", num_cells: int = 1024,
-               resolution_bytes: float | None = None
+               resolution_bytes: float | None = None,
+               frozen_weights: str = "ram"
                ) -> tuple[masks_lib.MaskPlan, dict[str, Any]]:
   """Searches one mask per memory tier and packs them into a ``MaskPlan``.
 
@@ -135,6 +137,8 @@ def build_plan(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
     method: 'exact' (DP) or 'greedy'.
     num_cells: DP cells (resolution = free budget / num_cells).
     resolution_bytes: explicit DP resolution (the table grows to fit).
+    frozen_weights: 'ram' or 'flash': where untrained weights are charged
+      (``memory`` docstring); budgets are RAM either way.
 
   Returns:
     ``(MaskPlan, report)``; report has ``tiers`` (per tier: budget_bytes,
@@ -148,7 +152,7 @@ def build_plan(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
   """
   knapsack.check_method(method)
   tiers, budgets = assign_tiers(device_memory_bytes, tier_of_client, policy)
-  problem = knapsack.make_problem(info, spec, batch_size, tx)
+  problem = knapsack.make_problem(info, spec, batch_size, tx, frozen_weights)
   values = group_values(spec, importance)
   floor_bytes = _check_floor(problem, spec, min(budgets), policy, batch_size,
                              tx)
@@ -157,7 +161,8 @@ def build_plan(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
   for j, budget in enumerate(budgets):
     mask, report = _search_tier(info, spec, params, problem, values, budget,
                                 to_mask, batch_size, tx,
-                                (method, num_cells, resolution_bytes))
+                                (method, num_cells, resolution_bytes),
+                                frozen_weights)
     tier_masks.append(mask)
     reports.append({"budget_bytes": budget,
                     "num_clients": int((tiers == j).sum()), **report})
@@ -167,7 +172,8 @@ def build_plan(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
       memory_bytes=[r["memory"]["total"] for r in reports])
   return plan, {
       "policy": policy, "method": method, "tiers": reports,
+      "frozen_weights": frozen_weights,
       "min_feasible_bytes": floor_bytes, "num_groups": spec.num_groups,
       "num_tensors": spec.num_tensors, "num_params": info.num_params,
       "full_model_memory": memory_lib.memory_from_sizes(
-          info, spec, spec.sizes[:, -1], batch_size, tx)}
+          info, spec, spec.sizes[:, -1], batch_size, tx, frozen_weights)}
