@@ -80,8 +80,10 @@ def make_config(fv: flags.FlagValues, algorithm: str,
   Raises:
     ValueError: an invalid option (the message names it).
   """
-  args = flags_lib.for_algorithm(flags_lib.given_args(fv), algorithm,
-                                 [f"--partition={partition}"])
+  # From scratch (random start, all weights in RAM), as first published.
+  args = flags_lib.for_algorithm(
+      [*flags_lib.SCRATCH_ARGS, *flags_lib.given_args(fv)], algorithm,
+      [f"--partition={partition}"])
   return flags_lib.resolve_args(args).config
 
 

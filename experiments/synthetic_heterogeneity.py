@@ -108,7 +108,9 @@ def make_config(fv: flags.FlagValues, alpha: float, beta: float,
   Raises:
     ValueError: an invalid option (the message names it).
   """
-  return flags_lib.resolve_args(flags_lib.given_args(fv) + [
+  # Synthetic devices have no common pool for a proxy set: from scratch.
+  return flags_lib.resolve_args([*flags_lib.SCRATCH_ARGS] +
+                                flags_lib.given_args(fv) + [
       "--dataset=synthetic", "--partition=natural",
       f"--synthetic_alpha={alpha}", f"--synthetic_beta={beta}",
       f"--seed={seed}"]).config

@@ -38,6 +38,15 @@ from ftte_jax.core import options
 
 EXIT_USAGE = 2  # exit status for bad command-line input.
 PRESET_FLAG = "algorithm"  # names the preset; not an override.
+# The first version's setting, before the Tiny-Training-Engine defaults
+# (pretrained start on a proxy set, frozen weights in flash, micro-batches,
+# an upload budget): random initialization, every pool example with a
+# client, the whole model in RAM, no micro-batches, memory alone choosing
+# the subset. Benchmarks against peers that train from scratch, and the
+# from-scratch experiments, append these.
+SCRATCH_ARGS = ("--proxy_examples=0", "--pretrain_steps=0",
+                "--frozen_weights=ram", "--max_micro_batches=1",
+                "--max_upload_fraction=1")
 # Flags every launcher passes on to the launch.main runs it starts.
 CHECKPOINT_FLAGS = ("checkpoint_every", "keep_checkpoints", "overwrite")
 

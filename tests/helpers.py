@@ -96,17 +96,27 @@ def tiny_config(algorithm="ftte", engine_kw=None, **kw):
   if algorithm == "fedasync":
     e["buffer_size"] = 1
   e.update(engine_kw or {})
-  data = dict(dataset="tiny", num_clients=16, partition="iid")
+  data = dict(dataset="tiny", num_clients=16, partition="iid",
+              **SCRATCH_DATA)
   data.update(kw.pop("data", {}))
-  search = dict(importance="proxy")
+  search = dict(importance="proxy", **SCRATCH_SEARCH)
   search.update(kw.pop("search", {}))
   base = dict(memory_tier_fractions=(0.6, 2.0), model="mlp", rounds=6,
-              eval_every=3)
+              eval_every=3, **SCRATCH_TOP)
   base.update(kw)
   return experiment.ExperimentConfig(
       engine=algorithms.preset(algorithm, **e),
       data=experiment.DataConfig(**data),
       search=experiment.SearchConfig(**search), **base)
+
+
+# The first version's setting (launch.flags.SCRATCH_ARGS) as config fields:
+# tests of the engine and the search on generated data start from random
+# parameters with every example at a client.
+SCRATCH_DATA = dict(proxy_examples=0)
+SCRATCH_SEARCH = dict(max_micro_batches=1, max_upload_fraction=1.0)
+SCRATCH_TOP = dict(pretrain=experiment.PretrainConfig(steps=0),
+                   frozen_weights="ram")
 
 
 def replace_engine(config, **kw):

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from helpers import make_dataset, tiny_model
@@ -61,3 +62,22 @@ def test_long_local_loops_are_not_unrolled():
   _, (p_auto, _) = _run(None, mask, unroll=True, steps=300)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                p_roll, p_auto)
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2, 4, 8])
+def test_micro_batch_accumulation_equals_one_batch(micro_batches):
+  # An SGD step from the accumulated micro-batch gradient equals the step
+  # from the one-pass batch gradient (to float rounding).
+  apply, params = tiny_model()
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(32, 6)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 4, 32), jnp.int32)
+  tx = optax.sgd(0.5)
+  want = jax.grad(lambda p: client.cross_entropy(apply, p, x, y))(params)
+  got = jax.jit(client.accumulated_grad, static_argnums=(0, 4))(
+      apply, params, x, y, micro_batches)
+  step = lambda g: optax.apply_updates(params, tx.update(g, tx.init(params))[0])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               step(got), step(want))
+  with pytest.raises(ValueError, match="micro_batches"):
+    client.accumulated_grad(apply, params, x, y, 5)

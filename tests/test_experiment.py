@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import SCRATCH_DATA, SCRATCH_SEARCH, SCRATCH_TOP
 from ftte_jax.core import algorithms
 from ftte_jax import experiment
 from ftte_jax.core import exact
@@ -40,11 +41,12 @@ def test_ftte_per_tier_run_reports_tier_memory_and_payload():
       engine=algorithms.preset("ftte", concurrency=8, buffer_size=4,
                                local_steps=2, batch_size=16),
       data=experiment.DataConfig(dataset="tiny", num_clients=16,
-                                 partition="iid"),
-      search=experiment.SearchConfig(policy="per_tier", importance="proxy"),
+                                 partition="iid", **SCRATCH_DATA),
+      search=experiment.SearchConfig(policy="per_tier", importance="proxy",
+                                     **SCRATCH_SEARCH),
       fleet=fleet.FleetConfig(tier_probs=(0.4, 0.3, 0.3)),
       memory_tier_fractions=(0.6, 0.8, 1.0), model="mlp",
-      model_options={"hidden": (32,)}, rounds=6, eval_every=3)
+      model_options={"hidden": (32,)}, rounds=6, eval_every=3, **SCRATCH_TOP)
   exp = experiment.build(cfg)
   tiers = exp.info["plan"]["tiers"]
   assert len(tiers) == 3
@@ -66,9 +68,9 @@ def test_budget_below_minimum_names_budget_and_minimum():
   cfg = experiment.ExperimentConfig(
       engine=algorithms.preset("ftte", concurrency=4, buffer_size=2),
       data=experiment.DataConfig(dataset="tiny", num_clients=8,
-                                 partition="iid"),
-      search=experiment.SearchConfig(importance="proxy"),
-      memory_tier_fractions=(0.01, 1.0), model="mlp")
+                                 partition="iid", **SCRATCH_DATA),
+      search=experiment.SearchConfig(importance="proxy", **SCRATCH_SEARCH),
+      memory_tier_fractions=(0.01, 1.0), model="mlp", **SCRATCH_TOP)
   with pytest.raises(ValueError, match=r"memory budget \d+ bytes.*minimum "
                      r"feasible training memory \d+ bytes"):
     experiment.build(cfg)
@@ -102,11 +104,12 @@ def _research_config(rounds, research_every):
       engine=algorithms.preset("ftte", concurrency=8, buffer_size=4,
                                local_steps=2, batch_size=16),
       data=experiment.DataConfig(dataset="tiny", num_clients=16,
-                                 partition="iid"),
+                                 partition="iid", **SCRATCH_DATA),
       search=experiment.SearchConfig(research_every=research_every,
-                                     probe_clients=4),
+                                     probe_clients=4, **SCRATCH_SEARCH),
       memory_tier_fractions=(0.7, 2.0), model="mlp",
-      model_options={"hidden": (32,)}, rounds=rounds, eval_every=2)
+      model_options={"hidden": (32,)}, rounds=rounds, eval_every=2,
+      **SCRATCH_TOP)
 
 
 def test_periodic_research_counts_probe_bytes_and_resumes_exactly():

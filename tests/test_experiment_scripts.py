@@ -83,7 +83,11 @@ def test_mnist_cnn_default_configs_are_the_scripts_setting():
         engine=algorithms.preset(
             alg, **shared, **({} if alg == "fedavg" else {"concurrency": 20})),
         data=experiment.DataConfig(dataset="mnist", num_clients=100,
-                                   partition=part, dirichlet_alpha=0.5),
+                                   partition=part, dirichlet_alpha=0.5,
+                                   proxy_examples=0),
+        search=experiment.SearchConfig(max_micro_batches=1,
+                                       max_upload_fraction=1.0),
+        pretrain=experiment.PretrainConfig(steps=0), frozen_weights="ram",
         fleet=fleet.FleetConfig(speed_sigma=0.5, straggler_fraction=0.1,
                                 straggler_slowdown=5.0, task_sigma=0.1),
         memory_tier_fractions=None, model="lenet5", rounds=100,

@@ -57,8 +57,9 @@ def test_mlp_frozen_weights_in_flash_hand_computed():
   mask = _mask(spec, params, Dense_1__bias=1)
   m = memory.training_memory(info, spec, params, mask, 5, SGD, "flash")
   assert m == {"weights": 8.0, "gradients": 8.0, "optimizer_state": 0.0,
-               "activations_stored": 40.0, "workspace": 100.0,
-               "activations": 140.0, "total": 156.0, "flash": 84.0}
+               "gradient_accumulator": 0.0, "activations_stored": 40.0,
+               "workspace": 100.0, "activations": 140.0, "total": 156.0,
+               "flash": 84.0}
   # Dense_1 kernel+bias (8 params), adam: weights 32, grads 32, slots 64,
   # stored 4*5*(3 + 2) = 100, workspace 100: 328; flash 4*15 = 60.
   mask = _mask(spec, params, Dense_1__kernel=1, Dense_1__bias=1)
@@ -72,6 +73,27 @@ def test_mlp_frozen_weights_in_flash_hand_computed():
     memory.training_memory(info, spec, params, ones, 5, SGD, "disk")
 
 
+def test_mlp_micro_batches_hand_computed():
+  # Batch 4, Dense_1 kernel+bias (8 params), SGD, frozen weights in RAM.
+  # Earliest layer 1 with its input: stored 2 logits + 3 inputs = 5 per
+  # example; workspace 4*max(7, b*5) for a batch of b.
+  # One batch of 4: 92 + 32 + stored 4*4*5 + workspace 4*20 = 284.
+  # Two micro-batches of 2: activations halve (40 + 4*max(7, 10) = 40) and
+  # an accumulator of the 8 trained params (32) is added: 236.
+  params, info, spec = _setup(_MLP(), (1, 4))
+  mask = _mask(spec, params, Dense_1__kernel=1, Dense_1__bias=1)
+  one = memory.training_memory(info, spec, params, mask, 4, SGD)
+  two = memory.training_memory(info, spec, params, mask, 4, SGD,
+                               micro_batches=2)
+  assert (one["activations"], one["gradient_accumulator"], one["total"]) == (
+      160.0, 0.0, 284.0)
+  assert (two["activations_stored"], two["workspace"],
+          two["gradient_accumulator"], two["total"]) == (40.0, 40.0, 32.0,
+                                                         236.0)
+  with pytest.raises(ValueError, match="micro_batches"):
+    memory.training_memory(info, spec, params, mask, 4, SGD, micro_batches=3)
+
+
 def test_mlp_hand_computed():
   # in/out per example: layer0 4/3, layer1 3/2. Batch 5, 4 bytes.
   # weights 4*23 = 92; pairs in+out p = [7, 5]; workspace by earliest
@@ -81,8 +103,9 @@ def test_mlp_hand_computed():
   # Dense_1 bias only: earliest layer 1, no input: stored = logits 2.
   m = mem(_mask(spec, params, Dense_1__bias=1), SGD)
   assert m == {"weights": 92.0, "gradients": 8.0, "optimizer_state": 0.0,
-               "activations_stored": 40.0, "workspace": 100.0,
-               "activations": 140.0, "total": 240.0, "flash": 0.0}
+               "gradient_accumulator": 0.0, "activations_stored": 40.0,
+               "workspace": 100.0, "activations": 140.0, "total": 240.0,
+               "flash": 0.0}
   # Dense_1 kernel+bias, adam: stored = in1 3 + logits 2.
   m = mem(_mask(spec, params, Dense_1__kernel=1, Dense_1__bias=1), ADAM)
   assert (m["gradients"], m["optimizer_state"], m["activations_stored"],

@@ -97,6 +97,7 @@ def test_params_checkpoint_round_trip_and_damage(tmp_path):
 
 
 def _config(**top):
+  top = {"pretrain": experiment.PretrainConfig(steps=0), **top}
   return experiment.ExperimentConfig(
       engine=algorithms.preset("ftte", concurrency=8, buffer_size=4,
                                local_steps=2, batch_size=16),
@@ -143,7 +144,8 @@ def test_run_from_checkpoint_equals_in_process_pretraining(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,option", [
-    ({"pretrain": experiment.PretrainConfig(steps=5)}, "pretrain_steps"),
+    ({"pretrain": experiment.PretrainConfig(steps=5),
+      "data": experiment.DataConfig(proxy_examples=0)}, "pretrain_steps"),
     ({"pretrain": experiment.PretrainConfig(steps=5, lr=-1.0),
       "data": experiment.DataConfig(proxy_examples=10)}, "pretrain_lr"),
     ({"pretrain": experiment.PretrainConfig(steps=5),
@@ -158,7 +160,8 @@ def test_bad_pretrain_options(kwargs, option):
 
 def test_launch_pretrain_then_main(tmp_path):
   smoke = f"--flagfile={REPO / 'experiments' / 'smoke.flags'}"
-  split = ["--proxy_examples=64"]
+  # smoke.flags trains from scratch; these runs hold a proxy set.
+  split = ["--proxy_examples=64", "--pretrain_steps=0"]
   out = tmp_path / "pre"
 
   def run(module, *args):
@@ -166,7 +169,8 @@ def test_launch_pretrain_then_main(tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     return p.returncode, p.stdout, p.stderr
 
-  rc, stdout, err = run("launch.pretrain", *split, "--pretrain_steps=20",
+  rc, stdout, err = run("launch.pretrain", "--proxy_examples=64",
+                        "--pretrain_steps=20",
                         "--pretrain_batch_size=16", f"--out={out}")
   assert rc == 0, err
   assert "test_accuracy" in stdout
@@ -178,9 +182,9 @@ def test_launch_pretrain_then_main(tmp_path):
   summary = json.loads((tmp_path / "run" / "summary.json").read_text())
   assert summary["init"]["params_sha256"] == meta["params_sha256"]
   # Refused before any loading, in one line naming the flag.
-  rc, _, err = run("launch.main", "--proxy_examples=32",
+  rc, _, err = run("launch.main", "--proxy_examples=32", "--pretrain_steps=0",
                    f"--init_checkpoint={out}", f"--workdir={tmp_path / 'b'}")
   assert rc == 2 and "init_checkpoint" in err and len(err.splitlines()) == 1
-  rc, _, err = run("launch.pretrain", *split, "--pretrain_steps=5",
-                   f"--out={out}")
+  rc, _, err = run("launch.pretrain", "--proxy_examples=64",
+                   "--pretrain_steps=5", f"--out={out}")
   assert rc == 2 and "out:" in err

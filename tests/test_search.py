@@ -227,3 +227,70 @@ def test_flash_budget_trains_more_and_reports_flash():
   assert reports["flash"]["memory"]["flash"] == 4.0 * (
       info.num_params - reports["flash"]["trained_params"])
   assert reports["flash"]["memory"]["total"] <= budget[0]
+
+
+def test_joint_micro_batch_search_equals_brute_force():
+  # Every (micro-batch count, level per tensor) pair enumerated with the
+  # memory model itself; the joint exact search (integer byte costs,
+  # 1-byte cells) finds the same best importance, at the smallest m.
+  info, spec, params, fisher = _mlp(groups.PAPER_FRACTIONS)
+  values = np.asarray(plan_lib.group_values(spec, fisher))
+  choices = (1, 2, 4, 8)
+  full = memory.memory_from_sizes(info, spec, spec.sizes[:, -1], 8, SGD)
+  t = np.arange(spec.num_tensors)
+  grid = np.asarray(list(itertools.product(
+      range(spec.sizes.shape[1]), repeat=spec.num_tensors)))
+  grid = grid[spec.valid[t, grid].all(1)]
+  mems = {m: np.asarray([memory.memory_from_sizes(
+      info, spec, spec.sizes[t, levels], 8, SGD, "flash", m)["total"]
+                         for levels in grid]) for m in choices}
+  vals = values[t, grid].sum(1)
+  chosen = []
+  for frac in (0.15, 0.3, 0.6):
+    budget = frac * full["total"]
+    best = (-1.0, 0)
+    for m in choices:
+      v = float(vals[mems[m] <= budget].max(initial=-1.0))
+      if v > best[0] * (1 + 1e-6):
+        best = (v, m)
+    problems = {m: knapsack.make_problem(info, spec, 8, SGD, "flash", m)
+                for m in choices}
+    m, out = plan_lib.solve_joint(problems, values, budget, "exact", 1024,
+                                  1.0)
+    assert out["importance"] == pytest.approx(best[0], rel=1e-5)
+    assert out["memory_bytes"] <= budget
+    assert m == best[1]
+    chosen.append(m)
+  assert max(chosen) > 1  # micro-batching wins somewhere.
+
+
+@pytest.mark.parametrize("method", ["exact", "greedy"])
+def test_trained_parameter_cap_is_a_second_constraint(method):
+  # With a cap on trained parameters (an upload budget) the choice never
+  # trains more, and the exact search equals brute force under both
+  # constraints.
+  info, spec, params, fisher = _mlp(groups.PAPER_FRACTIONS)
+  values = np.asarray(plan_lib.group_values(spec, fisher))
+  full = memory.memory_from_sizes(info, spec, spec.sizes[:, -1], 8, SGD)
+  budget = 0.7 * full["total"]
+  t = np.arange(spec.num_tensors)
+  grid = np.asarray(list(itertools.product(
+      range(spec.sizes.shape[1]), repeat=spec.num_tensors)))
+  grid = grid[spec.valid[t, grid].all(1)]
+  mem = np.asarray([memory.memory_from_sizes(
+      info, spec, spec.sizes[t, lv], 8, SGD, "flash")["total"] for lv in grid])
+  trained = spec.numel[t, grid].sum(1)
+  vals = values[t, grid].sum(1)
+  free = knapsack.solve(knapsack.make_problem(info, spec, 8, SGD, "flash"),
+                        values, budget, method, 1024, 1.0)
+  free_trained = int(spec.numel[t, free["levels"]].sum())
+  cap = free_trained // 2
+  out = knapsack.solve(
+      knapsack.make_problem(info, spec, 8, SGD, "flash",
+                            max_trained_params=cap),
+      values, budget, method, 1024, 1.0)
+  got = int(spec.numel[t, out["levels"]].sum())
+  assert 0 < got <= cap and out["memory_bytes"] <= budget
+  if method == "exact":
+    ok = (mem <= budget) & (trained <= cap)
+    assert out["importance"] == pytest.approx(vals[ok].max(), rel=1e-5)

@@ -61,7 +61,8 @@ def _row_args(alg: str, n: int, k: int, per_client: int | None,
           f"--num_clients={n}", f"--concurrency={2 * k}",
           f"--buffer_size={k}", "--local_steps=5", "--batch_size=32",
           f"--rounds={rounds}", f"--eval_every={rounds}",
-          "--memory_policy=ignore", "--importance=proxy"]
+          "--memory_policy=ignore", "--importance=proxy",
+          *flags_lib.SCRATCH_ARGS]
   if per_client is not None:
     args.append(f"--synthetic_samples_per_client={per_client}")
   if alg == "ftte":

@@ -12,6 +12,13 @@ one ``client_batching='auto'`` should take on this backend (docs/design.md,
 floor. Engine and floor both use the static fast path the experiment uses
 (``client.leaf_kinds`` of the plan: here the full model, no mask product).
 
+The second table is the gain of that static path when a plan trains a
+subset (one tier): the floor's local training of the last ``n`` parameter
+tensors, once through the general masked path (gradients of every
+parameter, multiplied by the mask) and once with the trained and frozen
+leaves split statically (only the trained ones are differentiated, so XLA
+prunes the backward pass below the earliest trained layer).
+
 Run: python -m experiments.benchmarks.throughput [--quick]
 """
 
@@ -79,16 +86,25 @@ def time_engine(workload: str, batching: str, rounds: int) -> float:
   return best_time(run, repeats=3) / rounds
 
 
-def time_floor(workload: str, batching: str) -> float:
-  """Seconds for the K clients' local training alone, one jitted call."""
+def time_floor(workload: str, batching: str, last_n: int | None = None,
+               static: bool = True) -> float:
+  """Seconds for the K clients' local training alone, one jitted call.
+
+  ``last_n``: train only the last ``n`` tensors (None: the full model);
+  ``static``: the split fast path (else the general masked path).
+  """
   config, apply, params, env, _, plan = build(workload, "vmap")
+  if last_n is not None:
+    plan = masks.make_plan(params, [masks.last_n_mask(params, last_n)],
+                           np.zeros(env.data.num_clients, np.int32))
   k = config.buffer_size
   upd = make_client_update(apply, config.batch_size,
                            make_client_optimizer(config.client_lr),
                            config.local_steps, unroll=True,
-                           kinds=leaf_kinds(plan.masks))
+                           kinds=leaf_kinds(plan.masks) if static else None)
   base = jax.tree.map(lambda p: jnp.broadcast_to(p, (k,) + p.shape), params)
-  ones = jax.tree.map(jnp.ones_like, base)
+  ones = jax.tree.map(lambda m: jnp.broadcast_to(m[0], (k,) + m.shape[1:]),
+                      plan.masks)
   keys = jax.random.split(jax.random.PRNGKey(0), k)
   offsets, counts = env.data.offsets[:k], env.data.counts[:k]
   steps = jnp.full((k,), config.local_steps, jnp.int32)
@@ -132,6 +148,21 @@ def main():
             f"{row['ratio_vs_vmap_floor']:20.2f}")
   print("auto path on this backend (fedbuff, no variance weight):",
         engine.resolve_batching(algorithms.preset("fedbuff")))
+  print(f"\n{'workload':8} {'trained':18} {'masked upd/s':>13} "
+        f"{'static upd/s':>13} {'gain':>6}")
+  sparse = []
+  for w in args.workloads.split(","):
+    k = WORKLOADS[w][4]
+    for n in (2, 4, None):
+      general, split = (time_floor(w, "map", n, static)
+                        for static in (False, True))
+      row = dict(workload=w, trained=f"last {n} tensors" if n else "all",
+                 masked_updates_per_s=k / general,
+                 static_updates_per_s=k / split, gain=general / split)
+      sparse.append(row)
+      print(f"{w:8} {row['trained']:18} {row['masked_updates_per_s']:13.1f} "
+            f"{row['static_updates_per_s']:13.1f} {row['gain']:6.2f}")
+  results = {"engine": results, "sparse": sparse}
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"machine": machine(), "results": results}, f, indent=1)

@@ -261,10 +261,13 @@ def fedjax_worker(spec: dict) -> dict:
 
 def ftte_args(model: str) -> list[str]:
   """The launch.main flags of ftte_jax's side."""
+  from launch import flags as flags_lib
   k = FLAGS.clients_per_round
   return (["--algorithm=fedavg", f"--model={model}",
            f"--num_clients={FLAGS.num_clients}", f"--concurrency={k}",
-           f"--buffer_size={k}", f"--rounds={FLAGS.rounds}"] +
+           f"--buffer_size={k}", f"--rounds={FLAGS.rounds}",
+           # FedJAX trains from scratch on every pool example.
+           *flags_lib.SCRATCH_ARGS] +
           list(FLAGS.ftte_extra))
 
 
@@ -320,6 +323,7 @@ def workload_spec(model: str) -> dict:
   same = (e.algorithm == "fedavg" and e.concurrency == e.buffer_size and
           e.client_momentum == 0 and e.server_optimizer == "sgd" and
           e.local_epochs is None and d.dataset == "mnist" and
+          d.proxy_examples == 0 and config.pretrain.steps == 0 and
           d.partition == "dirichlet" and e.data_weight_exponent == 1.0 and
           e.mask == "full" and e.variance_beta == 0)
   if not same:

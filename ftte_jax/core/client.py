@@ -28,6 +28,32 @@ def cross_entropy(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray,
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
+def accumulated_grad(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray,
+                     y: jnp.ndarray, micro_batches: int) -> PyTree:
+  """The batch gradient as a device with little RAM computes it: the batch
+  in ``micro_batches`` equal micro-batches, one backward pass each, their
+  gradients summed into one accumulator and divided by their number.
+
+  The mean loss is linear in the examples, so this is the one-pass batch
+  gradient up to float rounding; the engine computes that one pass (same
+  training, time and FLOPs), and the memory model charges the micro-batch
+  activations and the accumulator (``memory``, Micro-batches).
+  """
+  b = x.shape[0]
+  if micro_batches < 1 or b % micro_batches:
+    raise ValueError(f"micro_batches must divide the batch of {b}, got "
+                     f"{micro_batches}")
+  split = lambda a: a.reshape((micro_batches, b // micro_batches) + a.shape[1:])
+  grad = jax.grad(lambda p, xb, yb: cross_entropy(apply_fn, p, xb, yb))
+
+  def add(total, batch):
+    return jax.tree.map(jnp.add, total, grad(params, *batch)), None
+
+  zero = jax.tree.map(jnp.zeros_like, params)
+  total, _ = jax.lax.scan(add, zero, (split(x), split(y)))
+  return jax.tree.map(lambda g: g / micro_batches, total)
+
+
 def make_client_optimizer(lr: float, momentum: float = 0.0
                           ) -> optax.GradientTransformation:
   """The client optimizer: SGD, with heavy-ball momentum when ``momentum > 0``.

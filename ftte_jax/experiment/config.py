@@ -57,7 +57,7 @@ class DataConfig:
   num_test: int = option(
       2000, low=1, help="held-out test examples (mnist/cifar10 pool split)")
   proxy_examples: int = option(
-      0, low=0,
+      300, low=0,
       help="training-pool examples the server holds instead of any client "
       "(the proxy set: central pretraining, launch.pretrain, and "
       "importance=proxy); disjoint from every client's data and from the "
@@ -110,6 +110,19 @@ class SearchConfig:
       32, low=1,
       help="examples per probe device (or proxy examples in total)")
   num_cells: int = option(1024, low=1, help="DP resolution cells")
+  max_upload_fraction: float = option(
+      0.3, low=0, high=1, low_inclusive=False,
+      help="an upload budget: each tier trains (and uploads) at most this "
+      "fraction of the model's parameters, a second constraint beside "
+      "memory (our reading of FTTE's 'sends a smaller subset'; 0.3 is "
+      "within the paper's 69% payload cut); 1: memory alone decides")
+  max_micro_batches: int = option(
+      32, low=1,
+      help="a device may split its local batch into m micro-batches with "
+      "gradient accumulation (activation memory of batch_size/m plus one "
+      "gradient accumulator; same training, time and FLOPs); the search "
+      "chooses m per tier jointly with the subset, among the divisors of "
+      "batch_size up to this (batch 32: 1, 2, 4, 8, 16, 32). 1: never")
   research_every: int = option(
       0, low=0,
       help="every this many server steps, search again with importance "
@@ -131,7 +144,7 @@ class PretrainConfig:
   """
 
   steps: int = option(
-      0, low=0, name="pretrain_steps",
+      100, low=0, name="pretrain_steps",
       help="SGD steps of central pretraining on the proxy set before the "
       "federated run (needs proxy_examples > 0); 0: none")
   lr: float = option(0.05, low=0, low_inclusive=False, name="pretrain_lr",
@@ -139,7 +152,7 @@ class PretrainConfig:
   momentum: float = option(0.9, low=0, high=1, high_inclusive=False,
                            name="pretrain_momentum",
                            help="pretraining SGD momentum")
-  batch_size: int = option(64, low=1, name="pretrain_batch_size",
+  batch_size: int = option(32, low=1, name="pretrain_batch_size",
                            help="pretraining batch size")
 
 
@@ -169,7 +182,7 @@ class ExperimentConfig:
       "be this run's when the dataset is the same. None: the seeded random "
       "initialization (then pretrain_steps, if any)")
   frozen_weights: str = option(
-      "ram", choices=FROZEN_WEIGHTS,
+      "flash", choices=FROZEN_WEIGHTS,
       help="where a device keeps the weights it does not train: ram (the "
       "whole model counts against device memory) or flash (read in place "
       "from flash, as the Tiny Training Engine does; RAM holds the trained "
@@ -217,6 +230,14 @@ class ExperimentConfig:
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
+
+
+def micro_batch_choices(config: ExperimentConfig) -> tuple[int, ...]:
+  """The micro-batch counts the search may choose: the divisors of the
+  batch size up to ``max_micro_batches``."""
+  b = config.engine.batch_size
+  return tuple(m for m in range(1, min(b, config.search.max_micro_batches) + 1)
+               if b % m == 0)
 
 
 def validate(config: ExperimentConfig) -> None:

@@ -27,7 +27,7 @@ from ftte_jax.core.typing import PyTree
 from ftte_jax.data import client_data as client_data_lib
 from ftte_jax.data import datasets
 from ftte_jax.experiment import pretrain as pretrain_lib
-from ftte_jax.experiment.config import ExperimentConfig
+from ftte_jax.experiment.config import ExperimentConfig, micro_batch_choices
 from ftte_jax.search import groups as groups_lib
 from ftte_jax.search import importance as importance_lib
 from ftte_jax.search import memory as memory_lib
@@ -228,7 +228,10 @@ def search_plan(config: ExperimentConfig, model: Model, params: PyTree,
       model.tx,
       tier_of_client=np.asarray(fleet.tier) if s.policy == "per_tier"
       else None, policy=s.policy, batch_size=e.batch_size, method=s.method,
-      num_cells=s.num_cells, frozen_weights=config.frozen_weights)
+      num_cells=s.num_cells, frozen_weights=config.frozen_weights,
+      micro_batches=micro_batch_choices(config),
+      max_trained_params=(None if s.max_upload_fraction >= 1 else int(
+          s.max_upload_fraction * model.analysis.num_params)))
   return plan, report, probe
 
 

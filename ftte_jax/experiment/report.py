@@ -110,6 +110,9 @@ def summary(config, setup, env, info: dict, state: engine.SimState,
       "frozen_weights": config.frozen_weights,
       "peak_device_flash_bytes": float(np.max(tier_flash[used])),
       "tier_flash_bytes": [float(f) for f in tier_flash],
+      # Micro-batches per tier (the search's joint choice; 1 without one).
+      "tier_micro_batches": [t.get("micro_batches", 1) for t in
+                             info["plan"].get("tiers", [])] or [1],
       "init": info["init"],
       "full_model_memory_bytes": info["full_model_memory_bytes"],
       "eligible_clients": int(np.asarray(env.eligible).sum()),

@@ -61,8 +61,9 @@ METHODS = ("exact", "greedy")
 class SearchProblem:
   """Costs of a search instance in bytes (host numpy, float64)."""
 
-  option_bytes: np.ndarray  # [T, K+1] gradient + optimizer (+ weight, with
-  #                           frozen weights in flash) bytes per level.
+  option_bytes: np.ndarray  # [T, K+1] gradient + optimizer (+ weight with
+  #                           frozen weights in flash, + accumulator with
+  #                           micro-batches) bytes per level.
   valid: np.ndarray  # [T, K+1] bool: level selectable (level 0 always).
   tensor_layer: np.ndarray  # [T] int: layer of each tensor.
   needs_input: np.ndarray  # [T] bool: gradient needs the layer input.
@@ -70,6 +71,10 @@ class SearchProblem:
   stored_bytes: np.ndarray  # [L] stored bytes if layer e is the earliest.
   base_bytes: float  # [] workspace (+ all weights when frozen ones sit in
   #                     RAM): paid even when nothing trains.
+  # [] the most option bytes a choice may use: a cap on the trained
+  # parameters, hence on the upload (``make_problem``'s
+  # ``max_trained_params``); inf: none.
+  option_cap_bytes: float = math.inf
 
   @property
   def num_layers(self) -> int:
@@ -86,19 +91,29 @@ class Discretized:
   tensor_layer: jnp.ndarray  # [T] int32.
   needs_input: jnp.ndarray  # [T] bool.
   resolution: jnp.ndarray  # [] float32 bytes per cell.
+  option_cap: jnp.ndarray  # [] int32 most option cells (trained-size cap).
 
 
 def make_problem(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
                  batch_size: int, tx: optax.GradientTransformation,
-                 frozen_weights: str = "ram") -> SearchProblem:
+                 frozen_weights: str = "ram",
+                 micro_batches: int = 1,
+                 max_trained_params: int | None = None) -> SearchProblem:
   """Builds the search instance of a model (costs from ``memory``).
 
   With ``frozen_weights='flash'`` a trained parameter also brings its
   weight into RAM (one more 4-byte slot per level) and the base holds no
-  weights.
+  weights. With ``micro_batches = m > 1`` activations are those of a batch
+  of ``batch_size / m`` and a trained parameter also has an accumulator
+  slot. ``max_trained_params`` caps the trained parameters (and with them
+  the upload per update, 4 bytes each): a second constraint that is linear
+  in the option bytes, so the DP keeps one table.
   """
-  slots = memory_lib.validated_slots(batch_size, spec, tx, frozen_weights)
+  slots = memory_lib.validated_slots(batch_size, spec, tx, frozen_weights,
+                                     micro_batches)
   in_flash = frozen_weights == "flash"
+  per_param = 1 + slots + in_flash + (micro_batches > 1)
+  batch_size = batch_size // micro_batches  # what activations see.
   act = memory_lib.BYTES * batch_size
   ins, _ = memory_lib.layer_arrays(info)
   # The workspace depends on the earliest trained layer like the stored
@@ -106,8 +121,8 @@ def make_problem(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
   # stored_bytes[e], the rest is base.
   work = memory_lib.BYTES * memory_lib.workspace_after(info, batch_size)
   return SearchProblem(
-      option_bytes=(memory_lib.BYTES * (1 + slots + in_flash) *
-                    spec.numel).astype(np.float64),
+      option_bytes=(memory_lib.BYTES * per_param * spec.numel).astype(
+          np.float64),
       valid=spec.valid.copy(),
       tensor_layer=spec.layer.copy(),
       needs_input=spec.needs_input.copy(),
@@ -115,7 +130,10 @@ def make_problem(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
       stored_bytes=(act * memory_lib.stored_after(info) + work[:-1]
                     - work[-1]).astype(np.float64),
       base_bytes=float(memory_lib.BYTES * info.num_params * (not in_flash)
-                       + work[-1]))
+                       + work[-1]),
+      option_cap_bytes=(math.inf if max_trained_params is None else
+                        float(memory_lib.BYTES * per_param *
+                              int(max_trained_params))))
 
 
 def problem_memory(problem: SearchProblem, levels: np.ndarray) -> float:
@@ -185,7 +203,11 @@ def discretize(problem: SearchProblem, budget: float, num_cells: int = 1024,
   w_opt = np.minimum(up(problem.option_bytes), big)
   w_opt = np.where(problem.valid, w_opt, big).astype(np.int32)
   w_in = np.minimum(up(problem.input_bytes), big).astype(np.int32)
+  # Rounded down: options are rounded up, so the cap never lets through
+  # more than the true cap.
+  opt_cap = min(np.floor(problem.option_cap_bytes / res), num_cells)
   return Discretized(
+      option_cap=jnp.asarray(opt_cap, jnp.int32),
       w_option=jnp.asarray(w_opt), w_input=jnp.asarray(w_in),
       cap=jnp.asarray(cap), tensor_layer=jnp.asarray(problem.tensor_layer,
                                                      jnp.int32),
@@ -205,7 +227,7 @@ def _weights_for(d: Discretized, e, with_input, num_cells: int):
       k[None, :] == 0)
   w = jnp.where(allowed, d.w_option, num_cells + 1)
   cap = jnp.where(with_input, d.cap[e] - d.w_input[e], d.cap[e])
-  return w, cap
+  return w, jnp.minimum(cap, d.option_cap)
 
 
 def solve_exact(d: Discretized, values: jnp.ndarray, num_cells: int
@@ -271,7 +293,7 @@ def _fits(d: Discretized, levels: jnp.ndarray) -> jnp.ndarray:
   used = jnp.sum(jnp.take_along_axis(d.w_option, levels[:, None], 1))
   _, act = memory_lib.activation_cost(levels > 0, d.tensor_layer,
                                       d.needs_input, -d.cap, d.w_input)
-  return used + act <= 0
+  return (used + act <= 0) & (used <= d.option_cap)
 
 
 def solve_greedy(d: Discretized, values: jnp.ndarray

@@ -13,6 +13,9 @@ layer ``l``'s input/output; ``e`` = the earliest layer with any trained group):
   optimizer    = slots * 4 * (trained parameters); slots: the client
                  optimizer's state per parameter (``optimizer_slots``: sgd 0,
                  momentum 1, adam 2).
+  accumulator  = 4 * (trained parameters) when the local batch runs as
+                 ``m > 1`` micro-batches (the running gradient sum beside
+                 the micro-batch's own gradient); 0 for ``m = 1``.
   activations  = stored + workspace, where
     stored     = 4 * B * ( sum_{l > e} a_l                        (a)
                          + [a kernel/scale of layer e trains] * in_e (b)
@@ -42,6 +45,12 @@ layer ``l``'s input/output; ``e`` = the earliest layer with any trained group):
       training does); its pairs are charged per example, the rest per
       batch. Non-increasing in ``e``, like ``stored``, which the exact
       search relies on.
+
+Micro-batches: a device may run its batch of ``B`` as ``m`` micro-batches
+of ``B/m`` (``m`` divides ``B``) and accumulate their gradients; the mean of
+the micro-batch gradients is the batch gradient, so training, time and
+FLOPs are unchanged and only memory moves: ``B`` above becomes ``B/m`` and
+the accumulator is added.
 
 FLOPs per example (what the engine uses for virtual task time):
   forward    = sum_l 2*MACs_l (+ out_l per bias; norms 8*out_l).
@@ -171,11 +180,14 @@ def activation_cost(on, tensor_layer, needs_input, stored, inputs):
 
 def validated_slots(batch_size: int, spec: groups_lib.GroupSpec,
                     tx: optax.GradientTransformation,
-                    frozen_weights: str = "ram") -> int:
-  """Validates ``batch_size``, ``tx`` and ``frozen_weights``; returns
-  ``tx``'s slots."""
+                    frozen_weights: str = "ram", micro_batches: int = 1) -> int:
+  """Validates ``batch_size``, ``tx``, ``frozen_weights`` and
+  ``micro_batches``; returns ``tx``'s slots."""
   if int(batch_size) < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if int(micro_batches) < 1 or int(batch_size) % int(micro_batches):
+    raise ValueError(f"micro_batches must be a divisor of batch_size "
+                     f"{batch_size}, got {micro_batches}")
   if frozen_weights not in FROZEN_PLACES:
     raise ValueError(f"frozen_weights must be one of {FROZEN_PLACES}, got "
                      f"{frozen_weights!r}")
@@ -185,9 +197,11 @@ def validated_slots(batch_size: int, spec: groups_lib.GroupSpec,
 def memory_from_sizes(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
                       sizes: np.ndarray, batch_size: int,
                       tx: optax.GradientTransformation,
-                      frozen_weights: str = "ram") -> dict[str, float]:
+                      frozen_weights: str = "ram",
+                      micro_batches: int = 1) -> dict[str, float]:
   """Memory breakdown for trained channel counts per tensor ([T] int)."""
-  slots = validated_slots(batch_size, spec, tx, frozen_weights)
+  slots = validated_slots(batch_size, spec, tx, frozen_weights, micro_batches)
+  micro = int(batch_size) // int(micro_batches)
   sizes = np.asarray(sizes, np.int64)
   per_channel = spec.numel[:, -1] // spec.sizes[:, -1]
   trained = int((per_channel * sizes).sum())
@@ -199,12 +213,13 @@ def memory_from_sizes(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
       "weights": float(BYTES * in_ram),
       "gradients": float(BYTES * trained),
       "optimizer_state": float(BYTES * slots * trained),
-      "activations_stored": float(BYTES * batch_size * stored),
-      "workspace": float(BYTES * workspace_after(info, batch_size)[e]),
+      "gradient_accumulator": float(BYTES * trained * (micro_batches > 1)),
+      "activations_stored": float(BYTES * micro * stored),
+      "workspace": float(BYTES * workspace_after(info, micro)[e]),
   }
   out["activations"] = out["activations_stored"] + out["workspace"]
   out["total"] = (out["weights"] + out["gradients"] + out["optimizer_state"]
-                  + out["activations"])
+                  + out["gradient_accumulator"] + out["activations"])
   out["flash"] = float(BYTES * (info.num_params - in_ram))
   return out
 
@@ -212,7 +227,8 @@ def memory_from_sizes(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
 def training_memory(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
                     params: PyTree, mask: PyTree, batch_size: int,
                     tx: optax.GradientTransformation,
-                    frozen_weights: str = "ram") -> dict[str, float]:
+                    frozen_weights: str = "ram",
+                    micro_batches: int = 1) -> dict[str, float]:
   """Peak on-device training memory (bytes) of training ``mask``.
 
   Args:
@@ -224,14 +240,17 @@ def training_memory(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
     batch_size: examples per local step.
     tx: the client optimizer (its state is charged per trained parameter).
     frozen_weights: 'ram' or 'flash' (module docstring, weights).
+    micro_batches: the batch runs as this many micro-batches (divides
+      ``batch_size``; module docstring).
 
   Returns:
-    Dict of bytes: weights (in RAM), gradients, optimizer_state, activations
-    (= activations_stored + workspace), total (RAM), flash (frozen weights
-    read from flash; 0 with 'ram').
+    Dict of bytes: weights (in RAM), gradients, optimizer_state,
+    gradient_accumulator, activations (= activations_stored + workspace),
+    total (RAM), flash (frozen weights read from flash; 0 with 'ram').
   """
   sizes = groups_lib.mask_to_sizes(spec, params, mask)
-  return memory_from_sizes(info, spec, sizes, batch_size, tx, frozen_weights)
+  return memory_from_sizes(info, spec, sizes, batch_size, tx, frozen_weights,
+                           micro_batches)
 
 
 def flops_from_sizes(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,

@@ -71,36 +71,67 @@ def group_values(spec: groups_lib.GroupSpec, importance: Any) -> jnp.ndarray:
       importance)
 
 
-def _check_floor(problem: knapsack.SearchProblem, spec: groups_lib.GroupSpec,
-                 budget: float, policy: str, batch_size: int,
-                 tx: optax.GradientTransformation) -> float:
-  """The minimum feasible training memory; raises if ``budget`` is below."""
-  floor_bytes, t, k = knapsack.min_feasible(problem)
+def _check_floor(problems: dict, spec: groups_lib.GroupSpec,
+                 budget: float, policy: str, batch_size: int) -> float:
+  """The minimum feasible training memory over the micro-batch choices;
+  raises if ``budget`` is below it."""
+  floor_bytes, t, k, m = min(knapsack.min_feasible(p) + (m,)
+                             for m, p in problems.items())
   if budget < floor_bytes:
     raise ValueError(
         f"memory budget {budget:.0f} bytes (smallest device, policy="
         f"{policy!r}) is below the minimum feasible training memory "
         f"{floor_bytes:.0f} bytes (training only {'/'.join(spec.paths[t])} at "
-        f"fraction {spec.fractions[k - 1]}, batch_size={batch_size}, "
-        f"{memory_lib.validated_slots(batch_size, spec, tx)} optimizer slots)")
+        f"fraction {spec.fractions[k - 1]}, batch_size={batch_size} in {m} "
+        f"micro-batch(es))")
   return floor_bytes
 
 
-def _search_tier(info, spec, params, problem, values, budget, to_mask,
+def solve_joint(problems: dict, values, budget: float, *solve_args
+                ) -> tuple[int, dict[str, Any]]:
+  """The subset and micro-batch count that maximize importance together.
+
+  ``problems`` maps each allowed micro-batch count ``m`` to its instance
+  (``knapsack.make_problem``); the search solves each and keeps the best
+  value, the smallest ``m`` among equals (fewer, larger micro-batches use
+  the hardware better). A count whose cheapest mask exceeds the budget is
+  skipped. Exact per ``m``, so exact jointly.
+
+  Returns:
+    ``(m, knapsack.solve's result for m)``.
+  """
+  best = None
+  for m in sorted(problems):
+    if knapsack.min_feasible(problems[m])[0] > budget:
+      continue
+    out = knapsack.solve(problems[m], values, budget, *solve_args)
+    # Float sums of equal choices may differ in the last bits: a larger m
+    # must win by more than rounding.
+    if best is None or out["importance"] > best[1]["importance"] * (
+        1 + 1e-6) + 1e-30:
+      best = (m, out)
+  if best is None:
+    raise ValueError(f"memory budget {budget:.0f} bytes fits no micro-batch "
+                     f"count in {sorted(problems)}")
+  return best
+
+
+def _search_tier(info, spec, params, problems, values, budget, to_mask,
                  batch_size, tx, solve_args, frozen_weights
                  ) -> tuple[PyTree, dict[str, Any]]:
   """One tier's mask and its report: choice, memory, FLOPs, importance."""
-  out = knapsack.solve(problem, values, budget, *solve_args)
+  m, out = solve_joint(problems, values, budget, *solve_args)
   levels = out["levels"]
   mask = jax.device_get(to_mask(levels))
   breakdown = memory_lib.training_memory(info, spec, params, mask, batch_size,
-                                         tx, frozen_weights)
+                                         tx, frozen_weights, m)
   if breakdown["total"] > budget:  # The rounding guarantees this never runs.
     raise AssertionError(f"search exceeded budget: {breakdown['total']} > "
                          f"{budget}")
   total_value = float(jnp.sum(values[:, -1]))
   return mask, {
       "memory": breakdown,
+      "micro_batches": m,
       "flops_per_example": memory_lib.training_flops(info, spec, params, mask),
       "importance": out["importance"],
       "importance_fraction": out["importance"] / max(total_value, 1e-30),
@@ -120,7 +151,9 @@ def build_plan(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
                policy: str = "min", batch_size: int = 32,
                method: str = "exact", num_cells: int = 1024,
                resolution_bytes: float | None = None,
-               frozen_weights: str = "ram"
+               frozen_weights: str = "ram",
+               micro_batches: Sequence[int] = (1,),
+               max_trained_params: int | None = None
                ) -> tuple[masks_lib.MaskPlan, dict[str, Any]]:
   """Searches one mask per memory tier and packs them into a ``MaskPlan``.
 
@@ -139,27 +172,35 @@ def build_plan(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
     resolution_bytes: explicit DP resolution (the table grows to fit).
     frozen_weights: 'ram' or 'flash': where untrained weights are charged
       (``memory`` docstring); budgets are RAM either way.
+    micro_batches: the micro-batch counts a device may run its batch as
+      (each divides ``batch_size``); each tier's search chooses one jointly
+      with the subset (``solve_joint``).
+    max_trained_params: at most this many trained parameters per tier (an
+      upload budget: 4 bytes each); None: memory alone decides.
 
   Returns:
     ``(MaskPlan, report)``; report has ``tiers`` (per tier: budget_bytes,
     num_clients, memory breakdown and flops_per_example of the chosen mask
-    (``memory``), importance(_fraction),
+    (``memory``), micro_batches, importance(_fraction),
     trained_params, selected groups, resolution) and ``min_feasible_bytes``,
-    ``num_groups``, ``method``, ``policy``, ``full_model_memory``.
+    ``num_groups``, ``method``, ``policy``, ``frozen_weights``,
+    ``micro_batch_choices``, ``full_model_memory``.
 
   Raises:
     ValueError: on a bad option or a budget below the minimum feasible memory.
   """
   knapsack.check_method(method)
   tiers, budgets = assign_tiers(device_memory_bytes, tier_of_client, policy)
-  problem = knapsack.make_problem(info, spec, batch_size, tx, frozen_weights)
+  problems = {int(m): knapsack.make_problem(info, spec, batch_size, tx,
+                                           frozen_weights, int(m),
+                                           max_trained_params)
+              for m in micro_batches}
   values = group_values(spec, importance)
-  floor_bytes = _check_floor(problem, spec, min(budgets), policy, batch_size,
-                             tx)
+  floor_bytes = _check_floor(problems, spec, min(budgets), policy, batch_size)
   to_mask = jax.jit(lambda lv: groups_lib.levels_to_mask(spec, params, lv))
   tier_masks, reports = [], []
   for j, budget in enumerate(budgets):
-    mask, report = _search_tier(info, spec, params, problem, values, budget,
+    mask, report = _search_tier(info, spec, params, problems, values, budget,
                                 to_mask, batch_size, tx,
                                 (method, num_cells, resolution_bytes),
                                 frozen_weights)
@@ -173,6 +214,8 @@ def build_plan(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
   return plan, {
       "policy": policy, "method": method, "tiers": reports,
       "frozen_weights": frozen_weights,
+      "micro_batch_choices": sorted(problems),
+      "max_trained_params": max_trained_params,
       "min_feasible_bytes": floor_bytes, "num_groups": spec.num_groups,
       "num_tensors": spec.num_tensors, "num_params": info.num_params,
       "full_model_memory": memory_lib.memory_from_sizes(
