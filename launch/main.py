@@ -223,12 +223,19 @@ def _write_config(workdir, config, config_dict, sha, given) -> None:
   """``config.json``: the resolved options, versions and how it was run."""
   import jax  # pylint: disable=g-import-not-at-top
   from ftte_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from ftte_jax import experiment  # pylint: disable=g-import-not-at-top
   from ftte_jax.data import datasets  # pylint: disable=g-import-not-at-top
   checkpointing.write_json(os.path.join(workdir, "config.json"), {
       "experiment": config_dict,
       "config_sha256": sha,
       "algorithm": config.engine.algorithm,
       "flags_given": given,
+      # Our reconstruction of FTTE, not the paper's published forms.
+      "reconstruction": {
+          "note": "values of options that are this project's choices, not "
+                  "the FTTE paper's (docs/design.md, 'Reconstruction "
+                  "choices')",
+          "options": experiment.reconstruction_choices(config)},
       "data_dir_resolved": str(datasets.default_data_dir(
           config.data.data_dir)),
       "launch": {"workdir": os.path.abspath(workdir),

@@ -124,3 +124,28 @@ def test_script_bad_flag_exits_2_in_one_line():
   assert "Traceback" not in proc.stderr
   lines = [l for l in proc.stderr.splitlines() if "error:" in l]
   assert len(lines) == 1 and "--client_lr must be a positive" in lines[0]
+
+
+def test_scaling_devices_changes_only_the_device_count():
+  from experiments import scaling_devices
+  given = ["--rounds=5", "--target_accuracy=0.3"]
+  a, b = (scaling_devices.study_args(given, n) for n in (100, 10000))
+  # Same shared setup at every N; the given flags win over the study's.
+  assert [x for x in a if not x.startswith("--num_clients")] == [
+      x for x in b if not x.startswith("--num_clients")]
+  assert a[-1] == "--num_clients=100" and b[-1] == "--num_clients=10000"
+  assert "--rounds=5" in a and "--rounds=300" not in a
+  assert "--synthetic_samples_per_client=40" in a
+  # Fewer devices than tasks in flight is refused before any run.
+  import pytest
+  with pytest.raises(ValueError, match="concurrency"):
+    scaling_devices.study_args(given, 50)
+  row = scaling_devices.rows_of({"rows": [
+      {"algorithm": "ftte", "final_accuracy": 0.5, "time_to_target_s": 2.0,
+       "speedup_vs_fedavg": 0.8, "memory_ratio_vs_fedavg": 0.2,
+       "upload_ratio_vs_fedavg": 0.1},
+      {"algorithm": "fedavg", "final_accuracy": 0.6,
+       "time_to_target_s": 10.0}]}, 100)
+  assert row["ftte_reduction_vs_fedavg"] == 0.8
+  assert row["fedbuff_reduction_vs_fedavg"] is None
+  assert row["fedavg_time_to_target_s"] == 10.0

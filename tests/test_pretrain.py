@@ -181,6 +181,12 @@ def test_launch_pretrain_then_main(tmp_path):
   assert rc == 0, err
   summary = json.loads((tmp_path / "run" / "summary.json").read_text())
   assert summary["init"]["params_sha256"] == meta["params_sha256"]
+  # config.json names the reconstruction's choices with their values.
+  recon = json.loads((tmp_path / "run" / "config.json").read_text())[
+      "reconstruction"]["options"]
+  assert recon["init_checkpoint"] == str(out)
+  assert recon["frozen_weights"] == "ram"  # smoke.flags: the first setting.
+  assert recon["proxy_examples"] == 64
   # Refused before any loading, in one line naming the flag.
   rc, _, err = run("launch.main", "--proxy_examples=32", "--pretrain_steps=0",
                    f"--init_checkpoint={out}", f"--workdir={tmp_path / 'b'}")

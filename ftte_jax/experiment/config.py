@@ -232,6 +232,32 @@ class ExperimentConfig:
     return dataclasses.asdict(self)
 
 
+# Options whose values are this project's reconstruction of FTTE, not the
+# paper's published forms (docs/design.md, "Reconstruction choices"); the
+# launcher lists their values in config.json under "reconstruction".
+RECONSTRUCTION = {
+    "engine": ("staleness", "staleness_a", "staleness_b", "variance_beta",
+               "data_weight_exponent", "normalization", "mask",
+               "first_download"),
+    "search": ("method", "policy", "channel_fractions", "importance",
+               "max_upload_fraction", "max_micro_batches"),
+    "data": ("proxy_examples",),
+    "pretrain": ("steps", "lr", "momentum", "batch_size"),
+    "": ("frozen_weights", "memory_tier_fractions", "init_checkpoint"),
+}
+
+
+def reconstruction_choices(config: ExperimentConfig) -> dict:
+  """``{option name: value}`` of the ``RECONSTRUCTION`` options."""
+  out = {}
+  for section, fields in RECONSTRUCTION.items():
+    obj = getattr(config, section) if section else config
+    for f in fields:
+      opt = next(o for o in options.options(type(obj)) if o.field == f)
+      out[opt.name] = getattr(obj, f)
+  return out
+
+
 def micro_batch_choices(config: ExperimentConfig) -> tuple[int, ...]:
   """The micro-batch counts the search may choose: the divisors of the
   batch size up to ``max_micro_batches``."""
