@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from typing import Any
 
@@ -36,10 +37,20 @@ class ConfigMismatchError(ValueError):
   """A checkpoint was written under a different configuration."""
 
 
+class CorruptCheckpointError(ValueError):
+  """A checkpoint's files are unreadable or its bytes fail their hash."""
+
+
 def config_hash(config_dict: dict) -> str:
   """SHA-256 of a configuration dict in canonical JSON (sorted keys)."""
   text = json.dumps(config_dict, sort_keys=True, default=_json_default)
   return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _brief(e: BaseException) -> str:
+  """An exception as one short line."""
+  text = " ".join(str(e).split()) or type(e).__name__
+  return text if len(text) <= 160 else text[:157] + "..."
 
 
 def params_sha256(params: PyTree) -> str:
@@ -105,6 +116,8 @@ class Checkpointer:
   every: int = 10
   max_to_keep: int = 3
   manager: ocp.CheckpointManager = dataclasses.field(init=False)
+  # Steps restore_latest skipped as damaged, newest first, with reasons.
+  skipped: list[str] = dataclasses.field(init=False, default_factory=list)
 
   def __post_init__(self):
     if self.every < 1:
@@ -129,8 +142,10 @@ class Checkpointer:
     """
     step = int(state.version)
     host_state = jax.device_get(state)
+    # Our own content hash: orbax checks its metadata, not the bytes.
     meta = {"config_sha256": self.config_sha256, "step": step,
-            "history": to_jsonable(history)}
+            "history": to_jsonable(history),
+            "state_sha256": params_sha256(host_state)}
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(host_state),
         meta=ocp.args.JsonSave(meta)), force=True)
@@ -156,9 +171,17 @@ class Checkpointer:
 
     Raises:
       ConfigMismatchError: the checkpoint was written under another config.
+      CorruptCheckpointError: its files cannot be read, or the restored
+        bytes do not hash to the digest written at save time.
     """
-    meta = self.manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))["meta"]
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # orbax raises many types for damaged files.
+      raise CorruptCheckpointError(
+          f"step {step}: metadata unreadable ({_brief(e)})") from None
+    if not isinstance(meta, dict) or "history" not in meta:
+      raise CorruptCheckpointError(f"step {step}: metadata missing or empty")
     if meta.get("config_sha256") != self.config_sha256:
       raise ConfigMismatchError(
           f"checkpoint {self.directory}/{step} was written under config "
@@ -166,18 +189,62 @@ class Checkpointer:
           f"{self.config_sha256[:12]}")
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), target)
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract)))
+    except Exception as e:  # orbax raises many types for damaged files.
+      raise CorruptCheckpointError(
+          f"step {step}: state unreadable ({_brief(e)})") from None
+    digest = params_sha256(out["state"])
+    if "state_sha256" in meta and digest != meta["state_sha256"]:
+      raise CorruptCheckpointError(
+          f"step {step}: state bytes hash to {digest[:12]}, saved as "
+          f"{str(meta['state_sha256'])[:12]}")
     state = jax.tree.map(jax.numpy.asarray, out["state"])
     return state, list(meta["history"])
 
   def restore_latest(self, target: PyTree
                      ) -> tuple[PyTree, list[dict]] | None:
-    """Restores the latest checkpoint, or returns None if there is none."""
-    step = self.latest_step()
-    if step is None:
-      return None
-    return self.restore(step, target)
+    """Restores the newest intact checkpoint; None if there is none.
+
+    A damaged checkpoint (``CorruptCheckpointError``) is skipped with a
+    one-line warning naming the step and why, and the next older one is
+    tried; ``skipped`` lists them. Skipped steps are moved, not deleted, to
+    ``<directory>.damaged/`` (so the run can save those steps again and the
+    bytes stay for inspection). A config mismatch is not damage and is
+    raised.
+
+    Raises:
+      CorruptCheckpointError: checkpoints exist and none is intact.
+    """
+    self.skipped = []
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    for step in steps:
+      try:
+        return self.restore(step, target)
+      except CorruptCheckpointError as e:
+        self.skipped.append(str(e))
+        logging.warning("checkpoint skipped: %s", e)
+        self._set_aside(step)
+    if steps:
+      raise CorruptCheckpointError(
+          f"{self.directory}: no intact checkpoint ({'; '.join(self.skipped)})"
+          "; pass --overwrite to start fresh")
+    return None
+
+  def _set_aside(self, step: int) -> None:
+    """Moves a damaged step out of the manager's directory (one process)."""
+    if jax.process_index() == 0:
+      aside = f"{self.directory}.damaged"
+      os.makedirs(aside, exist_ok=True)
+      src = os.path.join(self.directory, str(step))
+      if os.path.isdir(src):
+        dst = os.path.join(aside, str(step))
+        n = 1
+        while os.path.exists(dst):  # an earlier resume set one aside too.
+          dst, n = os.path.join(aside, f"{step}.{n}"), n + 1
+        os.replace(src, dst)
+    self.manager.reload()
 
   def close(self) -> None:
     """Waits for pending saves to finish, then releases the manager."""

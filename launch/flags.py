@@ -37,6 +37,7 @@ from ftte_jax.core import fleet as fleet_lib
 from ftte_jax.core import options
 
 EXIT_USAGE = 2  # exit status for bad command-line input.
+EXIT_DIVERGED = 3  # a run stopped by on_divergence=stop.
 PRESET_FLAG = "algorithm"  # names the preset; not an override.
 # The first version's setting, before the Tiny-Training-Engine defaults
 # (pretrained start on a proxy set, frozen weights in flash, micro-batches,

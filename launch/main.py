@@ -169,6 +169,12 @@ def main(argv: list[str]) -> None:
   if primary:
     checkpointing.write_json(summary_path, summary)
     _print_summary(checkpointing.to_jsonable(summary), workdir)
+  if summary["stopped_by"] == "divergence":
+    print(f"main.py: diverged at round {summary['rounds']}: a step's result "
+          "or the test loss was not finite; the last good state and the "
+          f"summary are in {workdir} (--on_divergence=skip goes on)",
+          file=sys.stderr, flush=True)
+    sys.exit(flags_lib.EXIT_DIVERGED)
 
 
 def _workdir(config, config_dict, sha) -> str:
@@ -196,6 +202,12 @@ def _restore(exp, workdir, sha):
     ckpt.close()
     flags_lib.fail(f"--workdir={workdir}: {e}; pass --overwrite to discard "
                    "it")
+  except checkpointing.CorruptCheckpointError as e:
+    ckpt.close()
+    flags_lib.fail(f"--workdir={workdir}: {e}")
+  for reason in ckpt.skipped:  # damaged steps, newest first.
+    logging.warning("--workdir=%s: damaged checkpoint skipped, resuming from "
+                    "an older one: %s", workdir, reason)
   state, history = restored if restored else (None, [])
   return ckpt, state, history
 

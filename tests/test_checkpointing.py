@@ -92,3 +92,64 @@ def test_config_hash_and_atomic_json(exp, tmp_path):
   assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
   with pytest.raises(ValueError, match="checkpoint_every"):
     checkpointing.Checkpointer(tmp_path, "h", every=0)
+
+
+def _three_steps(exp, tmp_path):
+  """Checkpoints at versions 1, 2, 3; returns the states saved."""
+  ckpt = checkpointing.Checkpointer(tmp_path, "h", every=1, max_to_keep=3)
+  state, states = exp.init_state(), {}
+  for _ in range(3):
+    state, _ = exp.step_fn(exp.env, state)
+    states[int(state.version)] = jax.device_get(state)
+    ckpt.save(state, [{"round": int(state.version)}])
+  ckpt.close()
+  return states
+
+
+def _flip_bytes(step_dir):
+  """Flips bytes in the largest data file of a step's state (keeps its size)."""
+  files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
+  big = max(files, key=lambda p: p.stat().st_size)
+  data = bytearray(big.read_bytes())
+  for i in range(len(data) // 2, len(data) // 2 + 64):
+    data[i] ^= 0xFF
+  big.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flip", "no_metadata", "no_state",
+                                    "empty_meta"])
+def test_damaged_latest_checkpoint_falls_back_to_an_intact_one(
+    exp, tmp_path, damage, caplog):
+  import shutil
+  states = _three_steps(exp, tmp_path)
+  step3 = tmp_path / "3"
+  if damage == "flip":
+    _flip_bytes(step3)
+  elif damage == "no_metadata":
+    for p in step3.rglob("_METADATA"):
+      p.unlink()
+  elif damage == "no_state":
+    shutil.rmtree(step3 / "state")
+  else:
+    for p in (step3 / "meta").rglob("*"):
+      if p.is_file():
+        p.write_text("")
+  ckpt = checkpointing.Checkpointer(tmp_path, "h", every=1)
+  with caplog.at_level("WARNING"):
+    state, rows = ckpt.restore_latest(jax.eval_shape(exp.init_state))
+  ckpt.close()
+  assert rows == [{"round": 2}]
+  assert_bit_identical(state, states[2])
+  assert len(ckpt.skipped) == 1 and ckpt.skipped[0].startswith("step 3")
+  assert any("step 3" in r.getMessage() for r in caplog.records)
+
+
+def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(exp, tmp_path):
+  _three_steps(exp, tmp_path)
+  for step in (1, 2, 3):
+    _flip_bytes(tmp_path / str(step))
+  ckpt = checkpointing.Checkpointer(tmp_path, "h", every=1)
+  with pytest.raises(checkpointing.CorruptCheckpointError,
+                     match="no intact checkpoint.*overwrite"):
+    ckpt.restore_latest(jax.eval_shape(exp.init_state))
+  ckpt.close()

@@ -135,7 +135,7 @@ def test_scaling_devices_changes_only_the_device_count():
       x for x in b if not x.startswith("--num_clients")]
   assert a[-1] == "--num_clients=100" and b[-1] == "--num_clients=10000"
   assert "--rounds=5" in a and "--rounds=300" not in a
-  assert "--synthetic_samples_per_client=40" in a
+  assert "--partition=sampled" in a and "--examples_per_client=32" in a
   # Fewer devices than tasks in flight is refused before any run.
   import pytest
   with pytest.raises(ValueError, match="concurrency"):

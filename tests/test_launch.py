@@ -200,3 +200,37 @@ def test_helpfull_lists_every_option_with_valid_values_and_default():
   assert "(valid: an integer >= 1; default: 100)" in blocks["num_clients"]
   for name in ("workdir", "checkpoint_every", "keep_checkpoints", "overwrite"):
     assert name in blocks
+
+
+def test_damaged_latest_checkpoint_resumes_from_an_older_one(tmp_path):
+  # The newest checkpoint's bytes are altered after the run: the rerun
+  # warns, resumes from the previous step and ends with the same model.
+  wd = tmp_path / "run"
+  args = [f"--flagfile={SMOKE}", "--rounds=6", "--eval_every=2",
+          "--checkpoint_every=2", f"--workdir={wd}"]
+  rc, _, err = run(*args)
+  assert rc == 0, err
+  want = summary(wd)["params_sha256"]
+  files = [p for p in (wd / "checkpoints" / "6" / "state").rglob("*")
+           if p.is_file()]
+  big = max(files, key=lambda p: p.stat().st_size)
+  data = bytearray(big.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  big.write_bytes(bytes(data))
+  rc, _, err = run(*args)
+  assert rc == 0, err
+  assert "damaged checkpoint skipped" in err and "step 6" in err
+  assert summary(wd)["params_sha256"] == want
+  assert [r["round"] for r in metrics(wd)] == [0, 2, 4, 6]
+
+
+def test_divergence_stops_with_exit_3_after_saving(tmp_path):
+  wd = tmp_path / "run"
+  rc, _, err = run(f"--flagfile={SMOKE}", "--algorithm=fedbuff",
+                   "--server_lr=1e30", "--rounds=30", f"--workdir={wd}")
+  assert rc == 3, err
+  assert "diverged" in err.splitlines()[-1]
+  s = summary(wd)
+  assert s["stopped_by"] == "divergence"
+  assert s["rounds"] < 30
+  assert (wd / "checkpoints" / str(s["rounds"])).is_dir()

@@ -86,3 +86,28 @@ def test_tv_distance_hand_computed():
 def test_bad_options(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+def test_sampled_devices_match_their_documented_distribution():
+  # More devices than examples, each with exactly its examples, drawn with
+  # replacement. Pooled over devices, label frequencies are uniform (the
+  # Dirichlet mean) on balanced classes; per device they are skewed like a
+  # Dirichlet(alpha) draw: E[sum_c p_c^2] = (alpha + 1) / (C alpha + 1).
+  n, s, alpha = 3000, 16, 0.3
+  parts = P.make_partition("sampled", LABELS, n, seed=1, alpha=alpha,
+                           examples_per_client=s)
+  assert len(parts) == n and all(len(p) == s for p in parts)
+  idx = np.concatenate(parts)
+  assert idx.min() >= 0 and idx.max() < len(LABELS)
+  freq = np.bincount(LABELS[idx], minlength=10) / idx.size
+  np.testing.assert_allclose(freq, 0.1, atol=0.01)
+  hist = np.stack([np.bincount(LABELS[p], minlength=10) for p in parts]) / s
+  # E[sum_c phat_c^2] = E[sum p_c^2] (1 - 1/s) + 1/s for s draws from p.
+  conc = (alpha + 1) / (10 * alpha + 1)
+  want = conc * (1 - 1 / s) + 1 / s
+  assert (hist ** 2).sum(1).mean() == pytest.approx(want, rel=0.05)
+  again = P.make_partition("sampled", LABELS, n, seed=1, alpha=alpha,
+                           examples_per_client=s)
+  assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+  with pytest.raises(ValueError, match="examples_per_client"):
+    P.make_partition("sampled", LABELS, 5, seed=1, examples_per_client=0)

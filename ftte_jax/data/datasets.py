@@ -654,7 +654,8 @@ def _holdout(x, y, num_test, seed):
   return x[tr], y[tr], x[te], y[te]
 
 
-_PARTITION_KEYS = ("alpha", "shards_per_client", "allow_uneven", "sigma")
+_PARTITION_KEYS = ("alpha", "shards_per_client", "allow_uneven", "sigma",
+                   "examples_per_client")
 # Folded into the split seed so the proxy draw differs from the hold-out's.
 _PROXY_SALT = 31337
 

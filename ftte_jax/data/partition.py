@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-PARTITIONS = ("iid", "dirichlet", "shards", "quantity")
+PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "sampled")
 
 
 def _check_counts(num_examples: int, num_clients: int) -> None:
@@ -97,6 +97,40 @@ def dirichlet(labels: np.ndarray, num_clients: int, alpha: float,
   return _finish(_fill_empty(merged, rng))
 
 
+def sampled(labels: np.ndarray, num_clients: int, alpha: float,
+            examples_per_client: int, seed: int) -> list[np.ndarray]:
+  """Every device draws its own data from the pool, with replacement.
+
+  Device ``i`` draws label proportions ``p_i ~ Dirichlet(alpha)`` and then
+  ``examples_per_client`` examples: a label from ``p_i``, then a pool
+  example of that label uniformly. Devices are i.i.d. draws of one
+  distribution, so any number of them (more than the pool holds) sees the
+  same per-device distribution; devices may share examples. For scaling
+  studies over the number of devices.
+
+  Returns:
+    One sorted index array per client (repeats allowed).
+  """
+  labels = np.asarray(labels)
+  if not np.isfinite(alpha) or alpha <= 0:
+    raise ValueError(f"alpha must be a finite number > 0 (small = more label "
+                     f"skew), got {alpha!r}")
+  if int(examples_per_client) < 1 or int(num_clients) < 1:
+    raise ValueError("examples_per_client and num_clients must be >= 1, got "
+                     f"{examples_per_client} and {num_clients}")
+  rng = np.random.default_rng(seed)
+  classes, size = np.unique(labels, return_counts=True)
+  by_class = np.argsort(labels, kind="stable")
+  start = np.concatenate([[0], np.cumsum(size)[:-1]])
+  p = rng.dirichlet(np.full(len(classes), float(alpha)), size=num_clients)
+  u = rng.random((num_clients, int(examples_per_client)))
+  cls = (u[..., None] > np.cumsum(p, 1)[:, None, :]).sum(-1)
+  cls = np.minimum(cls, len(classes) - 1)  # u == 1 - eps rounding.
+  pick = (rng.random(cls.shape) * size[cls]).astype(np.int64)
+  idx = by_class[start[cls] + np.minimum(pick, size[cls] - 1)]
+  return [np.sort(row) for row in idx]
+
+
 def shards(labels: np.ndarray, num_clients: int, shards_per_client: int,
            seed: int, allow_uneven: bool = False) -> list[np.ndarray]:
   """Pathological non-IID (McMahan et al. 2017): label-sorted shards per client.
@@ -177,7 +211,8 @@ def make_partition(name: str, labels: np.ndarray, num_clients: int, seed: int,
   Args:
     name: one of 'iid', 'dirichlet' (opt ``alpha``, default 0.5), 'shards'
       (opts ``shards_per_client``, default 2, ``allow_uneven``), 'quantity'
-      (opt ``sigma``, default 1.0).
+      (opt ``sigma``, default 1.0), 'sampled' (opts ``alpha`` and
+      ``examples_per_client``, default 32; with replacement).
     labels: [M] integer labels.
     num_clients: number of clients.
     seed: RNG seed.
@@ -196,6 +231,9 @@ def make_partition(name: str, labels: np.ndarray, num_clients: int, seed: int,
                  {"shards_per_client", "allow_uneven"}),
       "quantity": (lambda sigma=1.0: quantity(len(labels), num_clients, sigma,
                                               seed), {"sigma"}),
+      "sampled": (lambda alpha=0.5, examples_per_client=32: sampled(
+          labels, num_clients, alpha, examples_per_client, seed),
+                  {"alpha", "examples_per_client"}),
   }
   if name not in table:
     raise ValueError(f"partition: unknown {name!r}; valid: {sorted(table)}")

@@ -48,9 +48,14 @@ class DataConfig:
   dirichlet_alpha: float = option(
       0.5, low=0, low_inclusive=False,
       help="Dirichlet label-skew concentration (smaller = more skew), for "
-      "partition=dirichlet")
+      "partition=dirichlet and sampled")
   shards_per_client: int = option(
       2, low=1, help="label shards per client, for partition=shards")
+  examples_per_client: int = option(
+      32, low=1,
+      help="examples each device draws from the pool, with replacement, "
+      "for partition=sampled (label proportions Dirichlet(dirichlet_alpha) "
+      "per device; any number of devices, same per-device distribution)")
   quantity_sigma: float = option(
       1.0, low=0,
       help="lognormal sigma of client sizes, for partition=quantity")

@@ -98,8 +98,10 @@ def load_data(config: ExperimentConfig):
   if d.dataset == "synthetic":
     opts.update(alpha=d.synthetic_alpha, beta=d.synthetic_beta,
                 samples_per_client=d.synthetic_samples_per_client)
-  if partition == "dirichlet":
+  if partition in ("dirichlet", "sampled"):
     opts["alpha"] = d.dirichlet_alpha
+  if partition == "sampled":
+    opts["examples_per_client"] = d.examples_per_client
   elif partition == "shards":
     opts["shards_per_client"] = d.shards_per_client
   elif partition == "quantity":
