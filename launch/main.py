@@ -169,6 +169,11 @@ def main(argv: list[str]) -> None:
   if primary:
     checkpointing.write_json(summary_path, summary)
     _print_summary(checkpointing.to_jsonable(summary), workdir)
+  _exit_if_diverged(summary, workdir)
+
+
+def _exit_if_diverged(summary: dict, workdir: str) -> None:
+  """Exit 3 with one line when on_divergence=stop ended the run."""
   if summary["stopped_by"] == "divergence":
     print(f"main.py: diverged at round {summary['rounds']}: a step's result "
           "or the test loss was not finite; the last good state and the "

@@ -143,6 +143,7 @@ def _search_tier(info, spec, params, problems, values, budget, to_mask,
   }
 
 
+# Longer than 60 lines only by its docstring (every argument of the search).
 def build_plan(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
                params: PyTree, importance: Any,
                device_memory_bytes: Sequence[float],
