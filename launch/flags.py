@@ -333,6 +333,8 @@ def resolve(fv: flags.FlagValues = flags.FLAGS) -> Resolved:
   data = experiment.DataConfig(**parts["data"])
   if data.data_dir is not None and not os.path.isdir(data.data_dir):
     raise ValueError(f"data_dir: no such directory {data.data_dir!r}")
+  if data.npz_path is not None and not os.path.isfile(data.npz_path):
+    raise ValueError(f"npz_path: no such file {data.npz_path!r}")
   config = experiment.ExperimentConfig(
       engine=engine, data=data, fleet=fleet_lib.FleetConfig(**parts["fleet"]),
       search=experiment.SearchConfig(**parts["search"]),

@@ -188,10 +188,38 @@ def _workdir(config, config_dict, sha) -> str:
       "runs", f"{config.engine.algorithm}-{sha[:8]}")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     flags_lib.fail(f"--workdir={workdir} exists and is not a directory")
+  _probe_workdir(workdir)
   if not FLAGS.overwrite:
     _check_workdir(workdir, config_dict, sha)
   logging.info("workdir %s (config %s)", workdir, sha[:12])
   return workdir
+
+
+def _probe_workdir(workdir: str) -> None:
+  """Exit 2 now, not after the build, if ``workdir`` cannot be written.
+
+  An existing workdir gets a probe file (created and removed); otherwise
+  the nearest existing ancestor must be a writable directory. Nothing is
+  left behind either way.
+  """
+  if os.path.isdir(workdir):
+    probe = os.path.join(workdir, f".probe{os.getpid()}")
+    try:
+      with open(probe, "w") as f:
+        f.write("probe")
+      os.remove(probe)
+    except OSError as e:
+      flags_lib.fail(f"--workdir={workdir} is not writable ({e.strerror})")
+    return
+  parent = os.path.dirname(os.path.abspath(workdir))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    flags_lib.fail(f"--workdir={workdir} cannot be created: {parent} is a "
+                   "file")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    flags_lib.fail(f"--workdir={workdir} cannot be created: {parent} is not "
+                   "writable")
 
 
 def _restore(exp, workdir, sha):

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,6 +156,22 @@ def test_outputs_mismatch_and_overwrite(tmp_path):
     (["--client_lr=nan"], "--client_lr must be a positive finite number"),
     (["--dropout=1.5"], "--dropout must be a number in [0, 1]"),
     (["--compilation_cache=/dev/null/cache"], "--compilation_cache"),
+    # Values valid in Python that float32/int32 storage would turn into inf
+    # or wrap, refused as given or as derived.
+    ([f"--flagfile={SMOKE}", "--rounds=100000000000000000000"],
+     "--rounds must fit int32"),
+    ([f"--flagfile={SMOKE}", "--memory_tier_fractions=1e40"],
+     "--memory_tier_fractions must fit float32"),
+    ([f"--flagfile={SMOKE}", "--memory_tier_fractions=1e38,2e38"],
+     "memory_tier_fractions times full training memory"),
+    # The model is built abstractly on the data before anything is written.
+    ([f"--flagfile={SMOKE}", "--dataset=synthetic", "--partition=natural",
+      "--model=lenet5"], "--model: 'lenet5'"),
+    ([f"--flagfile={SMOKE}", '--model_options={"hidden": [0]}'],
+     "--model: 'mlp' with model_options"),
+    ([f"--flagfile={SMOKE}", "--dataset=npz"], "--npz_path"),
+    ([f"--flagfile={SMOKE}", "--dataset=npz", "--npz_path=/no/such.npz"],
+     "--npz_path: no such file"),
 ])
 def test_bad_input_exits_2_in_one_line(tmp_path, args, flag):
   code, out, err = run(*args, f"--workdir={tmp_path / 'w'}", timeout=120)
@@ -234,3 +251,37 @@ def test_divergence_stops_with_exit_3_after_saving(tmp_path):
   assert s["stopped_by"] == "divergence"
   assert s["rounds"] < 30
   assert (wd / "checkpoints" / str(s["rounds"])).is_dir()
+
+
+def test_unwritable_workdir_and_float32_trace_are_refused_first(tmp_path):
+  # A workdir under a file fails before the build, naming the flag.
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  code, _, err = run(f"--flagfile={SMOKE}", f"--workdir={blocker / 'w'}",
+                     timeout=120)
+  assert code == 2 and "--workdir" in err and "is a file" in err
+  # A trace speed that underflows float32 is named by file and line.
+  trace = tmp_path / "trace.csv"
+  rows = ["speed_flops,bw_up,bw_down,memory_bytes,dropout"]
+  rows += ["1e9,1e6,1e6,1e12,0"] * 15 + ["1e-300,1e6,1e6,1e12,0"]
+  trace.write_text("\n".join(rows) + "\n")
+  wd = tmp_path / "w"
+  code, _, err = run(f"--flagfile={SMOKE}", f"--trace_path={trace}",
+                     f"--workdir={wd}", timeout=120)
+  assert code == 2 and f"{trace}: line 17: speed_flops" in err, err
+  assert not wd.exists()
+
+
+def test_npz_dataset_from_the_command_line(tmp_path):
+  rng = np.random.default_rng(0)
+  path = tmp_path / "d.npz"
+  np.savez(path, x_train=rng.random((96, 6, 6)).astype(np.float32),
+           y_train=rng.integers(0, 3, 96), x_test=rng.random(
+               (24, 6, 6)).astype(np.float32), y_test=rng.integers(0, 3, 24))
+  wd = tmp_path / "w"
+  code, _, err = run(f"--flagfile={SMOKE}", "--dataset=npz",
+                     f"--npz_path={path}", "--num_clients=8",
+                     "--concurrency=4", "--buffer_size=2", "--rounds=2",
+                     "--eval_every=1", f"--workdir={wd}", timeout=300)
+  assert code == 0, err
+  assert summary(wd)["rounds"] == 2

@@ -16,7 +16,7 @@ CONFIGS = (algorithms.EngineConfig, fleet.FleetConfig, experiment.DataConfig,
            experiment.SearchConfig, experiment.PretrainConfig,
            experiment.ExperimentConfig)
 # String options that take any value (paths); every other one has choices.
-FREE_STRINGS = {"data_dir", "trace_path", "init_checkpoint"}
+FREE_STRINGS = {"data_dir", "trace_path", "init_checkpoint", "npz_path"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -106,6 +106,20 @@ def validate(config: FleetConfig) -> None:
                        f"1, got {list(config.tier_probs)}")
 
 
+def _positive_f32(values: np.ndarray, what: str) -> jnp.ndarray:
+  """``values`` as float32, refused if one becomes 0 or inf on the way.
+
+  ``what(i)`` names the option or file line of entry ``i``.
+  """
+  out = np.asarray(values, np.float64).astype(np.float32)
+  bad = ~np.isfinite(out) | (out <= 0)
+  if bad.any():
+    i = int(np.argmax(bad))
+    raise ValueError(f"{what(i)}: {float(values[i]):g} is outside float32's "
+                     "positive range [1.2e-38, 3.4e38]")
+  return jnp.asarray(out)
+
+
 def make_fleet(config: FleetConfig, num_clients: int, seed: int) -> Fleet:
   """Draws (or reads) the profiles of ``num_clients`` devices.
 
@@ -131,10 +145,13 @@ def make_fleet(config: FleetConfig, num_clients: int, seed: int) -> Fleet:
            np.full(t, 1.0 / t))
   tier = rng.choice(t, size=n, p=probs).astype(np.int32)
   memory = np.asarray(config.memory_tiers, np.float64)[tier]
-  return Fleet(speed=jnp.asarray(speed, jnp.float32),
+  speeds = "speed_flops, straggler_slowdown and speed_sigma give a device speed"
+  return Fleet(speed=_positive_f32(speed, lambda i: speeds),
                bw_up=jnp.full(n, config.bw_up, jnp.float32),
                bw_down=jnp.full(n, config.bw_down, jnp.float32),
-               memory=jnp.asarray(memory, jnp.float32),
+               memory=_positive_f32(
+                   memory, lambda i: "memory_tiers (or memory_tier_fractions "
+                   "times full training memory) give a device memory"),
                dropout=jnp.full(n, config.dropout, jnp.float32),
                tier=jnp.asarray(tier),
                task_sigma=jnp.asarray(config.task_sigma, jnp.float32))
@@ -181,10 +198,11 @@ def read_trace(path: str, task_sigma: float = 0.0,
   if not (task_sigma >= 0 and math.isfinite(task_sigma)):
     raise ValueError(f"task_sigma must be a finite number >= 0, got "
                      f"{task_sigma!r}")
-  return Fleet(speed=jnp.asarray(cols["speed_flops"], jnp.float32),
-               bw_up=jnp.asarray(cols["bw_up"], jnp.float32),
-               bw_down=jnp.asarray(cols["bw_down"], jnp.float32),
-               memory=jnp.asarray(cols["memory_bytes"], jnp.float32),
+  at = lambda c: lambda i: f"{path}: line {i + 2}: {c}"
+  return Fleet(speed=_positive_f32(cols["speed_flops"], at("speed_flops")),
+               bw_up=_positive_f32(cols["bw_up"], at("bw_up")),
+               bw_down=_positive_f32(cols["bw_down"], at("bw_down")),
+               memory=_positive_f32(cols["memory_bytes"], at("memory_bytes")),
                dropout=jnp.asarray(cols["dropout"], jnp.float32),
                tier=jnp.asarray(tier),
                task_sigma=jnp.asarray(task_sigma, jnp.float32))

@@ -206,10 +206,35 @@ def _valid(opt: Option, value) -> bool:
   return True  # A nested config is checked by its own module.
 
 
+# Numbers end up in float32 and int32 arrays (JAX without x64): a value
+# valid in Python but not representable there is refused, not rounded to
+# inf or wrapped.
+FLOAT32_MAX = 3.4028234663852886e38
+INT32_MAX = 2**31 - 1
+
+
+def _out_of_storage(opt: Option, value) -> str | None:
+  """Why ``value`` cannot be stored as the engine stores it, or None."""
+  values = (list(value) if opt.kind == "floats" and isinstance(
+      value, collections.abc.Sequence) else [value])
+  for v in values:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+      continue
+    if opt.kind == "int" and isinstance(v, int) and abs(v) > INT32_MAX:
+      return f"fit int32 (|value| <= {INT32_MAX})"
+    if (opt.kind in ("float", "floats") and math.isfinite(v) and
+        abs(v) > FLOAT32_MAX):
+      return f"fit float32 (|value| <= {FLOAT32_MAX:.4g})"
+  return None
+
+
 def check(opt: Option, value) -> None:
   """Raises ValueError, starting with the option's name, if value is invalid."""
   if value is None and opt.optional:
     return
+  overflow = None if value is None else _out_of_storage(opt, value)
+  if overflow:
+    raise ValueError(f"{opt.name} must {overflow}, got {value!r}")
   if value is None or not _valid(opt, value):
     shown = list(value) if isinstance(value, tuple) else value
     raise ValueError(f"{opt.name} must be {describe(opt)}"

@@ -39,6 +39,10 @@ class DataConfig:
   data_dir: str | None = option(
       None, help="directory holding the dataset files; None: "
       "$FTTE_DATA_DIR, else ~/.cache/ftte_jax")
+  npz_path: str | None = option(
+      None,
+      help="the .npz file (x_train, y_train, x_test, y_test) of "
+      "dataset=npz; only with it")
   num_clients: int = option(
       100, low=1, help="number of simulated clients (devices), N")
   partition: str = option(
@@ -277,6 +281,11 @@ def validate(config: ExperimentConfig) -> None:
   options.check_fields(config.data)
   options.check_fields(config.search)
   options.check_fields(config.pretrain)
+  if (config.data.dataset == "npz") != (config.data.npz_path is not None):
+    raise ValueError("npz_path: dataset=npz needs --npz_path=<file.npz> "
+                     "and no other dataset takes one (got dataset="
+                     f"{config.data.dataset!r}, npz_path="
+                     f"{config.data.npz_path!r})")
   if config.pretrain.steps and not config.data.proxy_examples:
     raise ValueError("pretrain_steps needs a proxy set to train on: set "
                      "proxy_examples > 0")

@@ -22,6 +22,7 @@ import optax
 from ftte_jax import models as models_lib
 from ftte_jax.core import fleet as fleet_lib
 from ftte_jax.core import masks as masks_lib
+from ftte_jax.core import options
 from ftte_jax.core.client import cross_entropy, make_client_optimizer
 from ftte_jax.core.typing import PyTree
 from ftte_jax.data import client_data as client_data_lib
@@ -94,6 +95,8 @@ def load_data(config: ExperimentConfig):
   opts: dict[str, Any] = {}
   if d.dataset in ("mnist", "fashion_mnist", "cifar10"):
     opts["num_test"] = d.num_test
+  if d.dataset == "npz":
+    opts["path"] = d.npz_path
   partition = None if d.dataset == "synthetic" else d.partition
   if d.dataset == "synthetic":
     opts.update(alpha=d.synthetic_alpha, beta=d.synthetic_beta,
@@ -122,9 +125,8 @@ def make_model(config: ExperimentConfig, input_shape, num_classes: int,
                key: jax.Array) -> Model:
   """Initializes the model and analyses it once, at the engine's batch size."""
   e = config.engine
-  module = models_lib.get_model(config.model, num_classes,
-                                **config.model_options)
   example = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
+  module = check_model(config, input_shape, num_classes)
   # One jitted init: eager init compiles every initializer op on its own
   # (24 compilations, about 3 s for the MLP on the 2-core CPU).
   params = jax.jit(module.init)(key, example)["params"]
@@ -142,12 +144,48 @@ def make_model(config: ExperimentConfig, input_shape, num_classes: int,
                full_memory_bytes=float(full))
 
 
+def check_model(config: ExperimentConfig, input_shape, num_classes: int):
+  """The model's module, built abstractly on one example of the data.
+
+  Raises:
+    ValueError: naming --model/--model_options and the data's shape, when
+      the options do not build a model, it cannot take the examples, or
+      its output is not one logit per class.
+  """
+  example = jax.ShapeDtypeStruct((1,) + tuple(input_shape), jnp.float32)
+  try:
+    module = models_lib.get_model(config.model, num_classes,
+                                  **config.model_options)
+    out = jax.eval_shape(lambda x: module.init_with_output(
+        jax.random.PRNGKey(0), x)[0], example)
+  except ValueError as e:
+    if str(e).startswith(("model", "model_options")):
+      raise
+    out = e
+  except Exception as e:  # pylint: disable=broad-except
+    out = e
+  if isinstance(out, Exception) or out.shape != (1, num_classes):
+    why = (f"its output has shape {out.shape}" if not isinstance(
+        out, Exception) else " ".join(str(out).split())[:200])
+    raise ValueError(
+        f"model: {config.model!r} with model_options "
+        f"{dict(config.model_options)} does not fit the "
+        f"{config.data.dataset!r} examples of shape {tuple(input_shape)} "
+        f"and {num_classes} classes ({why})")
+  return module
+
+
 def make_fleet(config: ExperimentConfig, full_memory_bytes: float):
   """Draws the fleet; tier fractions are scaled by full training memory."""
   fleet_cfg = config.fleet
   if config.memory_tier_fractions is not None:
-    fleet_cfg = dataclasses.replace(fleet_cfg, memory_tiers=tuple(
-        f * full_memory_bytes for f in config.memory_tier_fractions))
+    tiers = tuple(f * full_memory_bytes for f in config.memory_tier_fractions)
+    if max(tiers) > options.FLOAT32_MAX:
+      raise ValueError(
+          f"memory_tier_fractions times full training memory "
+          f"({full_memory_bytes:.0f} bytes) gives {max(tiers):g} bytes, "
+          "beyond float32's range")
+    fleet_cfg = dataclasses.replace(fleet_cfg, memory_tiers=tiers)
   return (fleet_lib.make_fleet(fleet_cfg, config.data.num_clients,
                                config.seed),
           tuple(float(m) for m in fleet_cfg.memory_tiers))
