@@ -294,3 +294,14 @@ def test_trained_parameter_cap_is_a_second_constraint(method):
   if method == "exact":
     ok = (mem <= budget) & (trained <= cap)
     assert out["importance"] == pytest.approx(vals[ok].max(), rel=1e-5)
+
+
+def test_build_plan_refuses_nan_importance_and_infinite_budgets():
+  info, spec, params, fisher = _mlp()
+  mem = np.array([1e6, 2e6])
+  bad = jax.tree.map(lambda f: np.full_like(f, np.nan), fisher)
+  with pytest.raises(ValueError, match="importance must be finite"):
+    plan_lib.build_plan(info, spec, params, bad, mem, SGD, batch_size=8)
+  with pytest.raises(ValueError, match="finite byte counts"):
+    plan_lib.build_plan(info, spec, params, fisher, np.array([np.inf, 1e6]),
+                        SGD, batch_size=8)

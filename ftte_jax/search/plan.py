@@ -38,9 +38,9 @@ def assign_tiers(device_memory_bytes: Sequence[float],
   if policy not in POLICIES:
     raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
   mem = np.asarray(device_memory_bytes, np.float64).reshape(-1)
-  if mem.size == 0 or not np.all(mem > 0):
+  if mem.size == 0 or not np.all((mem > 0) & np.isfinite(mem)):
     raise ValueError("device_memory_bytes must be a non-empty [N] array of "
-                     "positive byte counts")
+                     "positive, finite byte counts")
   if policy == "min":
     tiers = np.zeros(mem.size, np.int32)
   elif tier_of_client is None:
@@ -59,16 +59,28 @@ def assign_tiers(device_memory_bytes: Sequence[float],
 
 
 def group_values(spec: groups_lib.GroupSpec, importance: Any) -> jnp.ndarray:
-  """Group scores ``[T, K+1]`` from a Fisher tree, or checked given scores."""
+  """Group scores ``[T, K+1]`` from a Fisher tree, or checked given scores.
+
+  Raises:
+    ValueError: a wrong shape, or a score that is not a finite number >= 0
+      (a NaN would make every choice look equally bad: an empty mask).
+  """
   if isinstance(importance, (np.ndarray, jnp.ndarray)):
     values = jnp.asarray(importance, jnp.float32)
     if values.shape != spec.sizes.shape:
       raise ValueError(f"importance scores must have shape {spec.sizes.shape} "
                        f"[tensors, levels], got {values.shape}")
-    return values
-  # One compiled call instead of many small eager ops.
-  return jax.jit(lambda f: importance_lib.group_importance(spec, f))(
-      importance)
+  else:
+    # One compiled call instead of many small eager ops.
+    values = jax.jit(lambda f: importance_lib.group_importance(spec, f))(
+        importance)
+  host = np.asarray(values)
+  if not (np.isfinite(host) & (host >= 0)).all():
+    raise ValueError("importance must be finite and >= 0 everywhere; got "
+                     f"{int((~np.isfinite(host)).sum())} non-finite and "
+                     f"{int((host < 0).sum())} negative group scores (a "
+                     "diverged probe or a NaN in the model?)")
+  return values
 
 
 def _check_floor(problems: dict, spec: groups_lib.GroupSpec,
