@@ -1,8 +1,8 @@
 """absl flags for every ExperimentConfig option, derived from the dataclasses.
 
 Each option of ``EngineConfig``, ``DataConfig``, ``FleetConfig``,
-``SearchConfig``, ``PretrainConfig`` and the top level of ``ExperimentConfig`` becomes one flag
-named after the option (``search.method`` is ``--search_method``), whose
+``SearchConfig``, ``PretrainConfig`` and the top level of
+``ExperimentConfig`` becomes one flag named after the option (``search.method`` is ``--search_method``), whose
 type, valid values (enum choices, integer bounds), help and default all come
 from the field's declaration (``ftte_jax.core.options``): an option added to
 a config class gets a flag without touching this file. Every config flag

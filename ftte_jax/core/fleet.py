@@ -23,7 +23,7 @@ import dataclasses
 import math
 import numbers
 import os
-from typing import Sequence
+from typing import Sequence, Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -106,7 +106,8 @@ def validate(config: FleetConfig) -> None:
                        f"1, got {list(config.tier_probs)}")
 
 
-def _positive_f32(values: np.ndarray, what: str) -> jnp.ndarray:
+def _positive_f32(values: np.ndarray,
+                  what: Callable[[int], str]) -> jnp.ndarray:
   """``values`` as float32, refused if one becomes 0 or inf on the way.
 
   ``what(i)`` names the option or file line of entry ``i``.

@@ -19,13 +19,14 @@ from ftte_jax.data import datasets
 from ftte_jax.data import partition as partition_lib
 from ftte_jax.search import groups as groups_lib
 from ftte_jax.search import knapsack as knapsack_lib
+from ftte_jax.search import memory as memory_lib
 from ftte_jax.search import plan as plan_lib
 
 IMPORTANCE_SOURCES = ("clients", "proxy")
 # Where a device keeps the weights it does not train (docs/design.md,
 # "Memory model"): flash (read in place, as the Tiny Training Engine does)
 # or RAM (the whole model resident).
-FROZEN_WEIGHTS = ("ram", "flash")
+FROZEN_WEIGHTS = memory_lib.FROZEN_PLACES
 # The synthetic dataset's own split: one generated device per client.
 PARTITIONS = tuple(partition_lib.PARTITIONS) + ("natural",)
 

@@ -101,10 +101,11 @@ def load_data(config: ExperimentConfig):
   if d.dataset == "synthetic":
     opts.update(alpha=d.synthetic_alpha, beta=d.synthetic_beta,
                 samples_per_client=d.synthetic_samples_per_client)
-  if partition in ("dirichlet", "sampled"):
+  if partition == "dirichlet":
     opts["alpha"] = d.dirichlet_alpha
-  if partition == "sampled":
-    opts["examples_per_client"] = d.examples_per_client
+  elif partition == "sampled":
+    opts.update(alpha=d.dirichlet_alpha,
+                examples_per_client=d.examples_per_client)
   elif partition == "shards":
     opts["shards_per_client"] = d.shards_per_client
   elif partition == "quantity":
