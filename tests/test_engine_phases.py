@@ -301,14 +301,8 @@ def test_streamed_aggregation_equals_the_buffered_one(tiny_model, algorithm,
     if algorithm == "fedavg":
       kw.pop("concurrency")
     config = algorithms.preset(algorithm, **kw)
-    plan = masks.full_plan(params, 8)
-    env = engine.make_environment(config, data, const_fleet(8), plan)
-    sim = engine.make_simulator(config, apply, int(env.num_steps.max()))
-    state = jax.jit(sim.init)(jax.random.PRNGKey(2), env, params, plan)
-    step = jax.jit(sim.step)
-    for _ in range(6):
-      state, _ = step(env, state)
-    out[batching] = state
+    out[batching] = run_steps(*build_engine(config, apply, params, data,
+                                            const_fleet(8), seed=2), 6)
   chex.assert_trees_all_close(out["stream"].params, out["map"].params,
                               atol=1e-6)
   chex.assert_trees_all_equal(out["stream"].counters, out["map"].counters)
