@@ -213,8 +213,9 @@ def rule_plan(config: ExperimentConfig, model: Model,
 def make_setup(config: ExperimentConfig) -> Setup:
   """Loads everything a run needs; no engine is compiled yet."""
   clock = _PhaseClock()
-  if config.init_checkpoint:  # a misfit checkpoint fails before any loading.
-    pretrain_lib.check_checkpoint(config)
+  # A misfit checkpoint fails before any loading.
+  meta = (pretrain_lib.check_checkpoint(config) if config.init_checkpoint
+          else None)
   data, (x_test, y_test), data_info = load_data(config)
   proxy = data_info.pop("proxy", None)
   test = (jnp.asarray(x_test, jnp.float32), jnp.asarray(y_test, jnp.int32))
@@ -225,7 +226,7 @@ def make_setup(config: ExperimentConfig) -> Setup:
                      jax.random.fold_in(root, KEY_PARAMS))
   params, init_report = pretrain_lib.initial_params(
       config, model.apply_fn, model.params, proxy,
-      jax.random.fold_in(root, KEY_PRETRAIN))
+      jax.random.fold_in(root, KEY_PRETRAIN), meta)
   model = dataclasses.replace(model, params=params)
   clock.lap("model_s")
   fleet, tiers = make_fleet(config, model.full_memory_bytes)

@@ -124,15 +124,18 @@ def check_checkpoint(config: ExperimentConfig) -> dict:
 
 
 def initial_params(config: ExperimentConfig, apply_fn: Callable,
-                   params: PyTree, proxy, key: jax.Array
+                   params: PyTree, proxy, key: jax.Array,
+                   checkpoint_meta: dict | None = None
                    ) -> tuple[PyTree, dict]:
   """A run's starting parameters and a report of where they came from.
 
   ``init_checkpoint`` if given (its hash checked), else ``params`` after
   ``pretrain.steps`` steps on ``proxy`` (none: ``params`` as they are).
+  ``checkpoint_meta``: what an earlier ``check_checkpoint`` returned (not
+  checked again); None checks here.
   """
   if config.init_checkpoint:
-    meta = check_checkpoint(config)
+    meta = checkpoint_meta or check_checkpoint(config)
     loaded = checkpointing.load_params(config.init_checkpoint, params)
     return loaded, {"init": "checkpoint",
                     "checkpoint": os.path.abspath(config.init_checkpoint),
