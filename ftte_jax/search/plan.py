@@ -83,12 +83,12 @@ def group_values(spec: groups_lib.GroupSpec, importance: Any) -> jnp.ndarray:
   return values
 
 
-def _check_floor(problems: dict, spec: groups_lib.GroupSpec,
+def _check_floor(floors: dict, spec: groups_lib.GroupSpec,
                  budget: float, policy: str, batch_size: int) -> float:
-  """The minimum feasible training memory over the micro-batch choices;
-  raises if ``budget`` is below it."""
-  floor_bytes, t, k, m = min(knapsack.min_feasible(p) + (m,)
-                             for m, p in problems.items())
+  """The minimum feasible training memory over the micro-batch choices
+  (``floors``: m -> ``knapsack.min_feasible``); raises if ``budget`` is
+  below it."""
+  floor_bytes, t, k, m = min(f + (m,) for m, f in floors.items())
   if budget < floor_bytes:
     raise ValueError(
         f"memory budget {budget:.0f} bytes (smallest device, policy="
@@ -99,22 +99,25 @@ def _check_floor(problems: dict, spec: groups_lib.GroupSpec,
   return floor_bytes
 
 
-def solve_joint(problems: dict, values, budget: float, *solve_args
-                ) -> tuple[int, dict[str, Any]]:
+def solve_joint(problems: dict, values, budget: float, *solve_args,
+                floors: dict | None = None) -> tuple[int, dict[str, Any]]:
   """The subset and micro-batch count that maximize importance together.
 
   ``problems`` maps each allowed micro-batch count ``m`` to its instance
   (``knapsack.make_problem``); the search solves each and keeps the best
   value, the smallest ``m`` among equals (fewer, larger micro-batches use
   the hardware better). A count whose cheapest mask exceeds the budget is
-  skipped. Exact per ``m``, so exact jointly.
+  skipped. Exact per ``m``, so exact jointly. ``floors`` (m ->
+  ``knapsack.min_feasible``) saves recomputing them for every budget.
 
   Returns:
     ``(m, knapsack.solve's result for m)``.
   """
+  if floors is None:
+    floors = {m: knapsack.min_feasible(p) for m, p in problems.items()}
   best = None
   for m in sorted(problems):
-    if knapsack.min_feasible(problems[m])[0] > budget:
+    if floors[m][0] > budget:
       continue
     out = knapsack.solve(problems[m], values, budget, *solve_args)
     # Float sums of equal choices may differ in the last bits: a larger m
@@ -128,11 +131,11 @@ def solve_joint(problems: dict, values, budget: float, *solve_args
   return best
 
 
-def _search_tier(info, spec, params, problems, values, budget, to_mask,
-                 batch_size, tx, solve_args, frozen_weights
+def _search_tier(info, spec, params, problems, floors, values, budget,
+                 to_mask, batch_size, tx, solve_args, frozen_weights
                  ) -> tuple[PyTree, dict[str, Any]]:
   """One tier's mask and its report: choice, memory, FLOPs, importance."""
-  m, out = solve_joint(problems, values, budget, *solve_args)
+  m, out = solve_joint(problems, values, budget, *solve_args, floors=floors)
   levels = out["levels"]
   mask = jax.device_get(to_mask(levels))
   breakdown = memory_lib.training_memory(info, spec, params, mask, batch_size,
@@ -209,12 +212,13 @@ def build_plan(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
                                            max_trained_params)
               for m in micro_batches}
   values = group_values(spec, importance)
-  floor_bytes = _check_floor(problems, spec, min(budgets), policy, batch_size)
+  floors = {m: knapsack.min_feasible(p) for m, p in problems.items()}
+  floor_bytes = _check_floor(floors, spec, min(budgets), policy, batch_size)
   to_mask = jax.jit(lambda lv: groups_lib.levels_to_mask(spec, params, lv))
   tier_masks, reports = [], []
   for j, budget in enumerate(budgets):
-    mask, report = _search_tier(info, spec, params, problems, values, budget,
-                                to_mask, batch_size, tx,
+    mask, report = _search_tier(info, spec, params, problems, floors, values,
+                                budget, to_mask, batch_size, tx,
                                 (method, num_cells, resolution_bytes),
                                 frozen_weights)
     tier_masks.append(mask)
