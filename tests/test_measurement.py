@@ -46,7 +46,8 @@ def test_fedasync_mixing_follows_xie_et_al():
                   version=jnp.zeros(1, jnp.int32), arrival=jnp.zeros(1),
                   ok=jnp.ones(1, bool)),
       client_busy=jnp.zeros(2, bool), client_synced=jnp.zeros(2, bool),
-      counters=Counters.create(8), plan=plan, key=jax.random.PRNGKey(0))
+      counters=Counters.create(8), plan=plan, key=jax.random.PRNGKey(0),
+      client_applied=jnp.zeros(2, jnp.int32))
   s_age = staleness.make_staleness_fn("polynomial", a)
   out = {}
   for rule in ("mixing", "delta"):

@@ -90,10 +90,24 @@ def normalize(total: PyTree, tier_masks: PyTree, tier: jnp.ndarray,
                    f"got {normalization!r}")
 
 
+def _denominator_weights(weights: jnp.ndarray, normalization: str,
+                         base_weights: jnp.ndarray | None) -> jnp.ndarray:
+  """[K] what each kept value adds to its coordinate's denominator."""
+  if normalization == "coordinate":
+    return weights
+  if normalization == "damped":
+    if base_weights is None:
+      raise ValueError("normalization='damped' needs base_weights")
+    return base_weights
+  return (weights > 0).astype(jnp.float32)
+
+
 def aggregate(deltas: PyTree, tier_masks: PyTree, tier: jnp.ndarray,
               weights: jnp.ndarray, normalization: str = "coordinate",
               eps: float = 1e-12,
-              base_weights: jnp.ndarray | None = None) -> PyTree:
+              base_weights: jnp.ndarray | None = None,
+              keep: PyTree | None = None,
+              noise: PyTree | None = None) -> PyTree:
   """Aggregates a buffer of masked updates.
 
   Args:
@@ -101,7 +115,8 @@ def aggregate(deltas: PyTree, tier_masks: PyTree, tier: jnp.ndarray,
       mask; invalid rows must already be finite (zeroed) because their weight
       is 0 and 0 * NaN = NaN.
     tier_masks: leaves [T, ...] in {0, 1}: coordinates each tier trains.
-    tier: [K] int32 tier of each buffered update.
+    tier: [K] int32 tier of each buffered update, in [0, T) (not checked
+      here, inside the jit: the engine's plan guarantees it).
     weights: [K] non-negative ``a_i``; 0 for invalid updates.
     normalization: ``coordinate``: divide each coordinate by the total weight
       of the clients that trained it (FTTE, and FedAvg with full masks);
@@ -112,6 +127,11 @@ def aggregate(deltas: PyTree, tier_masks: PyTree, tier: jnp.ndarray,
       FedAsync's mixing when K = 1).
     eps: floor of the denominator, so untouched coordinates get 0.
     base_weights: [K] weights without the staleness factors (``damped``).
+    keep: leaves [K, ...] in {0, 1} (``robust.keep_mask``): a robust mean.
+      Each coordinate then sums only its kept values, and its denominator
+      only theirs: the normalization's weights (``buffer``: their count).
+    noise: leaves like one delta, added to the weighted sum before it is
+      normalized (client-level DP: ``privacy.gaussian_noise``).
 
   Returns:
     The aggregate update, shaped like one client's delta.
@@ -119,6 +139,13 @@ def aggregate(deltas: PyTree, tier_masks: PyTree, tier: jnp.ndarray,
   if normalization not in NORMALIZATIONS:
     raise ValueError(f"normalization must be one of {NORMALIZATIONS}, "
                      f"got {normalization!r}")
+  if keep is not None:
+    den = _denominator_weights(weights, normalization, base_weights)
+    return jax.tree.map(
+        lambda d, k: _wsum(weights, k * d) / jnp.maximum(_wsum(den, k), eps),
+        deltas, keep)
   total = jax.tree.map(lambda d: _wsum(weights, d), deltas)
+  if noise is not None:
+    total = jax.tree.map(jnp.add, total, noise)
   return normalize(total, tier_masks, tier, weights, normalization, eps,
                    base_weights)

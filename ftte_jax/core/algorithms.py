@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from ftte_jax.core import aggregation
 from ftte_jax.core import options
+from ftte_jax.core import robust
 from ftte_jax.core import staleness as staleness_lib
 from ftte_jax.core.options import option
 
@@ -150,6 +151,29 @@ class EngineConfig:
       "deployed (the starting model, e.g. the pretrained checkpoint, is "
       "already on every device, so every task downloads only those "
       "coordinates: with one static mask, the trained subset)")
+  clip: str = option(
+      "none", choices=robust.CLIPS,
+      help="clip each update's L2 norm before weighting: to the median norm "
+      "of the step's valid updates, or to clip_norm (fixed; needed by DP)")
+  clip_norm: float = option(
+      1.0, low=0, low_inclusive=False,
+      help="the fixed clipping bound (clip='fixed'), DP's sensitivity S")
+  robust_aggregation: str = option(
+      "mean", choices=robust.ROBUST_AGGREGATIONS,
+      help="per coordinate, over the updates that trained it: the weighted "
+      "mean, a trimmed mean (trim_fraction at each end) or the median, each "
+      "under the run's weights and normalization (robust.keep_mask)")
+  trim_fraction: float = option(
+      0.1, low=0, high=0.5, high_inclusive=False,
+      help="share of a coordinate's values trimmed at each end "
+      "(robust_aggregation='trimmed_mean')")
+  dp_noise_multiplier: float = option(
+      0.0, low=0,
+      help="client-level DP: Gaussian noise of std z * clip_norm on the "
+      "step's weighted sum (needs clip='fixed'); 0 = off")
+  dp_delta: float = option(
+      1e-5, low=0, high=1, low_inclusive=False, high_inclusive=False,
+      help="delta at which the summary reports the privacy spent (epsilon)")
   count_timeouts: bool = option(
       False, help="refill=arrival only: a task abandoned or past its "
       "deadline counts toward K (the step then applies fewer than K "
@@ -262,3 +286,32 @@ def validate(config: EngineConfig, num_clients: int | None = None) -> None:
   if config.client_batching == "stream" and config.variance_beta > 0:
     raise ValueError("client_batching='stream' needs variance_beta=0: the "
                      "variance weight needs every update of the buffer")
+  if config.client_batching == "stream" and defended(config):
+    raise ValueError("client_batching='stream' cannot clip or use a robust "
+                     "aggregation (clip, robust_aggregation, "
+                     "dp_noise_multiplier): they need every update of the "
+                     "buffer; use map, vmap or auto")
+  _validate_dp(config)
+
+
+def defended(config: EngineConfig) -> bool:
+  """Whether the step clips, trims or adds DP noise (needs the buffer)."""
+  return (config.clip != "none" or config.robust_aggregation != "mean" or
+          config.dp_noise_multiplier > 0)
+
+
+def _validate_dp(config: EngineConfig) -> None:
+  """DP needs each client's weight in [0, 1] and independent of the data."""
+  if config.dp_noise_multiplier == 0:
+    return
+  need = {"clip": ("fixed", config.clip),
+          "robust_aggregation": ("mean", config.robust_aggregation),
+          "variance_beta": (0.0, config.variance_beta),
+          "data_weight_exponent": (0.0, config.data_weight_exponent)}
+  for name, (want, got) in need.items():
+    if got != want:
+      raise ValueError(
+          f"dp_noise_multiplier > 0 needs {name}={want!r}, got {got!r}: "
+          "client-level DP clips every update to clip_norm and weights it "
+          "by at most 1 (staleness only), so one client moves the noised "
+          "sum by at most clip_norm")

@@ -42,10 +42,13 @@ from flax import struct
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from ftte_jax.core import adversary
 from ftte_jax.core import aggregation
 from ftte_jax.core import exact
+from ftte_jax.core import privacy
+from ftte_jax.core import robust
 from ftte_jax.core import staleness
-from ftte_jax.core.algorithms import EngineConfig, validate
+from ftte_jax.core.algorithms import EngineConfig, defended, validate
 from ftte_jax.core.client import make_client_optimizer, make_client_update
 from ftte_jax.core.fleet import Fleet
 from ftte_jax.core.masks import MaskPlan
@@ -65,7 +68,7 @@ CLIENT_AXIS = "clients"
 
 # Named streams of the root key.
 _KEY_INIT, _KEY_ROUND = 0, 1
-_KEY_TRAIN, _KEY_DISPATCH, _KEY_EVENTS = 0, 1, 2
+_KEY_TRAIN, _KEY_DISPATCH, _KEY_EVENTS, _KEY_DP = 0, 1, 2, 3
 
 
 class Simulator(NamedTuple):
@@ -99,6 +102,21 @@ class Weights:
   valid: jnp.ndarray  # [K] bool: arrived, fresh and finite.
   base: jnp.ndarray  # [K] float32: n_i^gamma * valid (no age factors).
   weights: jnp.ndarray  # [K] float32: base * s_age(tau) [* s_var].
+
+
+@struct.dataclass
+class Defence:
+  """What a step's defences did (for the counters)."""
+
+  clipped: jnp.ndarray  # [] int32: valid updates scaled down by clipping.
+  trimmed: jnp.ndarray  # [] float32: values a robust mean left out.
+  values: jnp.ndarray  # [] float32: values a robust mean ranked.
+
+  @classmethod
+  def none(cls) -> Defence:
+    return cls(clipped=jnp.zeros((), jnp.int32),
+               trimmed=jnp.zeros((), jnp.float32),
+               values=jnp.zeros((), jnp.float32))
 
 
 @struct.dataclass
@@ -374,34 +392,46 @@ def _next_event(env: Environment, state: SimState, key: jax.Array, k: int,
 
 def _client_delta(client_update: Callable, env: Environment, plan: MaskPlan,
                   ring: Ring, mix_into: PyTree | None):
-  """``one(key, ring_slot, tier, offset, count, steps) -> (delta, loss)``.
+  """``one(key, ring_slot, tier, offset, count, steps[, bad]) -> (delta,
+  loss)``; ``bad`` (malicious) is an argument when the fleet has attackers.
 
   Base parameters and masks are gathered inside the per-client function,
   so the ``map`` and ``stream`` paths never materialize [K, ...] copies.
   """
   single_tier = plan.num_tiers == 1  # static
+  attack = env.fleet.attack  # static
 
-  def one(key, slot, t, offset, count, n_steps):
+  def one(key, slot, t, offset, count, n_steps, bad=None):
     base = jax.tree.map(lambda r: r[slot], ring.params)
     mask = jax.tree.map(lambda m: m[0] if single_tier else m[t], plan.masks)
     local, loss = client_update(key, base, mask, env.data.x, env.data.y,
                                 offset, count, n_steps)
     if mix_into is not None:
-      return jax.tree.map(lambda w, g, m: m * (w - g), local, mix_into,
-                          mask), loss
-    # Masked gradients leave unmasked coordinates exactly where they were,
-    # so the delta is already zero outside the client's mask.
-    return jax.tree.map(jnp.subtract, local, base), loss
+      delta = jax.tree.map(lambda w, g, m: m * (w - g), local, mix_into, mask)
+    else:
+      # Masked gradients leave unmasked coordinates exactly where they
+      # were, so the delta is already zero outside the client's mask.
+      delta = jax.tree.map(jnp.subtract, local, base)
+    if attack is not None:
+      delta = adversary.corrupt(attack, delta, mask, key, bad)
+    return delta, loss
 
   return one
 
 
-def _client_args(env: Environment, plan: MaskPlan, keys: jax.Array,
-                 arrivals: Arrivals):
+def _client_args(env: Environment, plan: MaskPlan, ring: Ring,
+                 keys: jax.Array, arrivals: Arrivals):
   clients = arrivals.clients
-  return (keys, arrivals.ring_slot, plan.client_tier[clients],
+  args = (keys, arrivals.ring_slot, plan.client_tier[clients],
           env.data.offsets[clients], env.data.counts[clients],
           env.num_steps[clients])
+  if env.fleet.attack is None:
+    return args
+  bad = env.fleet.malicious[clients]
+  if env.fleet.attack.behavior == "stale_replay":
+    slot = jnp.where(bad, adversary.oldest_slot(ring.version), args[1])
+    args = (keys, slot) + args[2:]
+  return args + (bad,)
 
 
 def _finite_rows(delta: PyTree) -> jnp.ndarray:
@@ -450,7 +480,7 @@ def train_buffer(client_update: Callable, batching: str, env: Environment,
     return jax.lax.map(lambda a: one(*a), args,
                        batch_size=chunk if chunk > 1 else None)
 
-  args = _client_args(env, plan, keys, arrivals)
+  args = _client_args(env, plan, ring, keys, arrivals)
   k = arrivals.clients.shape[0]
   delta, loss = _over_clients(mesh, local, (env, plan, ring, mix_into), args,
                               (P(CLIENT_AXIS), P(CLIENT_AXIS)))
@@ -515,7 +545,7 @@ def train_and_sum(client_update: Callable, env: Environment, plan: MaskPlan,
       total = jax.lax.psum(total, CLIENT_AXIS)
     return total, rest
 
-  args = _client_args(env, plan, keys, arrivals)
+  args = _client_args(env, plan, ring, keys, arrivals)
   total, (loss, finite) = _over_clients(
       mesh, local, (env, plan, ring, mix_into), (weights, args),
       (P(), (P(CLIENT_AXIS), P(CLIENT_AXIS))))
@@ -663,7 +693,8 @@ def count(counters: Counters, arrivals: Arrivals, w: Weights,
       updates_dropped=c.updates_dropped + jnp.sum(~ok) + extra_dropped,
       updates_stale=c.updates_stale + jnp.sum(ok & ~fresh),
       updates_nonfinite=c.updates_nonfinite + jnp.sum(ok & fresh & ~w.valid),
-      steps_refused=c.steps_refused,
+      steps_refused=c.steps_refused, updates_clipped=c.updates_clipped,
+      values_trimmed=c.values_trimmed, values_robust=c.values_robust,
       staleness_sum=exact.add(c.staleness_sum, tau_sum),
       staleness_sum_arrivals=exact.add(
           c.staleness_sum_arrivals, jnp.sum(jnp.where(ok, tau, 0))),
@@ -709,7 +740,8 @@ def init_state(config: EngineConfig, server_opt: optax.GradientTransformation,
                   version=jnp.zeros((c,), jnp.int32),
                   arrival=started.arrival, ok=started.ok),
       client_busy=started.busy, client_synced=started.synced,
-      counters=counters, plan=plan, key=jnp.asarray(key))
+      counters=counters, plan=plan, key=jnp.asarray(key),
+      client_applied=jnp.zeros((n,), jnp.int32))
 
 
 def _arrivals_and_keys(config: EngineConfig, env: Environment,
@@ -766,8 +798,9 @@ def _start_next(config: EngineConfig, env: Environment, state: SimState,
 def _train_and_aggregate(config: EngineConfig, client_update: Callable,
                          batching: str, s_age: Callable, env: Environment,
                          state: SimState, arrivals: Arrivals, keys: jax.Array,
-                         mesh: Mesh | None = None):
-  """Phases 2-3 and the aggregate: ``(agg, weights, train_loss)``."""
+                         dp_key: jax.Array, mesh: Mesh | None = None):
+  """Phases 2-3 and the aggregate: ``(agg, weights, train_loss, defence)``;
+  the defences (clipping, robust mean, DP noise) need the buffered path."""
   plan = state.plan
   tier = plan.client_tier[arrivals.clients]
   counts = env.data.counts[arrivals.clients]
@@ -780,15 +813,32 @@ def _train_and_aggregate(config: EngineConfig, client_update: Callable,
     w = prior_weights(config, s_age, counts, arrivals, finite)
     agg = aggregation.normalize(total, plan.masks, tier, w.weights,
                                 config.normalization, base_weights=w.base)
-    return agg, w, loss
+    return agg, w, loss, Defence.none()
   delta, loss, finite = train_buffer(client_update, batching, env, plan,
                                      state.ring, keys, arrivals, mix_into,
                                      mesh, config.client_chunk)
+  defence = Defence.none()
+  if config.clip != "none":
+    delta, clipped = robust.clip_updates(
+        delta, arrivals.ok & arrivals.fresh & finite, config.clip,
+        config.clip_norm)
+    defence = defence.replace(clipped=jnp.sum(clipped).astype(jnp.int32))
   w = weigh_updates(config, s_age, delta, plan, tier, counts, arrivals,
                     finite)
+  keep = noise = None
+  if config.robust_aggregation != "mean":
+    keep, trimmed, values = robust.keep_mask(
+        delta, plan.masks, tier, w.valid, config.robust_aggregation,
+        config.trim_fraction)
+    defence = defence.replace(trimmed=trimmed, values=values)
+  if config.dp_noise_multiplier > 0:
+    noise = privacy.gaussian_noise(
+        dp_key, privacy.coverage(plan.masks, tier, w.valid),
+        privacy.noise_std(config.dp_noise_multiplier, config.clip_norm))
   agg = aggregation.aggregate(delta, plan.masks, tier, w.weights,
-                              config.normalization, base_weights=w.base)
-  return agg, w, loss
+                              config.normalization, base_weights=w.base,
+                              keep=keep, noise=noise)
+  return agg, w, loss, defence
 
 
 def step_state(config: EngineConfig, client_update: Callable, batching: str,
@@ -799,9 +849,9 @@ def step_state(config: EngineConfig, client_update: Callable, batching: str,
   rkey = jax.random.fold_in(jax.random.fold_in(state.key, _KEY_ROUND),
                             state.version)
   arrivals, refilled, keys = _arrivals_and_keys(config, env, state, rkey)
-  agg, w, train_loss = _train_and_aggregate(
+  agg, w, train_loss, defence = _train_and_aggregate(
       config, client_update, batching, s_age, env, state, arrivals, keys,
-      mesh)
+      jax.random.fold_in(rkey, _KEY_DP), mesh)
   params, opt_state, ring, refused = server_update(server_opt, state, agg,
                                                    jnp.any(w.valid))
   version = state.version + 1
@@ -813,11 +863,16 @@ def step_state(config: EngineConfig, client_update: Callable, batching: str,
       state.counters, arrivals, w, state.plan.upload_bytes[tier], down,
       n_started, dropped)
   counters = counters.replace(
-      steps_refused=counters.steps_refused + refused.astype(jnp.int32))
+      steps_refused=counters.steps_refused + refused.astype(jnp.int32),
+      updates_clipped=counters.updates_clipped + defence.clipped,
+      values_trimmed=exact.add(counters.values_trimmed, defence.trimmed),
+      values_robust=exact.add(counters.values_robust, defence.values))
   new_state = state.replace(
       params=params, opt_state=opt_state, ring=ring, version=version,
       clock=arrivals.clock, tasks=tasks, client_busy=busy,
-      client_synced=synced, counters=counters)
+      client_synced=synced, counters=counters,
+      client_applied=state.client_applied.at[arrivals.clients].add(
+          (w.valid & (w.weights > 0) & ~refused).astype(jnp.int32)))
   applied = w.valid & (w.weights > 0)
   metrics = {
       "virtual_time_s": arrivals.clock,
@@ -891,7 +946,8 @@ def resolve_batching(config: EngineConfig) -> str:
   if batching == "auto":
     if jax.default_backend() != "cpu":
       return "vmap"
-    return "map" if config.variance_beta > 0 else "stream"
+    return ("map" if config.variance_beta > 0 or defended(config) else
+            "stream")
   return batching
 
 

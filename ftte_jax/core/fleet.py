@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from ftte_jax.core import adversary
 from ftte_jax.core import options
 from ftte_jax.core.options import option
 
@@ -69,6 +70,19 @@ class FleetConfig:
       (), low=0, high=1,
       help="probability of each memory tier, one per tier, summing to 1; "
       "uniform when empty")
+  malicious_fraction: float = option(
+      0.0, low=0, high=1,
+      help="fraction of devices that are malicious for the whole run "
+      "(drawn by the seed; see ftte_jax.core.adversary)")
+  malicious_behavior: str = option(
+      "sign_flip", choices=adversary.BEHAVIORS,
+      help="what a malicious device sends instead of its update")
+  malicious_scale: float = option(
+      100.0, low=0, low_inclusive=False,
+      help="malicious_behavior='scale': the factor on the update")
+  malicious_noise_std: float = option(
+      1.0, low=0, low_inclusive=False,
+      help="malicious_behavior='noise': std of the Gaussian sent instead")
   trace_path: str | None = option(
       None, help="CSV trace with one row per device (see ftte_jax.core.fleet); "
       "replaces the drawn profiles")
@@ -85,6 +99,10 @@ class Fleet:
   dropout: jnp.ndarray  # [N] float32 probability a task is abandoned.
   tier: jnp.ndarray  # [N] int32 memory tier label.
   task_sigma: jnp.ndarray  # [] float32 lognormal sigma of task jitter.
+  # [N] bool malicious devices; None (and attack None) when there are none.
+  malicious: jnp.ndarray | None = None
+  attack: adversary.Attack | None = struct.field(pytree_node=False,
+                                                 default=None)
 
   @property
   def num_clients(self) -> int:
@@ -132,9 +150,28 @@ def make_fleet(config: FleetConfig, num_clients: int, seed: int) -> Fleet:
     raise ValueError(f"num_clients must be an integer >= 1, got "
                      f"{num_clients!r}")
   if config.trace_path is not None:
-    return read_trace(config.trace_path, config.task_sigma, num_clients)
+    return with_attackers(
+        read_trace(config.trace_path, config.task_sigma, num_clients),
+        config, seed)
+  return with_attackers(_draw(config, int(num_clients), seed), config, seed)
+
+
+def with_attackers(fleet: Fleet, config: FleetConfig, seed: int) -> Fleet:
+  """``fleet`` with ``config``'s malicious devices marked (none: unchanged)."""
+  n_bad = int(round(config.malicious_fraction * fleet.num_clients))
+  if n_bad == 0:
+    return fleet
+  return fleet.replace(
+      malicious=jnp.asarray(adversary.draw(config.malicious_fraction,
+                                           fleet.num_clients, seed)),
+      attack=adversary.Attack(config.malicious_behavior,
+                              config.malicious_scale,
+                              config.malicious_noise_std))
+
+
+def _draw(config: FleetConfig, n: int, seed: int) -> Fleet:
+  """Profiles drawn from the config's distributions."""
   rng = np.random.default_rng(seed)
-  n = int(num_clients)
   speed = np.full(n, config.speed_flops, np.float64)
   n_slow = int(round(config.straggler_fraction * n))
   slow = rng.permutation(n)[:n_slow]

@@ -80,6 +80,9 @@ class Counters:
   updates_stale: jnp.ndarray  # [] int32: pulled a version older than S.
   updates_nonfinite: jnp.ndarray  # [] int32: NaN/Inf in the update.
   steps_refused: jnp.ndarray  # [] int32: steps whose result was non-finite.
+  updates_clipped: jnp.ndarray  # [] int32: valid updates scaled down.
+  values_trimmed: jnp.ndarray  # [2] exact: values a robust mean left out.
+  values_robust: jnp.ndarray  # [2] exact: values a robust mean ranked.
   staleness_sum: jnp.ndarray  # [2] exact: sum of tau over applied updates.
   staleness_sum_arrivals: jnp.ndarray  # [2] exact: sum of tau, arrivals.
   staleness_hist: jnp.ndarray  # [S + 1] int32: tau of arrivals; bin S: >= S.
@@ -98,6 +101,8 @@ class Counters:
     return cls(
         updates_applied=zero_i, updates_dropped=zero_i, updates_stale=zero_i,
         updates_nonfinite=zero_i, steps_refused=zero_i,
+        updates_clipped=zero_i, values_trimmed=exact.zero(),
+        values_robust=exact.zero(),
         staleness_sum=exact.zero(),
         staleness_sum_arrivals=exact.zero(),
         staleness_hist=jnp.zeros((ring_size + 1,), jnp.int32),
@@ -141,3 +146,4 @@ class SimState:
   counters: Counters
   plan: MaskPlan  # live masks and their costs (a re-search replaces it).
   key: jnp.ndarray  # [2] uint32: the run's root key.
+  client_applied: jnp.ndarray  # [N] int32: updates applied from each client.

@@ -8,6 +8,7 @@ import numpy as np
 from ftte_jax.checkpointing import params_sha256  # re-exported: the run's hash.
 from ftte_jax.core import engine
 from ftte_jax.core import exact
+from ftte_jax.core import privacy
 from ftte_jax.core.typing import PyTree
 
 
@@ -35,6 +36,9 @@ def counters_row(state: engine.SimState) -> dict:
       "updates_stale": int(cnt.updates_stale),
       "updates_nonfinite": int(cnt.updates_nonfinite),
       "steps_refused": int(cnt.steps_refused),
+      "updates_clipped": int(cnt.updates_clipped),
+      "values_trimmed": exact.value(cnt.values_trimmed),
+      "values_robust": exact.value(cnt.values_robust),
       "mean_staleness": mean_applied,
       "mean_staleness_applied": mean_applied,
       "mean_staleness_arrivals": (exact.value(cnt.staleness_sum_arrivals) /
@@ -124,6 +128,26 @@ def summary(config, setup, env, info: dict, state: engine.SimState,
             "mean_staleness", "mean_staleness_applied",
             "mean_staleness_arrivals", "staleness_hist",
             "updates_dropped", "updates_stale", "updates_nonfinite",
-            "steps_refused"):
+            "steps_refused", "updates_clipped", "values_trimmed",
+            "values_robust"):
     out[k] = counters[k]
+  out.update(_defences(config, env, state))
+  return out
+
+
+def _defences(config, env, state: engine.SimState) -> dict:
+  """Attackers, and the privacy spent when DP noise is on."""
+  fleet, eng = env.fleet, config.engine
+  out = {"malicious_clients": (0 if fleet.malicious is None else
+                               int(np.asarray(fleet.malicious).sum())),
+         "malicious_behavior": (None if fleet.attack is None else
+                                fleet.attack.behavior)}
+  applied = np.asarray(state.client_applied)
+  if fleet.malicious is not None:
+    out["malicious_updates_applied"] = int(
+        applied[np.asarray(fleet.malicious)].sum())
+  if eng.dp_noise_multiplier > 0:
+    out.update(privacy.report(
+        eng.dp_noise_multiplier, eng.dp_delta, int(applied.max()),
+        int(state.version), eng.buffer_size, applied.shape[0]))
   return out
