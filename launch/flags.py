@@ -259,6 +259,43 @@ def enable_compilation_cache(setting: str) -> str | None:
   return setting
 
 
+def define_download_flag(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """Registers --download, beside the data flags (--dataset, --data_dir)."""
+  flags.DEFINE_enum(
+      "download", "auto", ["auto", "never"], "what to do when the files of "
+      "--dataset (mnist, fashion_mnist, cifar10) are missing from the data "
+      "directory (--data_dir, else $FTTE_DATA_DIR, else ~/.cache/ftte_jax): "
+      "'auto' downloads them there, SHA-256 checked, before anything else "
+      "is written; 'never' exits 2 saying what to fetch and where",
+      flag_values=fv)
+
+
+def ensure_data(config, mode: str) -> None:
+  """Downloads a missing downloadable dataset (``mode`` 'auto'), or exits 2
+  in one line saying what to fetch, where to put it, and which datasets need
+  no files."""
+  from ftte_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  name, data_dir = config.data.dataset, config.data.data_dir
+  missing = datasets.missing_files(name, data_dir)
+  if not missing:
+    return
+  root = datasets.default_data_dir(data_dir)
+  no_files = "; --dataset=synthetic and --dataset=tiny need no files"
+  if mode == "never":
+    fail(f"--dataset={name}: {missing[0]} not found and --download=never; "
+         f"{datasets.fetch_hint(name, root)}{no_files}")
+  try:
+    # MNIST's default pool split reads only the test files.
+    datasets.download(name, root, split="test" if name == "mnist" else None)
+  except datasets.DatasetNotFoundError as e:
+    fail(f"--dataset={e.short}{no_files}")
+  except datasets.DatasetFormatError as e:
+    fail(f"--dataset={name}: download refused and deleted: {e}")
+  except OSError as e:
+    fail(f"--dataset={name}: cannot write the data directory {root} "
+         f"({e.strerror}); set --data_dir or $FTTE_DATA_DIR")
+
+
 def define_checkpoint_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   """Registers ``CHECKPOINT_FLAGS``; sweep and compare pass them to runs."""
   flags.DEFINE_integer("checkpoint_every", 25, "save a checkpoint every this "

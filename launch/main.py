@@ -33,6 +33,7 @@ from launch import flags as flags_lib
 
 flags_lib.define_config_flags()
 flags_lib.define_run_flags()
+flags_lib.define_download_flag()
 FLAGS = flags.FLAGS
 
 _OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "checkpoints")
@@ -121,6 +122,9 @@ def main(argv: list[str]) -> None:
   except ValueError as e:
     flags_lib.fail(e)
   config = resolved.config
+  # Before the workdir or the compilation cache: a dataset that can be
+  # neither found nor fetched should leave nothing behind.
+  flags_lib.ensure_data(config, FLAGS.download)
   # Imported after validation: a bad flag should not pay for JAX start-up.
   t_imports = time.perf_counter()
   flags_lib.init_distributed(FLAGS)

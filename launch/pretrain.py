@@ -31,6 +31,7 @@ FLAGS = flags.FLAGS
 
 def _define() -> None:
   flags_lib.define_config_flags()
+  flags_lib.define_download_flag()
   flags.DEFINE_string("out", None, "directory to create for the checkpoint "
                       "(must not exist)", required=True)
 
@@ -51,6 +52,7 @@ def _check(fv: flags.FlagValues):
 
 def _run(fv: flags.FlagValues) -> None:
   config = _check(fv)
+  flags_lib.ensure_data(config, fv.download)  # before --out is created.
   t0 = time.perf_counter()
   # pylint: disable=g-import-not-at-top
   import jax

@@ -137,7 +137,11 @@ def test_download_offline_error_says_what_and_where(tmp_path, monkeypatch):
   msg = str(e.value)
   assert "train-images-idx3-ubyte.gz" in msg
   assert str(tmp_path / "fashion_mnist") in msg
-  assert list((tmp_path / "fashion_mnist").iterdir()) == []  # No partials.
+  short = e.value.short  # what a launcher prints: one line, what and where.
+  assert "\n" not in short and short.startswith(
+      "fashion_mnist: could not be downloaded (network unreachable)")
+  assert f"into {tmp_path / 'fashion_mnist'}" in short
+  assert not (tmp_path / "fashion_mnist").exists()  # No partials, no folder.
   with pytest.raises(ValueError, match="downloadable"):
     D.download("imagenet", tmp_path)
 
@@ -149,6 +153,72 @@ def test_download_rejects_bad_checksum(tmp_path, monkeypatch):
   with pytest.raises(D.DatasetFormatError, match="SHA-256"):
     D.download("mnist", tmp_path)
   assert list((tmp_path / "mnist").iterdir()) == []
+
+
+@pytest.fixture
+def served_mnist(tmp_path, monkeypatch):
+  """REMOTE_FILES['mnist'] pointed at small generated files that a patched
+  urlopen serves (no network); returns the list of URLs fetched."""
+  import io
+  src = tmp_path / "served"
+  src.mkdir()
+  paths = [*mnist_files(src, prefix="train"), *mnist_files(src)]
+  monkeypatch.setitem(D.REMOTE_FILES, "mnist", [
+      (f"mnist/{p.name}", f"https://example.invalid/{p.name}",
+       p.stat().st_size, D.sha256_file(p)) for p in paths])
+  fetched = []
+
+  def urlopen(url, timeout):
+    fetched.append(url)
+    return io.BytesIO((src / "mnist" / url.rsplit("/", 1)[1]).read_bytes())
+  monkeypatch.setattr(D.urllib.request, "urlopen", urlopen)
+  return fetched
+
+
+def test_download_verifies_reports_progress_and_fetches_once(
+    tmp_path, served_mnist, capsys):
+  root = tmp_path / "data"
+  assert len(D.missing_files("mnist", root)) == 2  # the pool split: t10k.
+  assert D.download("mnist", root) == root
+  assert D.missing_files("mnist", root) == []
+  x, y = D.load_mnist(root, split="train")
+  assert x.shape == (6, 28, 28, 1) and len(served_mnist) == 4
+  err = capsys.readouterr().err  # not a terminal: a few plain lines.
+  assert "\r" not in err
+  lines = err.splitlines()
+  assert all(l.startswith("mnist: ") for l in lines) and len(lines) <= 4 * 5
+  assert any(l.startswith("mnist: t10k-images-idx3-ubyte.gz ") and
+             l.endswith(" MB 100%") for l in lines), err
+  D.download("mnist", root)  # verified files are not fetched again.
+  assert len(served_mnist) == 4
+
+
+def test_download_refuses_and_deletes_bad_bytes(tmp_path, served_mnist,
+                                                monkeypatch):
+  rel, url, size, _ = D.REMOTE_FILES["mnist"][2]
+  D.REMOTE_FILES["mnist"][2] = (rel, url, size, "0" * 64)
+  with pytest.raises(D.DatasetFormatError, match="SHA-256"):
+    D.download("mnist", tmp_path / "data", progress=False)
+  # The train files passed; the bad test file is gone, never loadable.
+  assert sorted(p.name for p in (tmp_path / "data" / "mnist").iterdir()) == [
+      "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
+  with pytest.raises(D.DatasetNotFoundError):
+    D.load_mnist(tmp_path / "data", split="test")
+
+
+def test_progress_redraws_one_line_on_a_terminal():
+  import io
+
+  class Tty(io.StringIO):
+    def isatty(self):
+      return True
+  out, stream = io.BytesIO(), Tty()
+  D._copy_with_progress(io.BytesIO(b"x" * 4_200_000), out, "mnist: f.gz",
+                        10_000_000, stream)
+  text = stream.getvalue()
+  assert text.startswith("\rmnist: f.gz 0.0/10.0 MB 0%")
+  assert text.endswith("\rmnist: f.gz 4.2/10.0 MB 42%\n")
+  assert text.count("\n") == 1 and out.getvalue() == b"x" * 4_200_000
 
 
 # ------------------------------------------------------------------ CIFAR

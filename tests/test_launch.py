@@ -285,3 +285,62 @@ def test_npz_dataset_from_the_command_line(tmp_path):
                      "--eval_every=1", f"--workdir={wd}", timeout=300)
   assert code == 0, err
   assert summary(wd)["rounds"] == 2
+
+
+def _fresh_env(tmp_path, offline=True):
+  """No $FTTE_DATA_DIR, an empty user cache, and (offline) no network:
+  sitecustomize makes every urlopen raise, as on an offline machine."""
+  import os
+  env = {k: v for k, v in os.environ.items() if k != "FTTE_DATA_DIR"}
+  env.update(HOME=str(tmp_path / "home"), XDG_CACHE_HOME=str(tmp_path / "c"))
+  if offline:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import urllib.request\n"
+        "def _offline(*a, **k):\n"
+        "  raise OSError('network unreachable')\n"
+        "urllib.request.urlopen = _offline\n")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(site), str(REPO), env.get("PYTHONPATH", "")])
+  return env
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--download=never"], "not found and --download=never"),
+    ([], "could not be downloaded (network unreachable)"),
+])
+def test_missing_dataset_offline_exits_2_in_one_line(tmp_path, args, says):
+  wd = tmp_path / "w"
+  p = launch(*args, f"--workdir={wd}", env=_fresh_env(tmp_path))
+  _, err = p.communicate(timeout=120)
+  assert p.returncode == 2 and "Traceback" not in err
+  (line,) = err.splitlines()
+  cache = tmp_path / "c" / "ftte_jax" / "mnist"
+  assert line.startswith("main.py: error: --dataset=mnist: ") and says in line
+  assert f"https://storage.googleapis.com/cvdf-datasets/mnist/ into {cache}" \
+      in line and "--dataset=synthetic and --dataset=tiny" in line
+  assert not wd.exists() and not cache.exists()
+
+
+def test_ensure_data_downloads_into_the_user_cache(tmp_path, monkeypatch,
+                                                   capsys, mnist_available):
+  # The real files served as if from the network, so the published
+  # SHA-256 sums are checked for real.
+  if not mnist_available:
+    pytest.skip("MNIST absent from FTTE_DATA_DIR")
+  import io
+  from ftte_jax.data import datasets
+  from launch import flags as flags_lib
+  config = flags_lib.resolve_args([]).config  # the default: mnist.
+  flags_lib.ensure_data(config, "never")  # present in $FTTE_DATA_DIR.
+  src = datasets.default_data_dir() / "mnist"
+  monkeypatch.delenv("FTTE_DATA_DIR")
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  monkeypatch.setattr(datasets.urllib.request, "urlopen", lambda url, timeout:
+                      io.BytesIO((src / url.rsplit("/", 1)[1]).read_bytes()))
+  flags_lib.ensure_data(config, "auto")
+  assert datasets.missing_files("mnist") == []
+  assert datasets.load_mnist(split="test")[0].shape == (10000, 28, 28, 1)
+  assert "mnist: t10k-images-idx3-ubyte.gz 1.6/1.6 MB 100%" in \
+      capsys.readouterr().err

@@ -21,6 +21,7 @@ import os
 import pickle
 import shutil
 import struct as _struct
+import sys
 import tarfile
 import tempfile
 import urllib.request
@@ -42,7 +43,15 @@ class DatasetFormatError(ValueError):
 
 
 class DatasetNotFoundError(ValueError):
-  """A dataset file is missing; the message says what to fetch and where."""
+  """A dataset file is missing; the message says what to fetch and where.
+
+  ``short`` says it in one line, for a launcher's error output; the message
+  itself may span lines (every URL, size and checksum).
+  """
+
+  def __init__(self, message: str, short: str | None = None):
+    super().__init__(message)
+    self.short = short or " ".join(message.split())
 
 
 # ----------------------------------------------------------------------------
@@ -140,8 +149,111 @@ def _missing(name: str, path: Path, root: Path) -> DatasetNotFoundError:
   return DatasetNotFoundError("\n".join(lines))
 
 
+def fetch_hint(name: str, data_dir: str | os.PathLike | None = None) -> str:
+  """One line: which files of ``name`` to fetch, from where, into where."""
+  root = default_data_dir(data_dir)
+  files = REMOTE_FILES[name]
+  base = os.path.commonprefix([url for _, url, _, _ in files])
+  base = base[:base.rfind("/") + 1]
+  dest = os.path.commonpath([str(root / rel) for rel, *_ in files])
+  dest = dest if len(files) > 1 else str(Path(dest).parent)
+  hint = (f"fetch {', '.join(url[len(base):] for _, url, _, _ in files)} "
+          f"from {base} into {dest} (SHA-256 in ftte_jax.data.datasets."
+          f"REMOTE_FILES)")
+  if name == "cifar10":
+    hint += " and extract it there"
+  return hint
+
+
+def missing_files(name: str, data_dir: str | os.PathLike | None = None
+                  ) -> list[Path]:
+  """The files ``load_federated``'s default split of ``name`` reads that are
+  absent ([] for datasets that are generated or not downloadable).
+
+  MNIST's default 'pool' split reads only the t10k files; Fashion-MNIST and
+  CIFAR-10 default to 'standard', which reads train and test.
+  """
+  root = default_data_dir(data_dir)
+  if name == "cifar10":
+    folder = root / "cifar-10-batches-py"
+    need = [folder / f"data_batch_{i}" for i in range(1, 6)]
+    need.append(folder / "test_batch")
+  elif name in REMOTE_FILES:
+    need = [root / rel for rel, *_ in REMOTE_FILES[name]
+            if name != "mnist" or "/t10k-" in rel]
+  else:
+    return []
+  return [p for p in need if not p.exists()]
+
+
+def _mb(n: int) -> str:
+  return f"{n / 1e6:.1f}"
+
+
+def _copy_with_progress(src, dst, label: str, total: int, stream) -> None:
+  """Copies ``src`` to ``dst``, reporting progress on ``stream`` (or not).
+
+  On a terminal one line is redrawn in place (\\r); in a log, where
+  redrawing would leave hundreds of lines, a line at 0, 25, 50, 75 and 100%.
+  """
+  tty = stream is not None and getattr(stream, "isatty", lambda: False)()
+  done, shown = 0, None
+
+  def show(final=False):
+    nonlocal shown
+    pct = min(100, 100 * done // total) if total else 100
+    mark = pct if tty else pct // 25 * 25
+    if stream is None or (mark == shown and not (final and tty)):
+      return
+    shown = mark
+    text = f"{label} {_mb(done)}/{_mb(total)} MB {pct}%"
+    if tty:
+      stream.write("\r" + text + ("\n" if final else ""))
+    else:
+      stream.write(text + "\n")
+    stream.flush()
+
+  show()
+  for chunk in iter(lambda: src.read(1 << 16), b""):
+    dst.write(chunk)
+    done += len(chunk)
+    show()
+  show(final=True)
+
+
+def _fetch(name: str, root: Path, rel: str, url: str, size: int, digest: str,
+           timeout_s: float, stream) -> None:
+  """Fetches one file to ``root / rel`` through a temporary file, verified
+  before it takes the file's name."""
+  dest = root / rel
+  created = not dest.parent.exists()
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp:
+    try:
+      with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        length = getattr(resp, "headers", {}).get("Content-Length")
+        _copy_with_progress(resp, tmp, f"{name}: {dest.name}",
+                            int(length) if length else size, stream)
+    except OSError as e:
+      os.unlink(tmp.name)
+      if created and not any(dest.parent.iterdir()):
+        dest.parent.rmdir()  # An offline first use leaves no empty folder.
+      raise DatasetNotFoundError(
+          f"download {name!r}: could not fetch {url} ({e}). Offline, fetch "
+          f"it elsewhere and place it at {dest} (sha256 {digest}).",
+          short=f"{name}: could not be downloaded ({e}); "
+          f"{fetch_hint(name, root)}") from e
+  try:
+    verify_sha256(tmp.name, digest)
+  except DatasetFormatError:
+    os.unlink(tmp.name)  # Never left where a loader would read it.
+    raise
+  os.replace(tmp.name, dest)
+
+
 def download(name: str, data_dir: str | os.PathLike | None = None,
-             timeout_s: float = 60.0) -> Path:
+             timeout_s: float = 60.0, progress: bool = True,
+             split: str | None = None) -> Path:
   """Fetches a dataset into ``data_dir`` and verifies SHA-256 before use.
 
   Files already present with the right checksum are not fetched again. A file
@@ -153,6 +265,10 @@ def download(name: str, data_dir: str | os.PathLike | None = None,
       'cifar10').
     data_dir: target directory (see default_data_dir).
     timeout_s: socket timeout per request.
+    progress: report each file's progress on stderr.
+    split: 'train' or 'test' fetches only that split's files of MNIST or
+      Fashion-MNIST (MNIST's default 'pool' split reads only 'test'); None
+      fetches everything (CIFAR-10 is one archive either way).
 
   Returns:
     The data directory.
@@ -160,27 +276,17 @@ def download(name: str, data_dir: str | os.PathLike | None = None,
   if name not in REMOTE_FILES:
     raise ValueError(f"download: unknown dataset {name!r}; downloadable: "
                      f"{sorted(REMOTE_FILES)}")
+  if split not in (None, "train", "test"):
+    raise ValueError(f"split must be 'train', 'test' or None, got {split!r}")
   root = default_data_dir(data_dir)
-  for rel, url, _, digest in REMOTE_FILES[name]:
-    dest = root / rel
-    if dest.exists() and sha256_file(dest) == digest:
+  stem = {"train": "/train-", "test": "/t10k-"}.get(split, "")
+  for rel, url, size, digest in REMOTE_FILES[name]:
+    if stem not in rel and name != "cifar10":
       continue
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp:
-      try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
-          shutil.copyfileobj(resp, tmp)
-      except OSError as e:
-        os.unlink(tmp.name)
-        raise DatasetNotFoundError(
-            f"download {name!r}: could not fetch {url} ({e}). Offline, fetch "
-            f"it elsewhere and place it at {dest} (sha256 {digest}).") from e
-    try:
-      verify_sha256(tmp.name, digest)
-    except DatasetFormatError:
-      os.unlink(tmp.name)
-      raise
-    os.replace(tmp.name, dest)
+    if (root / rel).exists() and sha256_file(root / rel) == digest:
+      continue
+    _fetch(name, root, rel, url, size, digest, timeout_s,
+           sys.stderr if progress else None)
   if name == "cifar10":
     with tarfile.open(root / REMOTE_FILES[name][0][0], "r:gz") as tar:
       tar.extractall(root, filter="data")
