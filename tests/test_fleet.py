@@ -40,7 +40,7 @@ def test_trace_roundtrip_and_tiers_from_memory(tmp_path):
     ("speed_flops,bw_up,bw_down,memory_bytes,dropout\n1,1,1,1,1.5\n",
      "dropout must be in"),
     ("speed_flops,bw_up,bw_down,memory_bytes,dropout\n1,x,1,1,0\n",
-     "non-numeric"),
+     "line 2: bw_up 'x' is not a number"),
 ])
 def test_bad_trace_files(tmp_path, body, message):
   path = tmp_path / "bad.csv"

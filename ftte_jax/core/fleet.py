@@ -195,40 +195,69 @@ def _draw(config: FleetConfig, n: int, seed: int) -> Fleet:
                task_sigma=jnp.asarray(config.task_sigma, jnp.float32))
 
 
+def _trace_rows(path: str) -> tuple[list[int], list[dict]]:
+  """(line numbers, rows) of a trace CSV; a short or long row, or bytes that
+  are not UTF-8, raise naming the file (and line)."""
+  try:
+    with open(path, newline="", encoding="utf-8") as f:
+      reader = csv.DictReader(f)
+      fields = reader.fieldnames or []
+      missing = [c for c in TRACE_COLUMNS if c not in fields]
+      if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; required "
+                         f"{list(TRACE_COLUMNS)}, optional ['tier']")
+      lines, rows = [], []
+      for r in reader:
+        # DictReader fills a short row with None and keys a long row's
+        # extra cells by None.
+        if None in r or None in r.values():
+          raise ValueError(f"{path}: line {reader.line_num}: the header has "
+                           f"{len(fields)} columns, this row does not")
+        lines.append(reader.line_num)
+        rows.append(r)
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte "
+                     f"{e.start})") from None
+  return lines, rows
+
+
+def _trace_column(path, lines, rows, column, kind=float) -> np.ndarray:
+  """One column as numbers; a bad cell names its file, line and column."""
+  out = []
+  for line, r in zip(lines, rows):
+    try:
+      out.append(kind(r[column]))
+    except ValueError:
+      raise ValueError(f"{path}: line {line}: {column} {r[column]!r} is not "
+                       f"{'an integer' if kind is int else 'a number'}"
+                       ) from None
+  return np.array(out)
+
+
 def read_trace(path: str, task_sigma: float = 0.0,
                num_clients: int | None = None) -> Fleet:
   """Reads a device trace CSV (columns in the module docstring)."""
-  with open(path, newline="") as f:
-    reader = csv.DictReader(f)
-    missing = [c for c in TRACE_COLUMNS if c not in (reader.fieldnames or [])]
-    if missing:
-      raise ValueError(f"{path}: missing column(s) {missing}; required "
-                       f"{list(TRACE_COLUMNS)}, optional ['tier']")
-    rows = list(reader)
+  lines, rows = _trace_rows(path)
   if not rows:
     raise ValueError(f"{path}: no device rows")
   if num_clients is not None and len(rows) != num_clients:
     raise ValueError(f"{path}: has {len(rows)} devices but num_clients is "
                      f"{num_clients}")
-  cols = {}
+  cols = {c: _trace_column(path, lines, rows, c) for c in TRACE_COLUMNS}
+  at = lambda c: lambda i: f"{path}: line {lines[i]}: {c}"
   for c in TRACE_COLUMNS:
-    try:
-      cols[c] = np.array([float(r[c]) for r in rows])
-    except ValueError as e:
-      raise ValueError(f"{path}: column {c!r} has a non-numeric value: {e}")
-    if not np.isfinite(cols[c]).all():
-      raise ValueError(f"{path}: column {c!r} has a non-finite value")
-  for c in ("speed_flops", "bw_up", "bw_down", "memory_bytes"):
-    if (cols[c] <= 0).any():
-      row = int(np.argmax(cols[c] <= 0)) + 2
-      raise ValueError(f"{path}: line {row}: {c} must be > 0")
-  if ((cols["dropout"] < 0) | (cols["dropout"] > 1)).any():
-    row = int(np.argmax((cols["dropout"] < 0) | (cols["dropout"] > 1))) + 2
-    raise ValueError(f"{path}: line {row}: dropout must be in [0, 1]")
+    bad = ~np.isfinite(cols[c])
+    if c != "dropout":
+      bad |= cols[c] <= 0
+    else:
+      bad |= (cols[c] < 0) | (cols[c] > 1)
+    if bad.any():
+      want = "in [0, 1]" if c == "dropout" else "> 0 and finite"
+      raise ValueError(f"{at(c)(int(np.argmax(bad)))} must be {want}")
   if "tier" in rows[0]:
-    tier = np.array([int(r["tier"]) for r in rows], np.int32)
+    tier = _trace_column(path, lines, rows, "tier", int).astype(np.int32)
     if (tier < 0).any():
-      raise ValueError(f"{path}: tier must be >= 0")
+      raise ValueError(f"{at('tier')(int(np.argmax(tier < 0)))} must be >= 0")
   else:
     # Tiers by distinct memory size, smallest first.
     tier = np.unique(cols["memory_bytes"], return_inverse=True)[1].astype(
@@ -236,7 +265,6 @@ def read_trace(path: str, task_sigma: float = 0.0,
   if not (task_sigma >= 0 and math.isfinite(task_sigma)):
     raise ValueError(f"task_sigma must be a finite number >= 0, got "
                      f"{task_sigma!r}")
-  at = lambda c: lambda i: f"{path}: line {i + 2}: {c}"
   return Fleet(speed=_positive_f32(cols["speed_flops"], at("speed_flops")),
                bw_up=_positive_f32(cols["bw_up"], at("bw_up")),
                bw_down=_positive_f32(cols["bw_down"], at("bw_down")),

@@ -109,7 +109,7 @@ def last_n_mask(params: PyTree, n_tensors: int) -> PyTree:
   """
   leaves, treedef = jax.tree.flatten(params)
   if not 1 <= n_tensors <= len(leaves):
-    raise ValueError(f"ftte_last_n_tensors must be in [1, {len(leaves)}], "
+    raise ValueError(f"last_n_tensors must be in [1, {len(leaves)}], "
                      f"got {n_tensors}")
   sel = [jnp.full(x.shape, float(i >= len(leaves) - n_tensors), jnp.float32)
          for i, x in enumerate(leaves)]
