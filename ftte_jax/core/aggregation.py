@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 NORMALIZATIONS = ("coordinate", "damped", "buffer")
@@ -30,9 +31,28 @@ def _rows(leaf: jnp.ndarray) -> jnp.ndarray:
   return leaf.reshape(leaf.shape[0], -1)
 
 
+def check_tiers(tier: jnp.ndarray, num_tiers: int) -> None:
+  """Raises if concrete tier ids fall outside ``[0, num_tiers)``.
+
+  segment_sum drops such a client's weight without a word (and a gather
+  clamps it to another tier's mask). Traced ids, inside the engine's jitted
+  step, are not checked: the engine's MaskPlan assigns them in range, and a
+  device-side check would cost the hot path.
+  """
+  if isinstance(tier, jax.core.Tracer):
+    return
+  t = np.asarray(tier)
+  if t.size and (t.min() < 0 or t.max() >= num_tiers):
+    bad = int(t[(t < 0) | (t >= num_tiers)][0])
+    raise ValueError(f"tier: id {bad} is outside [0, {num_tiers}), the tiers "
+                     "of tier_masks")
+
+
 def tier_weights(weights: jnp.ndarray, tier: jnp.ndarray,
                  num_tiers: int) -> jnp.ndarray:
-  """[T] total weight of the buffer's clients in each tier."""
+  """[T] total weight of the buffer's clients in each tier (ids checked when
+  concrete: ``check_tiers``)."""
+  check_tiers(tier, num_tiers)
   return jax.ops.segment_sum(weights, tier, num_segments=num_tiers)
 
 
@@ -56,6 +76,7 @@ def deviation(deltas: PyTree, tier_masks: PyTree, tier: jnp.ndarray,
   # Masks are 0/1, so (m * mu)^2 = m * mu^2.
   tier_norm = sum(_rows(m) @ (mu ** 2).reshape(-1)
                   for m, mu in zip(leaves(tier_masks), leaves(mean)))
+  check_tiers(tier, tier_norm.shape[0])
   own = tier_norm[tier]
   return jnp.maximum(sq - 2.0 * cross + own, 0.0) / jnp.maximum(own, eps)
 
@@ -115,8 +136,8 @@ def aggregate(deltas: PyTree, tier_masks: PyTree, tier: jnp.ndarray,
       mask; invalid rows must already be finite (zeroed) because their weight
       is 0 and 0 * NaN = NaN.
     tier_masks: leaves [T, ...] in {0, 1}: coordinates each tier trains.
-    tier: [K] int32 tier of each buffered update, in [0, T) (not checked
-      here, inside the jit: the engine's plan guarantees it).
+    tier: [K] int32 tier of each buffered update, in [0, T) (checked when
+      concrete; see ``check_tiers``).
     weights: [K] non-negative ``a_i``; 0 for invalid updates.
     normalization: ``coordinate``: divide each coordinate by the total weight
       of the clients that trained it (FTTE, and FedAvg with full masks);
@@ -139,6 +160,7 @@ def aggregate(deltas: PyTree, tier_masks: PyTree, tier: jnp.ndarray,
   if normalization not in NORMALIZATIONS:
     raise ValueError(f"normalization must be one of {NORMALIZATIONS}, "
                      f"got {normalization!r}")
+  check_tiers(tier, jax.tree.leaves(tier_masks)[0].shape[0])
   if keep is not None:
     den = _denominator_weights(weights, normalization, base_weights)
     return jax.tree.map(
