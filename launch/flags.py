@@ -437,6 +437,8 @@ def _parse_args(args: Sequence[str]) -> flags.FlagValues:
     rest = fv(["resolve"] + list(args))
   except flags.Error as e:
     raise ValueError(one_line(e)) from None
+  except UnicodeDecodeError as e:
+    raise ValueError(_undecodable_flagfile(args, e)) from None
   if len(rest) > 1:
     raise ValueError(f"unexpected positional arguments {rest[1:]}")
   return fv
@@ -478,12 +480,32 @@ def fail(message: BaseException | str) -> typing.NoReturn:
   sys.exit(EXIT_USAGE)
 
 
+def _undecodable_flagfile(args: Sequence[str], error: UnicodeDecodeError
+                          ) -> str:
+  """Names the flagfile among ``args`` that is not UTF-8 (absl reads them
+  as text and lets the codec's error through, naming no file)."""
+  for arg in args:
+    if arg.startswith(("--flagfile=", "-flagfile=")):
+      path = arg.split("=", 1)[1]
+      try:
+        with open(path, encoding="utf-8") as f:
+          f.read()
+      except UnicodeDecodeError as e:
+        return (f"--flagfile={path}: not UTF-8 text ({e.reason} at byte "
+                f"{e.start})")
+      except OSError:
+        continue
+  return f"--flagfile: a flagfile is not UTF-8 text ({error.reason})"
+
+
 def parse_or_exit(argv: list[str]) -> list[str]:
   """``flags_parser`` for ``app.run``: a parse error exits 2 in one line."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
     fail(e)
+  except UnicodeDecodeError as e:
+    fail(_undecodable_flagfile(argv, e))
 
 
 def run_app(define: typing.Callable[[], None],
