@@ -112,8 +112,8 @@ class _QuietLibraries(logging.logging.Filter):
         lib in record.pathname for lib in ("orbax", "xla_bridge"))
 
 
-def main(argv: list[str]) -> None:
-  logging.get_absl_logger().addFilter(_QuietLibraries())
+def _resolved(argv: list[str]) -> flags_lib.Resolved:
+  """The checked config, its data present (exit 2 otherwise)."""
   if len(argv) > 1:
     flags_lib.fail(f"unexpected positional arguments {argv[1:]}; flags are "
                    "written --name=value")
@@ -121,10 +121,16 @@ def main(argv: list[str]) -> None:
     resolved = flags_lib.resolve(FLAGS)
   except ValueError as e:
     flags_lib.fail(e)
-  config = resolved.config
   # Before the workdir or the compilation cache: a dataset that can be
   # neither found nor fetched should leave nothing behind.
-  flags_lib.ensure_data(config, FLAGS.download)
+  flags_lib.ensure_data(resolved.config, FLAGS.download)
+  return resolved
+
+
+def main(argv: list[str]) -> None:
+  logging.get_absl_logger().addFilter(_QuietLibraries())
+  resolved = _resolved(argv)
+  config = resolved.config
   # Imported after validation: a bad flag should not pay for JAX start-up.
   t_imports = time.perf_counter()
   flags_lib.init_distributed(FLAGS)
