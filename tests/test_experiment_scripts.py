@@ -149,3 +149,22 @@ def test_scaling_devices_changes_only_the_device_count():
   assert row["ftte_reduction_vs_fedavg"] == 0.8
   assert row["fedbuff_reduction_vs_fedavg"] is None
   assert row["fedavg_time_to_target_s"] == 10.0
+
+
+def test_robustness_runs_each_cell_and_tables_them():
+  from experiments import robustness
+  cells = robustness.cells(["fedbuff"], ["scale"], ["0.25"], ["none", "median"])
+  assert [(c["fraction"], c["defence"]) for c in cells] == [
+      (0.0, "none"), (0.0, "median"), (0.25, "none"), (0.25, "median")]
+  tiny = ["--dataset=tiny", "--partition=iid", "--num_clients=16",
+          "--concurrency=8", "--buffer_size=4", "--rounds=4", "--eval_every=2",
+          "--proxy_examples=0", "--pretrain_steps=0"]
+  args = robustness.cell_args(tiny, cells[3])
+  assert "--malicious_behavior=scale" in args
+  assert "--robust_aggregation=median" in args
+  rows = [{**c, **robustness.run_cell(robustness.cell_args(tiny, c))}
+          for c in cells[2:]]
+  assert all(r["finite"] for r in rows)
+  assert rows[0]["malicious_clients"] == 4 and rows[1]["values_trimmed"] > 0
+  md = robustness.table(rows, ["none", "median"])
+  assert "| fedbuff | 25% scale |" in md and "every final model finite: yes" in md
