@@ -107,6 +107,33 @@ def _same_updates(args: list[str], shared) -> list[str]:
                  f"--eval_every={scale(shared.eval_every)}"]
 
 
+def run_algorithms(per_alg: dict[str, list[str]], out_dir: str
+                   ) -> tuple[dict[str, dict], dict[str, list[dict]]]:
+  """Runs each algorithm's ``launch.main`` in ``<out_dir>/<algorithm>``
+  (resuming what is there), one after another.
+
+  Returns:
+    ``(summaries, metric rows)`` by algorithm, for the runs that finished;
+    a failed run is logged with its log file and left out.
+  """
+  jobs = [sweep.Job(alg, {"algorithm": alg}, args,
+                    workdir=os.path.abspath(os.path.join(out_dir, alg)))
+          for alg, args in per_alg.items()]
+  sweep.run_jobs(jobs, parallel=1,
+                 extra_args=flags_lib.checkpoint_args(FLAGS))
+  summaries, curves = {}, {}
+  for job in jobs:
+    s = sweep.read_summary(job.workdir)
+    if job.returncode != 0 or s is None:
+      logging.error("%s failed (exit %s): see %s", job.name, job.returncode,
+                    os.path.join(job.workdir, "run.log"))
+      continue
+    summaries[job.name] = s
+    with open(os.path.join(job.workdir, "metrics.jsonl")) as f:
+      curves[job.name] = [json.loads(line) for line in f]
+  return summaries, curves
+
+
 def _ratio(a, b):
   return a / b if isinstance(a, (int, float)) and b else None
 
@@ -185,22 +212,7 @@ def main(argv: list[str]) -> None:
     flags_lib.fail(e)
   out_dir = FLAGS.compare_dir or os.path.join(
       "runs", "compare-" + time.strftime("%Y%m%d-%H%M%S"))
-  jobs = [sweep.Job(alg, {"algorithm": alg}, args,
-                    workdir=os.path.abspath(os.path.join(out_dir, alg)))
-          for alg, args in per_alg.items()]
-  sweep.run_jobs(jobs, parallel=1,
-                 extra_args=flags_lib.checkpoint_args(FLAGS))
-
-  summaries, curves = {}, {}
-  for job in jobs:
-    s = sweep.read_summary(job.workdir)
-    if job.returncode != 0 or s is None:
-      logging.error("%s failed (exit %s): see %s", job.name, job.returncode,
-                    os.path.join(job.workdir, "run.log"))
-      continue
-    summaries[job.name] = s
-    with open(os.path.join(job.workdir, "metrics.jsonl")) as f:
-      curves[job.name] = [json.loads(line) for line in f]
+  summaries, curves = run_algorithms(per_alg, out_dir)
   rows = comparison_rows(summaries)
   target = next((s.get("target_accuracy") for s in summaries.values()), None)
   note = (f"\nTarget accuracy: {target}. speedup_vs_fedavg = 1 - "
@@ -219,7 +231,7 @@ def main(argv: list[str]) -> None:
   print(md, flush=True)
   print(f"written: {os.path.join(out_dir, 'compare.md')}, compare.json"
         f"{', compare.png' if png else ''}")
-  if len(summaries) < len(jobs):
+  if len(summaries) < len(per_alg):
     sys.exit(1)
 
 

@@ -37,7 +37,8 @@ def hand_state(arrival, task_version, version, ring_size=4, params=None):
       client_busy=jnp.ones((c,), bool), client_synced=jnp.ones((c,), bool),
       counters=Counters.create(ring_size),
       plan=masks.full_plan(params, c), key=jax.random.PRNGKey(0),
-      client_applied=jnp.zeros((c,), jnp.int32))
+      client_applied=jnp.zeros((c,), jnp.int32),
+      client_staleness=jnp.zeros((c,), jnp.int32))
 
 
 def test_ring_holds_the_last_s_versions():

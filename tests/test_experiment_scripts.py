@@ -168,3 +168,19 @@ def test_robustness_runs_each_cell_and_tables_them():
   assert rows[0]["malicious_clients"] == 4 and rows[1]["values_trimmed"] > 0
   md = robustness.table(rows, ["none", "median"])
   assert "| fedbuff | 25% scale |" in md and "every final model finite: yes" in md
+
+
+def test_personalization_tables_algorithms_and_tiers():
+  from experiments import personalization
+  tier = {"tier": 0, "devices": 3, "eligible_devices": 0, "update_share": 0.0,
+          "mean_staleness": None}
+  summaries = {"fedavg": {"final_accuracy": 0.9, "time_to_target_s": 5.0,
+                          "personal_tuned_mean": 0.8,
+                          "personal_tuned_p10": 0.5,
+                          "tier_fairness": [tier]}}
+  rows, tiers = personalization.rows_of(summaries)
+  assert rows[0]["tuned_mean"] == 0.8 and rows[0]["mixed_mean"] is None
+  assert tiers == [{"algorithm": "fedavg", "tier": 0, "devices": 3,
+                    "eligible": 0, "update_share": 0.0,
+                    "mean_staleness": None, "global": None, "tuned": None,
+                    "mixed": None}]

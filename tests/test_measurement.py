@@ -47,7 +47,8 @@ def test_fedasync_mixing_follows_xie_et_al():
                   ok=jnp.ones(1, bool)),
       client_busy=jnp.zeros(2, bool), client_synced=jnp.zeros(2, bool),
       counters=Counters.create(8), plan=plan, key=jax.random.PRNGKey(0),
-      client_applied=jnp.zeros(2, jnp.int32))
+      client_applied=jnp.zeros(2, jnp.int32),
+      client_staleness=jnp.zeros(2, jnp.int32))
   s_age = staleness.make_staleness_fn("polynomial", a)
   out = {}
   for rule in ("mixing", "delta"):

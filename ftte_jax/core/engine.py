@@ -741,7 +741,8 @@ def init_state(config: EngineConfig, server_opt: optax.GradientTransformation,
                   arrival=started.arrival, ok=started.ok),
       client_busy=started.busy, client_synced=started.synced,
       counters=counters, plan=plan, key=jnp.asarray(key),
-      client_applied=jnp.zeros((n,), jnp.int32))
+      client_applied=jnp.zeros((n,), jnp.int32),
+      client_staleness=jnp.zeros((n,), jnp.int32))
 
 
 def _arrivals_and_keys(config: EngineConfig, env: Environment,
@@ -841,6 +842,17 @@ def _train_and_aggregate(config: EngineConfig, client_update: Callable,
   return agg, w, loss, defence
 
 
+def _per_client(state: SimState, arrivals: Arrivals, applied: jnp.ndarray
+                ) -> dict:
+  """Per-device tallies: updates applied, and the sum of their ages."""
+  c = arrivals.clients
+  return dict(
+      client_applied=state.client_applied.at[c].add(applied.astype(
+          jnp.int32)),
+      client_staleness=state.client_staleness.at[c].add(
+          jnp.where(applied, arrivals.tau, 0).astype(jnp.int32)))
+
+
 def step_state(config: EngineConfig, client_update: Callable, batching: str,
                s_age: Callable, server_opt: optax.GradientTransformation,
                env: Environment, state: SimState, mesh: Mesh | None = None
@@ -871,8 +883,7 @@ def step_state(config: EngineConfig, client_update: Callable, batching: str,
       params=params, opt_state=opt_state, ring=ring, version=version,
       clock=arrivals.clock, tasks=tasks, client_busy=busy,
       client_synced=synced, counters=counters,
-      client_applied=state.client_applied.at[arrivals.clients].add(
-          (w.valid & (w.weights > 0) & ~refused).astype(jnp.int32)))
+      **_per_client(state, arrivals, w.valid & (w.weights > 0) & ~refused))
   applied = w.valid & (w.weights > 0)
   metrics = {
       "virtual_time_s": arrivals.clock,

@@ -147,3 +147,4 @@ class SimState:
   plan: MaskPlan  # live masks and their costs (a re-search replaces it).
   key: jnp.ndarray  # [2] uint32: the run's root key.
   client_applied: jnp.ndarray  # [N] int32: updates applied from each client.
+  client_staleness: jnp.ndarray  # [N] int32: sum of their staleness tau.

@@ -843,7 +843,7 @@ def load_federated(dataset: str, num_clients: int,
                    partition: str | None = None,
                    seed: int = 0, data_dir: str | os.PathLike | None = None,
                    num_proxy: int = 0, split_seed: int | None = None,
-                   **opts):
+                   holdout_fraction: float = 0.0, **opts):
   """Loads a dataset, splits off a test set, and partitions it across clients.
 
   Datasets and their options:
@@ -879,6 +879,9 @@ def load_federated(dataset: str, num_clients: int,
       common pool.
     split_seed: seeds the test and proxy splits (None: ``seed``), so runs of
       several seeds can share one split and one pretrained model.
+    holdout_fraction: if > 0, each client keeps this share of its examples
+      for its own evaluation, never for training
+      (``partition.split_holdout``).
     **opts: dataset and partition options above.
 
   Returns:
@@ -886,7 +889,9 @@ def load_federated(dataset: str, num_clients: int,
     'num_classes', 'input_shape' (one example, no batch axis), 'partition',
     'num_train', 'num_test', 'num_proxy', 'layout' (see
     client_data.layout_report) and, when ``num_proxy > 0``, 'proxy': the
-    server's ``(x, y)`` numpy arrays.
+    server's ``(x, y)`` numpy arrays; with a hold-out, 'holdout': the
+    clients' held-out slices as a ClientData (client i's rows, as in the
+    training data) and 'num_holdout'.
   """
   if dataset not in DATASETS:
     raise ValueError(f"dataset: unknown {dataset!r}; valid: {list(DATASETS)}")
@@ -915,6 +920,10 @@ def load_federated(dataset: str, num_clients: int,
     # fold a constant into the seed so partition and hold-out draw differently.
     parts = partition_lib.make_partition(partition, ytr, num_clients,
                                          seed + 7919, **part_opts)
+  held = None
+  if holdout_fraction:
+    parts, held = partition_lib.split_holdout(parts, holdout_fraction,
+                                              seed + 15485863)
   cd = client_data_lib.from_partition(xtr, ytr, parts, seed=seed + 104729)
   info = {"name": dataset, "num_classes": int(num_classes),
           "input_shape": tuple(int(s) for s in xtr.shape[1:]),
@@ -923,4 +932,8 @@ def load_federated(dataset: str, num_clients: int,
           "layout": client_data_lib.layout_report(cd)}
   if proxy is not None:
     info["proxy"] = tuple(proxy)
+  if held is not None:
+    info["holdout"] = client_data_lib.from_partition(xtr, ytr, held,
+                                                     seed=seed + 104729)
+    info["num_holdout"] = int(sum(len(h) for h in held))
   return cd, (xte, yte), info

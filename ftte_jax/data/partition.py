@@ -272,3 +272,42 @@ def mean_tv_distance(labels: np.ndarray, parts: Sequence[np.ndarray],
   glob = np.bincount(np.asarray(labels), minlength=num_classes) / len(labels)
   p = hist / hist.sum(axis=1, keepdims=True)
   return float(np.mean(0.5 * np.abs(p - glob).sum(axis=1)))
+
+
+def split_holdout(parts: Sequence[np.ndarray], fraction: float, seed: int
+                  ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+  """Each client's held-out slice: examples it keeps for its own evaluation.
+
+  Client i holds out ``round(fraction * u_i)`` of its ``u_i`` distinct
+  examples, at least 1 and at most ``u_i - 1``, chosen by ``seed``. Every
+  occurrence of a held-out example leaves training (a ``sampled`` partition
+  may list one example twice), so the two slices never share an example.
+
+  Args:
+    parts: the partition, one index array per client.
+    fraction: in (0, 1).
+    seed: seeds the choice.
+
+  Returns:
+    ``(train_parts, held_parts)``.
+
+  Raises:
+    ValueError: a client has fewer than 2 distinct examples.
+  """
+  if not 0 < fraction < 1:
+    raise ValueError(f"holdout_fraction must be in (0, 1), got {fraction!r}")
+  rng = np.random.default_rng(seed)
+  train, held = [], []
+  for i, p in enumerate(parts):
+    p = np.asarray(p)
+    distinct = np.unique(p)
+    if distinct.size < 2:
+      raise ValueError(f"holdout_fraction: client {i} has {distinct.size} "
+                       "distinct example(s); a held-out slice needs at least "
+                       "2 (one to train, one to evaluate)")
+    n_held = int(np.clip(round(fraction * distinct.size), 1,
+                         distinct.size - 1))
+    out = rng.choice(distinct, n_held, replace=False)
+    held.append(np.sort(out))
+    train.append(p[~np.isin(p, out)])
+  return train, held

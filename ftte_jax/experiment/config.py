@@ -72,6 +72,11 @@ class DataConfig:
       "(the proxy set: central pretraining, launch.pretrain, and "
       "importance=proxy); disjoint from every client's data and from the "
       "test set. 0: none")
+  holdout_fraction: float = option(
+      0.0, low=0, high=1, high_inclusive=False,
+      help="share of each client's examples it holds out for its own "
+      "(personalized) evaluation and never trains on; 0: no per-device "
+      "evaluation")
   split_seed: int | None = option(
       None, low=0,
       help="seed of the test and proxy splits (None: the run's seed), so "
@@ -231,6 +236,19 @@ class ExperimentConfig:
   seed: int = option(
       0, low=0,
       help="the one root seed (data split, partition, fleet, init, engine)")
+  personal_eval_clients: int = option(
+      0, low=0,
+      help="devices evaluated on their held-out slices at every evaluation "
+      "(a fixed random sample, drawn by the seed); 0: every device. Needs "
+      "holdout_fraction > 0")
+  personal_steps: int = option(
+      5, low=0,
+      help="local fine-tuning steps before the personalized evaluation, "
+      "within each device's own mask (its memory budget)")
+  personal_mix: float = option(
+      0.5, low=0, high=1,
+      help="the interpolated model's weight on the fine-tuned one: "
+      "mix * fine-tuned + (1 - mix) * global, evaluated beside both")
   on_divergence: str = option(
       "stop", choices=("stop", "skip"),
       help="when a server step's result would be non-finite (the step is "
@@ -287,6 +305,12 @@ def validate(config: ExperimentConfig) -> None:
                      "and no other dataset takes one (got dataset="
                      f"{config.data.dataset!r}, npz_path="
                      f"{config.data.npz_path!r})")
+  if config.personal_eval_clients and not config.data.holdout_fraction:
+    raise ValueError("personal_eval_clients needs holdout_fraction > 0 (the "
+                     "held-out slices it evaluates on)")
+  if config.personal_eval_clients > config.data.num_clients:
+    raise ValueError(f"personal_eval_clients ({config.personal_eval_clients})"
+                     f" exceeds num_clients ({config.data.num_clients})")
   if config.pretrain.steps and not config.data.proxy_examples:
     raise ValueError("pretrain_steps needs a proxy set to train on: set "
                      "proxy_examples > 0")

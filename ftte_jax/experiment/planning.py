@@ -35,7 +35,7 @@ from ftte_jax.search import memory as memory_lib
 from ftte_jax.search import plan as plan_lib
 
 # Named streams of the run's root key (fold_in(root, name)).
-KEY_PARAMS, KEY_ENGINE, KEY_PROBE, KEY_PRETRAIN = 0, 1, 2, 3
+KEY_PARAMS, KEY_ENGINE, KEY_PROBE, KEY_PRETRAIN, KEY_PERSONAL = 0, 1, 2, 3, 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +82,9 @@ class Setup:
   # The server's proxy set (x, y), disjoint from clients and test; None
   # when DataConfig.proxy_examples is 0.
   proxy: tuple[np.ndarray, np.ndarray] | None = None
+  # Each client's held-out slice (rows by client, as ``data``); None when
+  # DataConfig.holdout_fraction is 0.
+  holdout: client_data_lib.ClientData | None = None
   # Where the starting parameters came from (pretrain.initial_params).
   init_report: dict = dataclasses.field(default_factory=dict)
   # Wall seconds of each start-up phase: data (load and partition), model
@@ -113,7 +116,8 @@ def load_data(config: ExperimentConfig):
   return datasets.load_federated(d.dataset, d.num_clients, partition,
                                  seed=config.seed, data_dir=d.data_dir,
                                  num_proxy=d.proxy_examples,
-                                 split_seed=d.split_seed, **opts)
+                                 split_seed=d.split_seed,
+                                 holdout_fraction=d.holdout_fraction, **opts)
 
 
 def client_optimizer(config: ExperimentConfig) -> optax.GradientTransformation:
@@ -218,6 +222,7 @@ def make_setup(config: ExperimentConfig) -> Setup:
           else None)
   data, (x_test, y_test), data_info = load_data(config)
   proxy = data_info.pop("proxy", None)
+  holdout = data_info.pop("holdout", None)
   test = (jnp.asarray(x_test, jnp.float32), jnp.asarray(y_test, jnp.int32))
   clock.lap("data_s")
   root = jax.random.PRNGKey(config.seed)
@@ -244,7 +249,8 @@ def make_setup(config: ExperimentConfig) -> Setup:
   return Setup(config=config, data=data, test=test, data_info=data_info,
                model=model, fleet=fleet, fleet_memory_tiers=tiers, plan=plan,
                plan_report=report, probe=probe, proxy=proxy,
-               init_report=init_report, phases=clock.phases)
+               holdout=holdout, init_report=init_report,
+               phases=clock.phases)
 
 
 class _PhaseClock:

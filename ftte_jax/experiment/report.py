@@ -132,7 +132,37 @@ def summary(config, setup, env, info: dict, state: engine.SimState,
             "values_robust"):
     out[k] = counters[k]
   out.update(_defences(config, env, state))
+  out["tier_fairness"] = tier_fairness(env, state, history)
+  for k, v in history[-1].items():
+    if k.startswith("personal_"):
+      out[k] = v
   return out
+
+
+def tier_fairness(env, state: engine.SimState, history: list[dict]
+                  ) -> list[dict]:
+  """Per memory tier (``Fleet.tier``): devices, eligible devices, the share
+  of applied updates it contributed, their mean staleness and, with a
+  per-device evaluation, its devices' mean accuracies (last evaluation)."""
+  tier = np.asarray(env.fleet.tier)
+  applied = np.asarray(state.client_applied, np.int64)
+  ages = np.asarray(state.client_staleness, np.int64)
+  eligible = np.asarray(env.eligible)
+  total = max(int(applied.sum()), 1)
+  personal = {r["tier"]: r for r in history[-1].get("personal_tiers", [])}
+  rows = []
+  for t in np.unique(tier):
+    on = tier == t
+    n = int(applied[on].sum())
+    row = {"tier": int(t), "devices": int(on.sum()),
+           "eligible_devices": int(eligible[on].sum()),
+           "update_share": n / total, "device_share": float(on.mean()),
+           "mean_staleness": float(ages[on].sum()) / n if n else None}
+    for kind in ("global", "tuned", "mixed"):
+      if int(t) in personal:
+        row[f"personal_{kind}"] = personal[int(t)][kind]
+    rows.append(row)
+  return rows
 
 
 def _defences(config, env, state: engine.SimState) -> dict:

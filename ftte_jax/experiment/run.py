@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from ftte_jax.core import client
 from ftte_jax.core import engine
+from ftte_jax.core import personal
 from ftte_jax.experiment import planning
 from ftte_jax.experiment import report
 from ftte_jax.experiment.config import ExperimentConfig
@@ -41,6 +42,10 @@ class Experiment:
   steps_fn: Callable = dataclasses.field(init=False)
   eval_fn: Callable = dataclasses.field(init=False)
   test: tuple = dataclasses.field(init=False)  # (x, y), placed like env.
+  # Per-device evaluation (holdout_fraction > 0): the jitted function, the
+  # held-out slices and the devices evaluated; None without a hold-out.
+  personal_fn: Callable | None = dataclasses.field(init=False, default=None)
+  personal_args: tuple = dataclasses.field(init=False, default=())
 
   def __post_init__(self):
     # With a virtual-time budget a step may have to be undone (exact
@@ -54,6 +59,38 @@ class Experiment:
     # Chunks undo a step past the budget themselves: always donated.
     self.steps_fn = jax.jit(self.sim.steps, donate_argnums=1)
     self.eval_fn = jax.jit(self.sim.evaluate)
+    if self.setup.holdout is not None:
+      self._build_personal()
+
+  def _build_personal(self) -> None:
+    """The jitted per-device evaluation over the fixed evaluated devices."""
+    cfg, holdout = self.config, self.setup.holdout
+    clients = personal.sample_clients(holdout.num_clients,
+                                      cfg.personal_eval_clients, cfg.seed)
+    update = client.make_client_update(
+        self.setup.model.apply_fn, cfg.engine.batch_size, self.setup.model.tx,
+        max(cfg.personal_steps, 1))
+    self.personal_fn = jax.jit(personal.make_personal_eval(
+        self.setup.model.apply_fn, update, cfg.personal_steps,
+        cfg.personal_mix,
+        int(np.asarray(holdout.counts)[clients].max()),
+        # One device at a time on CPU, where vmapped per-device weights run
+        # as slow batched matmuls (experiments/benchmarks/personal_eval.py).
+        chunk=1 if jax.default_backend() == "cpu" else 64))
+    self.personal_args = self.place((holdout, jax.numpy.asarray(clients)))
+
+  def evaluate_personal(self, state: engine.SimState) -> dict:
+    """Per-device accuracies at ``state`` (``personal.summarize``); {}
+    without a hold-out."""
+    if self.personal_fn is None:
+      return {}
+    key = jax.random.fold_in(jax.random.fold_in(
+        jax.random.PRNGKey(self.config.seed), planning.KEY_PERSONAL),
+        int(state.version))
+    scores = self.personal_fn(key, state.params, state.plan.masks,
+                              state.plan.client_tier, self.env.data,
+                              *self.personal_args)
+    return personal.summarize(scores, np.asarray(self.env.fleet.tier))
 
   @property
   def config(self) -> ExperimentConfig:
@@ -232,7 +269,7 @@ class Experiment:
       evaluation = self.evaluate(state.params)
       hit = evaluation["test_accuracy"] >= cfg.target_accuracy
       if hit or regular:
-        log(state, evaluation, crossing=hit)
+        log(state, evaluation, crossing=hit, personal=regular)
     elif regular:
       log(state)
     return state
@@ -274,10 +311,13 @@ class _Log:
   def start_loop(self):
     self.t_loop = time.perf_counter()
 
-  def __call__(self, state, evaluation=None, crossing=False) -> dict:
+  def __call__(self, state, evaluation=None, crossing=False,
+               personal=True) -> dict:
     row = report.counters_row(state)
     row.pop("staleness_hist")
     row.update(evaluation or self.exp.evaluate(state.params))
+    if personal:
+      row.update(self.exp.evaluate_personal(state))
     if crossing:
       row["crossing"] = True
     now = time.perf_counter()
