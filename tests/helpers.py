@@ -54,15 +54,21 @@ def make_dataset(num_clients=8, per_client=24, dim=6, classes=4, seed=0,
   return x, y, client_data.from_partition(x, y, parts)
 
 
-def const_fleet(n, speed=1e6, memory=1e12, dropout=0.0, sigma=0.0):
-  """A fleet with fast links and the given speed/memory/dropout per device."""
+def const_fleet(n, speed=1e6, memory=1e12, dropout=0.0, sigma=0.0,
+                j_per_flop=0.0, j_per_byte_up=0.0, j_per_byte_down=0.0,
+                idle_w=0.0):
+  """A fleet with fast links and the given speed/memory/dropout per device
+  (energy constants: zero unless given)."""
   speed = np.broadcast_to(np.asarray(speed, np.float32), (n,))
+  full = lambda v: jnp.broadcast_to(jnp.asarray(v, jnp.float32), (n,))
   return Fleet(speed=jnp.asarray(speed), bw_up=jnp.full(n, 1e9, jnp.float32),
                bw_down=jnp.full(n, 1e9, jnp.float32),
                memory=jnp.full(n, memory, jnp.float32),
-               dropout=jnp.broadcast_to(jnp.asarray(dropout, jnp.float32), (n,)),
-               tier=jnp.zeros(n, jnp.int32),
-               task_sigma=jnp.asarray(sigma, jnp.float32))
+               dropout=full(dropout), tier=jnp.zeros(n, jnp.int32),
+               task_sigma=jnp.asarray(sigma, jnp.float32),
+               j_per_flop=full(j_per_flop),
+               j_per_byte_up=full(j_per_byte_up),
+               j_per_byte_down=full(j_per_byte_down), idle_w=full(idle_w))
 
 
 def build_engine(config, apply, params, data, fleet, plan=None, seed=1):

@@ -12,8 +12,29 @@ Trace CSV format: a header row, then one row per device, with columns
   ``memory_bytes``    memory available for training, bytes (> 0)
   ``dropout``         probability a task is abandoned, in [0, 1]
   ``tier``            (optional) integer memory tier label >= 0
+  ``j_per_flop``      (optional) compute energy, J/FLOP (>= 0)
+  ``j_per_byte_up``   (optional) radio energy per byte sent, J (>= 0)
+  ``j_per_byte_down`` (optional) radio energy per byte received, J (>= 0)
+  ``idle_w``          (optional) power while a task waits, W (>= 0)
+  ``battery_j``       (optional) battery capacity, J (> 0); turns batteries on
 
-Extra columns (e.g. a device id) are ignored.
+Extra columns (e.g. a device id) are ignored. An energy column that is
+absent takes the ``FleetConfig`` value of the device's tier.
+
+Energy defaults are order-of-magnitude figures from published measurements
+(docs/design.md, "Energy and batteries", cites each):
+
+  compute, phone-class CPU  ~1e-10 J/FLOP (a few W at tens of GFLOP/s)
+  compute, microcontroller  ~1e-9 J/FLOP (Cortex-M class, ~0.1-0.3 nJ per
+                            cycle, under one FLOP per cycle)
+  Wi-Fi                     ~7e-6 J/byte (0.007 J/KB, Balasubramanian et al.,
+                            IMC 2009)
+  3G cellular               ~2.5e-5 J/byte (0.025 J/KB, same study; LTE is of
+                            the same order, Huang et al., MobiSys 2012)
+  BLE                       ~1.2e-6 J/byte (about 0.15 uJ/bit, Siekkinen et
+                            al., 2012)
+  idle, awake small device  ~0.1 W (tens to hundreds of mW with the radio
+                            associated, Carroll and Heiser, USENIX ATC 2010)
 """
 
 from __future__ import annotations
@@ -34,6 +55,23 @@ from ftte_jax.core import options
 from ftte_jax.core.options import option
 
 TRACE_COLUMNS = ("speed_flops", "bw_up", "bw_down", "memory_bytes", "dropout")
+# Optional per-device energy columns, each with its FleetConfig field.
+ENERGY_COLUMNS = {"j_per_flop": "energy_j_per_flop",
+                  "j_per_byte_up": "energy_j_per_byte_up",
+                  "j_per_byte_down": "energy_j_per_byte_down",
+                  "idle_w": "energy_idle_w"}
+
+# Stream of the battery draw: default_rng([seed, _BATTERY_STREAM]).
+_BATTERY_STREAM = 0xBA77
+
+# Order-of-magnitude energy constants (module docstring and docs/design.md
+# give their sources). The defaults are a phone-class device on Wi-Fi.
+J_PER_FLOP_PHONE = 1e-10
+J_PER_FLOP_MCU = 1e-9
+J_PER_BYTE_WIFI = 7e-6
+J_PER_BYTE_3G = 2.5e-5
+J_PER_BYTE_BLE = 1.2e-6
+IDLE_W_SMALL = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +121,32 @@ class FleetConfig:
   malicious_noise_std: float = option(
       1.0, low=0, low_inclusive=False,
       help="malicious_behavior='noise': std of the Gaussian sent instead")
+  energy_j_per_flop: Sequence[float] = option(
+      (J_PER_FLOP_PHONE,), low=0, nonempty=True,
+      help="compute energy, J per FLOP: one value per memory tier, or one "
+      "for every tier (default: phone-class CPU; ~1e-9 is a microcontroller)")
+  energy_j_per_byte_up: Sequence[float] = option(
+      (J_PER_BYTE_WIFI,), low=0, nonempty=True,
+      help="radio energy per byte sent, J: per memory tier or one for all "
+      "(default: Wi-Fi; ~2.5e-5 cellular, ~1.2e-6 BLE)")
+  energy_j_per_byte_down: Sequence[float] = option(
+      (J_PER_BYTE_WIFI,), low=0, nonempty=True,
+      help="radio energy per byte received, J: per memory tier or one for "
+      "all (default: Wi-Fi)")
+  energy_idle_w: Sequence[float] = option(
+      (IDLE_W_SMALL,), low=0, nonempty=True,
+      help="power (W) while a task waits without computing or "
+      "communicating: per memory tier or one for all")
+  battery_mean_j: float | None = option(
+      None, low=0, low_inclusive=False,
+      help="mean battery capacity (J), drawn lognormal per device; a device "
+      "whose energy spent passes its capacity plus its recharge leaves the "
+      "fleet; None: no batteries")
+  battery_sigma: float = option(
+      0.0, low=0, help="lognormal sigma of battery capacities")
+  battery_recharge_j_per_h: float = option(
+      0.0, low=0,
+      help="energy each battery gains per virtual hour (needs batteries)")
   trace_path: str | None = option(
       None, help="CSV trace with one row per device (see ftte_jax.core.fleet); "
       "replaces the drawn profiles")
@@ -99,6 +163,13 @@ class Fleet:
   dropout: jnp.ndarray  # [N] float32 probability a task is abandoned.
   tier: jnp.ndarray  # [N] int32 memory tier label.
   task_sigma: jnp.ndarray  # [] float32 lognormal sigma of task jitter.
+  j_per_flop: jnp.ndarray  # [N] float32 J per FLOP of training.
+  j_per_byte_up: jnp.ndarray  # [N] float32 J per byte sent.
+  j_per_byte_down: jnp.ndarray  # [N] float32 J per byte received.
+  idle_w: jnp.ndarray  # [N] float32 W while a task waits.
+  # [N] float32 battery capacity, J; None: no batteries.
+  battery_j: jnp.ndarray | None = None
+  recharge_w: jnp.ndarray | None = None  # [] float32 J/s; with batteries.
   # [N] bool malicious devices; None (and attack None) when there are none.
   malicious: jnp.ndarray | None = None
   attack: adversary.Attack | None = struct.field(pytree_node=False,
@@ -116,6 +187,14 @@ def validate(config: FleetConfig) -> None:
     if not os.path.isfile(config.trace_path):
       raise ValueError(f"trace_path: no such file {config.trace_path!r}")
     return
+  for name in ENERGY_COLUMNS.values():
+    values = getattr(config, name)
+    if len(values) not in (1, len(config.memory_tiers)):
+      raise ValueError(f"{name} must have one entry, or one per memory tier "
+                       f"({len(config.memory_tiers)}), got {list(values)}")
+  if config.battery_recharge_j_per_h > 0 and config.battery_mean_j is None:
+    raise ValueError("battery_recharge_j_per_h needs batteries: set "
+                     "battery_mean_j (or a battery_j trace column)")
   if config.tier_probs:
     p = np.asarray(config.tier_probs, np.float64)
     if p.shape != (len(config.memory_tiers),) or not abs(p.sum() - 1) < 1e-6:
@@ -150,10 +229,62 @@ def make_fleet(config: FleetConfig, num_clients: int, seed: int) -> Fleet:
     raise ValueError(f"num_clients must be an integer >= 1, got "
                      f"{num_clients!r}")
   if config.trace_path is not None:
-    return with_attackers(
-        read_trace(config.trace_path, config.task_sigma, num_clients),
-        config, seed)
-  return with_attackers(_draw(config, int(num_clients), seed), config, seed)
+    fleet = read_trace(config.trace_path, config.task_sigma, num_clients,
+                       config)
+  else:
+    fleet = _draw(config, int(num_clients), seed)
+  return with_attackers(with_batteries(fleet, config, seed), config, seed)
+
+
+def _per_tier(config: FleetConfig, name: str, tier: np.ndarray,
+              where: str) -> np.ndarray:
+  """[N] float64: option ``name`` (one value, or one per tier) by tier."""
+  values = np.asarray(getattr(config, name), np.float64)
+  if values.size == 1:
+    return np.full(tier.shape, values[0])
+  if tier.size and tier.max() >= values.size:
+    raise ValueError(f"{name} has {values.size} entries but {where} has "
+                     f"tier {int(tier.max())}; give one entry per tier or one "
+                     "for all")
+  return values[tier]
+
+
+def energy_fields(config: FleetConfig, tier: np.ndarray,
+                  where: str = "the fleet",
+                  given: dict | None = None) -> dict:
+  """The Fleet's [N] float32 energy arrays: ``given`` per-device columns
+  (trace), else the config's per-tier values."""
+  given = given or {}
+  out = {}
+  for column, name in ENERGY_COLUMNS.items():
+    v = given.get(column)
+    v = _per_tier(config, name, tier, where) if v is None else v
+    out[column] = jnp.asarray(np.asarray(v, np.float64).astype(np.float32))
+  return out
+
+
+def with_batteries(fleet: Fleet, config: FleetConfig, seed: int) -> Fleet:
+  """``fleet`` with capacities drawn from ``battery_mean_j`` (lognormal with
+  that mean) unless a trace gave them, and the recharge rate.
+
+  The draw uses its own stream, so other draws do not move.
+  """
+  battery = fleet.battery_j
+  if config.battery_mean_j is not None and battery is None:
+    s = config.battery_sigma
+    rng = np.random.default_rng([seed, _BATTERY_STREAM])
+    # Lognormal with mean battery_mean_j: mu = log(mean) - s^2 / 2.
+    cap = rng.lognormal(math.log(config.battery_mean_j) - s * s / 2, s,
+                        fleet.num_clients)
+    battery = _positive_f32(cap, lambda i: "battery_mean_j and battery_sigma "
+                            "give a battery capacity")
+  if battery is None:
+    if config.battery_recharge_j_per_h > 0:
+      raise ValueError("battery_recharge_j_per_h needs batteries: set "
+                       "battery_mean_j (or a battery_j trace column)")
+    return fleet
+  return fleet.replace(battery_j=battery, recharge_w=jnp.asarray(
+      config.battery_recharge_j_per_h / 3600.0, jnp.float32))
 
 
 def with_attackers(fleet: Fleet, config: FleetConfig, seed: int) -> Fleet:
@@ -192,7 +323,8 @@ def _draw(config: FleetConfig, n: int, seed: int) -> Fleet:
                    "times full training memory) give a device memory"),
                dropout=jnp.full(n, config.dropout, jnp.float32),
                tier=jnp.asarray(tier),
-               task_sigma=jnp.asarray(config.task_sigma, jnp.float32))
+               task_sigma=jnp.asarray(config.task_sigma, jnp.float32),
+               **energy_fields(config, tier))
 
 
 def _trace_rows(path: str) -> tuple[list[int], list[dict]]:
@@ -205,7 +337,8 @@ def _trace_rows(path: str) -> tuple[list[int], list[dict]]:
       missing = [c for c in TRACE_COLUMNS if c not in fields]
       if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; required "
-                         f"{list(TRACE_COLUMNS)}, optional ['tier']")
+                         f"{list(TRACE_COLUMNS)}, optional "
+                         f"{['tier', *ENERGY_COLUMNS, 'battery_j']}")
       lines, rows = [], []
       for r in reader:
         # DictReader fills a short row with None and keys a long row's
@@ -234,9 +367,32 @@ def _trace_column(path, lines, rows, column, kind=float) -> np.ndarray:
   return np.array(out)
 
 
+def _trace_energy(path, lines, rows) -> tuple[dict, jnp.ndarray | None]:
+  """The optional energy columns present, and ``battery_j`` (None if absent);
+  a negative or non-finite value (a capacity <= 0) names file and line."""
+  given, battery = {}, None
+  for column in (*ENERGY_COLUMNS, "battery_j"):
+    if column not in rows[0]:
+      continue
+    v = _trace_column(path, lines, rows, column)
+    bad = ~np.isfinite(v) | (v <= 0 if column == "battery_j" else v < 0)
+    if bad.any():
+      want = "> 0 and finite" if column == "battery_j" else ">= 0 and finite"
+      raise ValueError(f"{path}: line {lines[int(np.argmax(bad))]}: {column} "
+                       f"must be {want}")
+    if column == "battery_j":
+      battery = _positive_f32(
+          v, lambda i: f"{path}: line {lines[i]}: battery_j")
+    else:
+      given[column] = v
+  return given, battery
+
+
 def read_trace(path: str, task_sigma: float = 0.0,
-               num_clients: int | None = None) -> Fleet:
-  """Reads a device trace CSV (columns in the module docstring)."""
+               num_clients: int | None = None,
+               config: FleetConfig | None = None) -> Fleet:
+  """Reads a device trace CSV (columns in the module docstring); energy
+  columns it lacks come from ``config``'s per-tier values."""
   lines, rows = _trace_rows(path)
   if not rows:
     raise ValueError(f"{path}: no device rows")
@@ -265,10 +421,13 @@ def read_trace(path: str, task_sigma: float = 0.0,
   if not (task_sigma >= 0 and math.isfinite(task_sigma)):
     raise ValueError(f"task_sigma must be a finite number >= 0, got "
                      f"{task_sigma!r}")
+  given, battery = _trace_energy(path, lines, rows)
   return Fleet(speed=_positive_f32(cols["speed_flops"], at("speed_flops")),
                bw_up=_positive_f32(cols["bw_up"], at("bw_up")),
                bw_down=_positive_f32(cols["bw_down"], at("bw_down")),
                memory=_positive_f32(cols["memory_bytes"], at("memory_bytes")),
                dropout=jnp.asarray(cols["dropout"], jnp.float32),
                tier=jnp.asarray(tier),
-               task_sigma=jnp.asarray(task_sigma, jnp.float32))
+               task_sigma=jnp.asarray(task_sigma, jnp.float32),
+               battery_j=battery,
+               **energy_fields(config or FleetConfig(), tier, path, given))
