@@ -33,12 +33,15 @@ def hand_state(arrival, task_version, version, ring_size=4, params=None):
       tasks=Tasks(client=jnp.arange(c, dtype=jnp.int32),
                   version=jnp.asarray(task_version, jnp.int32),
                   arrival=jnp.asarray(arrival, jnp.float32),
-                  ok=jnp.asarray([True, False] + [True] * (c - 2))),
+                  ok=jnp.asarray([True, False] + [True] * (c - 2)),
+                  energy=jnp.zeros((c,), jnp.float32)),
       client_busy=jnp.ones((c,), bool), client_synced=jnp.ones((c,), bool),
       counters=Counters.create(ring_size),
       plan=masks.full_plan(params, c), key=jax.random.PRNGKey(0),
       client_applied=jnp.zeros((c,), jnp.int32),
-      client_staleness=jnp.zeros((c,), jnp.int32))
+      client_staleness=jnp.zeros((c,), jnp.int32),
+      client_energy=jnp.zeros((c,), jnp.float32),
+      client_depleted_at=jnp.full((c,), jnp.inf, jnp.float32))
 
 
 def test_ring_holds_the_last_s_versions():
@@ -103,7 +106,8 @@ def test_train_buffer_trains_from_the_pulled_version_and_zeroes_nonfinite():
   arrivals = engine.Arrivals(
       slots=jnp.arange(3), clients=jnp.arange(3), tau=jnp.zeros(3, jnp.int32),
       ok=jnp.ones(3, bool), fresh=jnp.ones(3, bool),
-      ring_slot=jnp.asarray([0, 1, 1]), clock=jnp.asarray(0.0))
+      ring_slot=jnp.asarray([0, 1, 1]), clock=jnp.asarray(0.0),
+      filled=jnp.ones(3, bool))
   for batching in ("map", "vmap"):
     delta, _, finite = engine.train_buffer(
         fake_update, batching, env, plan, ring,
@@ -123,7 +127,7 @@ def test_weigh_updates_data_size_age_and_validity():
       slots=jnp.arange(3), clients=jnp.arange(3),
       tau=jnp.asarray([0, 3, 8]), ok=jnp.asarray([True, True, True]),
       fresh=jnp.asarray([True, True, True]), ring_slot=jnp.zeros(3, jnp.int32),
-      clock=jnp.asarray(0.0))
+      clock=jnp.asarray(0.0), filled=jnp.ones(3, bool))
   w = engine.weigh_updates(
       config, staleness.make_staleness_fn("polynomial", 0.5),
       {"w": jnp.ones((3, 2))}, plan, jnp.zeros(3, jnp.int32),
@@ -215,7 +219,8 @@ def test_count_adds_one_step():
       slots=jnp.arange(3), clients=jnp.arange(3), tau=jnp.asarray([0, 2, 6]),
       ok=jnp.asarray([True, True, False]),
       fresh=jnp.asarray([True, True, True]),
-      ring_slot=jnp.zeros(3, jnp.int32), clock=jnp.asarray(0.0))
+      ring_slot=jnp.zeros(3, jnp.int32), clock=jnp.asarray(0.0),
+      filled=jnp.ones(3, bool))
   w = engine.Weights(valid=jnp.asarray([True, False, False]),
                      base=jnp.asarray([1.0, 0.0, 0.0]),
                      weights=jnp.asarray([1.0, 0.0, 0.0]))
@@ -323,7 +328,8 @@ def test_variance_weight_survives_huge_finite_updates():
   arrivals = engine.Arrivals(
       slots=jnp.arange(3), clients=jnp.arange(3), tau=jnp.zeros(3, jnp.int32),
       ok=jnp.ones(3, bool), fresh=jnp.ones(3, bool),
-      ring_slot=jnp.zeros(3, jnp.int32), clock=jnp.asarray(0.0))
+      ring_slot=jnp.zeros(3, jnp.int32), clock=jnp.asarray(0.0),
+      filled=jnp.ones(3, bool))
   small = jnp.asarray([[1.0, 2.0, 0.0], [1.0, 2.5, 0.0], [-3.0, 0.0, 1.0]])
   s_age = staleness.make_staleness_fn("polynomial", 0.5)
   args = (plan, jnp.zeros(3, jnp.int32), jnp.asarray([2, 2, 2]), arrivals,

@@ -37,18 +37,20 @@ def test_fedasync_mixing_follows_xie_et_al():
   arrivals = engine.Arrivals(
       slots=jnp.zeros(1, jnp.int32), clients=jnp.zeros(1, jnp.int32),
       tau=jnp.asarray([tau]), ok=jnp.ones(1, bool), fresh=jnp.ones(1, bool),
-      ring_slot=jnp.zeros(1, jnp.int32), clock=jnp.asarray(0.0))
+      ring_slot=jnp.zeros(1, jnp.int32), clock=jnp.asarray(0.0),
+      filled=jnp.ones(1, bool))
   trained = lambda key, base, *args: ({"w": jnp.full((1,), w_client)}, 0.0)
   state = SimState(
       params=params, opt_state=optax.sgd(alpha).init(params), ring=ring,
       version=jnp.asarray(tau), clock=jnp.asarray(0.0),
       tasks=Tasks(client=jnp.zeros(1, jnp.int32),
                   version=jnp.zeros(1, jnp.int32), arrival=jnp.zeros(1),
-                  ok=jnp.ones(1, bool)),
+                  ok=jnp.ones(1, bool), energy=jnp.zeros(1)),
       client_busy=jnp.zeros(2, bool), client_synced=jnp.zeros(2, bool),
       counters=Counters.create(8), plan=plan, key=jax.random.PRNGKey(0),
       client_applied=jnp.zeros(2, jnp.int32),
-      client_staleness=jnp.zeros(2, jnp.int32))
+      client_staleness=jnp.zeros(2, jnp.int32),
+      client_energy=jnp.zeros(2), client_depleted_at=jnp.full(2, jnp.inf))
   s_age = staleness.make_staleness_fn("polynomial", a)
   out = {}
   for rule in ("mixing", "delta"):
@@ -156,7 +158,7 @@ def test_per_update_bytes_exact_after_100k_updates():
       slots=jnp.arange(k), clients=jnp.arange(k),
       tau=jnp.full((k,), 3, jnp.int32), ok=jnp.ones(k, bool),
       fresh=jnp.ones(k, bool), ring_slot=jnp.zeros(k, jnp.int32),
-      clock=jnp.asarray(0.0))
+      clock=jnp.asarray(0.0), filled=jnp.ones(k, bool))
   w = engine.Weights(valid=jnp.ones(k, bool), base=jnp.ones(k),
                      weights=jnp.ones(k))
   up = jnp.full((k,), 44056.0)

@@ -93,6 +93,9 @@ class Arrivals:
   fresh: jnp.ndarray  # [K] bool: the pulled version is still in the ring.
   ring_slot: jnp.ndarray  # [K] int32: ring slot of the pulled version.
   clock: jnp.ndarray  # [] float32: virtual time of the last arrival.
+  # [K] bool: a task filled the position (False: an empty slot, or a
+  # buffer that the events could not fill); counted nowhere.
+  filled: jnp.ndarray
 
 
 @struct.dataclass
@@ -129,6 +132,10 @@ class Dispatch:
   bytes_down: jnp.ndarray  # [] float32: bytes the n tasks download.
   busy: jnp.ndarray  # [N] bool: updated client_busy.
   synced: jnp.ndarray  # [N] bool: updated client_synced.
+  # [n] bool: a device was free for the task (False: the slot stays empty,
+  # arrival inf).
+  started: jnp.ndarray
+  energy: jnp.ndarray  # [n] float32: J each task will cost (task_energy).
 
 
 @struct.dataclass
@@ -143,6 +150,9 @@ class Refilled:
   dropped: jnp.ndarray  # [] int32: timed-out tasks not counted toward K.
   slot: jnp.ndarray  # [] int32: slot of the K-th arrival, refilled later.
   pending: jnp.ndarray  # [] bool: that slot still needs a task.
+  spent: jnp.ndarray  # [N] float32: client_energy after the events.
+  depleted_at: jnp.ndarray  # [N] float32: client_depleted_at after them.
+  energy: jnp.ndarray  # [] float32: J charged by the events.
 
 
 def num_local_steps(config: EngineConfig, counts: np.ndarray) -> np.ndarray:
@@ -271,45 +281,113 @@ def pick_idle(key: jax.Array, avail: jnp.ndarray, n: int) -> jnp.ndarray:
   return jax.lax.cond(jnp.sum(accept) >= n, lambda _: fast, exact, None)
 
 
+def task_energy(fleet: Fleet, clients: jnp.ndarray, flops: jnp.ndarray,
+                down: jnp.ndarray, up: jnp.ndarray, nominal: jnp.ndarray,
+                duration: jnp.ndarray, ok: jnp.ndarray,
+                deadline: jnp.ndarray) -> jnp.ndarray:
+  """J a task costs its device (docs/design.md, "Energy and batteries").
+
+  Work ``W = j_flop*flops + j_down*down + idle_w*max(duration - nominal,
+  0)``: the jitter beyond the nominal time is spent waiting. A task that
+  arrives pays ``W + j_up*up``. One that does not pays no upload and the
+  share of ``W`` done before it was dropped, ``min(1, deadline/duration)``:
+  a timed-out task worked until the deadline; an abandoned one within it is
+  taken to quit after its work, before the upload (the model has no time
+  of abandonment, so this is an upper bound).
+  """
+  f = fleet
+  work = (f.j_per_flop[clients] * flops + f.j_per_byte_down[clients] * down +
+          f.idle_w[clients] * jnp.maximum(duration - nominal, 0.0))
+  share = jnp.minimum(1.0, deadline / duration)
+  return jnp.where(ok, work + f.j_per_byte_up[clients] * up, share * work)
+
+
 def dispatch(env: Environment, plan: MaskPlan, key: jax.Array,
              busy: jnp.ndarray, synced: jnp.ndarray, clock: jnp.ndarray,
-             n: int, batch_size: int) -> Dispatch:
-  """Phase 5: starts ``n`` tasks on idle eligible clients, uniformly."""
+             n: int, batch_size: int,
+             alive: jnp.ndarray | None = None) -> Dispatch:
+  """Phase 5: starts ``n`` tasks on idle eligible clients, uniformly.
+
+  ``alive`` [N] (None: all) leaves out devices whose battery ran out. With
+  fewer free devices than ``n``, the rest of the slots stay empty: no
+  task, arrival inf, nothing charged or counted.
+  """
   k_pick, k_time, k_drop = jax.random.split(key, 3)
-  clients = pick_idle(k_pick, env.eligible & ~busy, n)
+  avail = env.eligible & ~busy
+  avail = avail if alive is None else avail & alive
+  clients = pick_idle(k_pick, avail, n)
+  started = avail[clients]  # False only where fewer than n were free.
   f = env.fleet
-  nominal, down = nominal_duration(batch_size, f, plan, clients,
-                                   env.num_steps[clients], synced[clients])
+  steps = env.num_steps[clients]
+  nominal, down = nominal_duration(batch_size, f, plan, clients, steps,
+                                   synced[clients])
   duration = nominal * jnp.exp(f.task_sigma * jax.random.normal(k_time, (n,)))
   abandoned = jax.random.uniform(k_drop, (n,)) < f.dropout[clients]
-  ok = ~abandoned & (duration <= env.deadline)
-  return Dispatch(clients=clients, arrival=clock + jnp.where(
-      ok, duration, env.deadline), ok=ok, bytes_down=jnp.sum(down),
-                  busy=busy.at[clients].set(True),
-                  synced=synced.at[clients].set(True))
+  ok = ~abandoned & (duration <= env.deadline) & started
+  tier = plan.client_tier[clients]
+  energy = task_energy(f, clients, steps * batch_size *
+                       plan.flops_per_example[tier], down,
+                       plan.upload_bytes[tier], nominal, duration, ok,
+                       env.deadline)
+  at = jnp.where(started, clients, busy.shape[0])  # N: a dropped write.
+  return Dispatch(
+      clients=clients, arrival=jnp.where(started, clock + jnp.where(
+          ok, duration, env.deadline), jnp.inf), ok=ok,
+      bytes_down=jnp.sum(jnp.where(started, down, 0.0)),
+      busy=busy.at[at].set(True, mode="drop"),
+      synced=synced.at[at].set(True, mode="drop"), started=started,
+      energy=jnp.where(started, energy, 0.0))
 
 
 def take_arrivals(state: SimState, k: int) -> Arrivals:
-  """Phase 1: the K earliest arrivals (ties go to the lower slot)."""
+  """Phase 1: the K earliest arrivals (ties go to the lower slot); empty
+  slots (fewer tasks than K in flight) are taken unfilled."""
   neg_arrival, slots = jax.lax.top_k(-state.tasks.arrival, k)
+  filled = jnp.isfinite(neg_arrival)
   versions = state.tasks.version[slots]
   ring_slot = versions % state.ring.size
   return Arrivals(
       slots=slots, clients=state.tasks.client[slots],
       tau=state.version - versions, ok=state.tasks.ok[slots],
       fresh=state.ring.version[ring_slot] == versions, ring_slot=ring_slot,
-      clock=jnp.maximum(state.clock, -jnp.min(neg_arrival)))
+      clock=jnp.maximum(state.clock, jnp.max(
+          jnp.where(filled, -neg_arrival, -jnp.inf))), filled=filled)
+
+
+def charge(fleet: Fleet, spent: jnp.ndarray, depleted_at: jnp.ndarray,
+           clients: jnp.ndarray, energy: jnp.ndarray, t: jnp.ndarray
+           ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Adds ``energy`` [n] to distinct ``clients`` [n] at virtual time ``t``.
+
+  With batteries, a device still in the fleet whose spent energy passes
+  its capacity plus its recharge since time 0 (``recharge_w * t``) leaves
+  it at ``t``. A client index of N (out of range) is ignored.
+
+  Returns:
+    ``(spent, depleted_at)``, both [N].
+  """
+  spent = spent.at[clients].add(energy, mode="drop")
+  if fleet.battery_j is None:  # static: no batteries
+    return spent, depleted_at
+  n = spent.shape[0]
+  c = jnp.minimum(clients, n - 1)
+  recharged = 0.0 if fleet.recharge_w is None else fleet.recharge_w * t
+  out = ((spent[c] > fleet.battery_j[c] + recharged) &
+         jnp.isinf(depleted_at[c]))
+  return spent, depleted_at.at[jnp.where(out, clients, n)].set(t, mode="drop")
 
 
 def _restart(env: Environment, plan: MaskPlan, key: jax.Array, tasks: Tasks,
-             busy, synced, slot, clock, version, batch_size: int):
-  """Starts one task in ``slot`` at ``clock`` from ``version``."""
-  d = dispatch(env, plan, key, busy, synced, clock, 1, batch_size)
+             busy, synced, slot, clock, version, batch_size: int, alive):
+  """Starts one task in ``slot`` at ``clock`` from ``version`` (the slot
+  stays empty if no live device is free); also returns whether it did."""
+  d = dispatch(env, plan, key, busy, synced, clock, 1, batch_size, alive)
   tasks = Tasks(client=tasks.client.at[slot].set(d.clients[0]),
                 version=tasks.version.at[slot].set(version),
                 arrival=tasks.arrival.at[slot].set(d.arrival[0]),
-                ok=tasks.ok.at[slot].set(d.ok[0]))
-  return tasks, d.busy, d.synced, d.bytes_down
+                ok=tasks.ok.at[slot].set(d.ok[0]),
+                energy=tasks.energy.at[slot].set(d.energy[0]))
+  return tasks, d.busy, d.synced, d.bytes_down, d.started[0]
 
 
 def collect_arrivals(env: Environment, state: SimState, key: jax.Array, k: int,
@@ -325,7 +403,9 @@ def collect_arrivals(env: Environment, state: SimState, key: jax.Array, k: int,
   so C tasks stay in flight; the K-th arrival's slot is refilled after the
   server update, from the new version. At most ``max_events`` (default 64
   K) events are taken per step, so a fleet that never delivers cannot hang
-  the step; the step then applies what it has.
+  the step; the step then applies what it has. The events also stop when
+  no task is in flight (every slot empty: batteries ran out). Each event
+  charges its task's energy to its device (``charge``) at its time.
   """
   cap = 64 * k if max_events is None else max_events
   init = dict(tasks=state.tasks, busy=state.client_busy,
@@ -336,9 +416,12 @@ def collect_arrivals(env: Environment, state: SimState, key: jax.Array, k: int,
               ok=jnp.zeros((k,), bool), slots=jnp.zeros((k,), jnp.int32),
               slot=jnp.zeros((), jnp.int32), down=jnp.zeros((), jnp.float32),
               restarts=jnp.zeros((), jnp.int32),
-              dropped=jnp.zeros((), jnp.int32))
+              dropped=jnp.zeros((), jnp.int32), spent=state.client_energy,
+              depleted_at=state.client_depleted_at,
+              energy=jnp.zeros((), jnp.float32))
   c = jax.lax.while_loop(
-      lambda c: (c["n"] < k) & (c["events"] < cap),
+      lambda c: ((c["n"] < k) & (c["events"] < cap) &
+                 jnp.isfinite(jnp.min(c["tasks"].arrival))),
       lambda c: _next_event(env, state, key, k, batch_size, count_timeouts, c),
       init)
   versions = c["version"]
@@ -347,11 +430,12 @@ def collect_arrivals(env: Environment, state: SimState, key: jax.Array, k: int,
       slots=c["slots"], clients=c["client"],
       tau=state.version - versions, ok=c["ok"],
       fresh=state.ring.version[ring_slot] == versions, ring_slot=ring_slot,
-      clock=c["clock"])
+      clock=c["clock"], filled=jnp.arange(k) < c["n"])
   refilled = Refilled(tasks=c["tasks"], busy=c["busy"], synced=c["synced"],
                       bytes_down=c["down"], downloads=c["restarts"],
                       dropped=c["dropped"], slot=c["slot"],
-                      pending=c["n"] == k)
+                      pending=c["n"] == k, spent=c["spent"],
+                      depleted_at=c["depleted_at"], energy=c["energy"])
   return arrivals, refilled
 
 
@@ -369,16 +453,21 @@ def _next_event(env: Environment, state: SimState, key: jax.Array, k: int,
   n = c["n"] + counted.astype(jnp.int32)
   busy = c["busy"].at[client].set(False)
   full = n == k
+  spent, depleted_at = charge(env.fleet, c["spent"], c["depleted_at"],
+                              client[None], tasks.energy[j][None], t)
 
   def restart(args):
     tasks, busy, synced = args
     return _restart(env, state.plan, jax.random.fold_in(key, c["events"]),
-                    tasks, busy, synced, j, t, state.version, batch_size)
+                    tasks, busy, synced, j, t, state.version, batch_size,
+                    jnp.isinf(depleted_at))
 
-  tasks, busy, synced, down = jax.lax.cond(
-      full, lambda a: (*a, jnp.zeros((), jnp.float32)), restart,
-      (tasks, busy, c["synced"]))
+  tasks, busy, synced, down, started = jax.lax.cond(
+      full, lambda a: (*a, jnp.zeros((), jnp.float32), jnp.zeros((), bool)),
+      restart, (tasks, busy, c["synced"]))
   return dict(
+      spent=spent, depleted_at=depleted_at,
+      energy=c["energy"] + c["tasks"].energy[j],
       tasks=tasks, busy=busy, synced=synced, n=n, events=c["events"] + 1,
       clock=jnp.maximum(c["clock"], t),
       client=c["client"].at[pos].set(client, mode="drop"),
@@ -386,7 +475,7 @@ def _next_event(env: Environment, state: SimState, key: jax.Array, k: int,
       slots=c["slots"].at[pos].set(j, mode="drop"),
       ok=c["ok"].at[pos].set(ok, mode="drop"),
       slot=jnp.where(full, j, c["slot"]),
-      down=c["down"] + down, restarts=c["restarts"] + (~full),
+      down=c["down"] + down, restarts=c["restarts"] + started,
       dropped=c["dropped"] + (~ok & ~counted))
 
 
@@ -690,7 +779,8 @@ def count(counters: Counters, arrivals: Arrivals, w: Weights,
   c = counters
   return Counters(
       updates_applied=c.updates_applied + n_applied,
-      updates_dropped=c.updates_dropped + jnp.sum(~ok) + extra_dropped,
+      updates_dropped=(c.updates_dropped + jnp.sum(~ok & arrivals.filled) +
+                       extra_dropped),
       updates_stale=c.updates_stale + jnp.sum(ok & ~fresh),
       updates_nonfinite=c.updates_nonfinite + jnp.sum(ok & fresh & ~w.valid),
       steps_refused=c.steps_refused, updates_clipped=c.updates_clipped,
@@ -704,7 +794,8 @@ def count(counters: Counters, arrivals: Arrivals, w: Weights,
       bytes_down=exact.add(c.bytes_down, bytes_down),
       probe_bytes_up=c.probe_bytes_up, probe_bytes_down=c.probe_bytes_down,
       uploads=c.uploads + jnp.sum(ok),
-      downloads=c.downloads + downloads), n_applied, tau_sum
+      downloads=c.downloads + downloads, energy_j=c.energy_j), n_applied, \
+      tau_sum
 
 
 def replan(state: SimState, plan: MaskPlan, bytes_up: float = 0.0,
@@ -738,11 +829,14 @@ def init_state(config: EngineConfig, server_opt: optax.GradientTransformation,
       version=jnp.zeros((), jnp.int32), clock=start.clock,
       tasks=Tasks(client=started.clients.astype(jnp.int32),
                   version=jnp.zeros((c,), jnp.int32),
-                  arrival=started.arrival, ok=started.ok),
+                  arrival=started.arrival, ok=started.ok,
+                  energy=started.energy),
       client_busy=started.busy, client_synced=started.synced,
       counters=counters, plan=plan, key=jnp.asarray(key),
       client_applied=jnp.zeros((n,), jnp.int32),
-      client_staleness=jnp.zeros((n,), jnp.int32))
+      client_staleness=jnp.zeros((n,), jnp.int32),
+      client_energy=jnp.zeros((n,), jnp.float32),
+      client_depleted_at=jnp.full((n,), jnp.inf, jnp.float32))
 
 
 def _arrivals_and_keys(config: EngineConfig, env: Environment,
@@ -763,37 +857,61 @@ def _arrivals_and_keys(config: EngineConfig, env: Environment,
   return arrivals, refilled, keys
 
 
+def _charge_arrivals(env: Environment, state: SimState, arrivals: Arrivals,
+                     refilled: Refilled | None):
+  """Energy of this step's arrivals: ``(client_energy, client_depleted_at,
+  J charged)``. Arrival refill charged each event as it came; step refill
+  charges the K arrivals at the step's clock, and an update that arrived
+  also pays ``idle_w`` for its wait from its arrival to that clock (the
+  synchronous round's straggler wait)."""
+  if refilled is not None:
+    return refilled.spent, refilled.depleted_at, refilled.energy
+  slots, clients = arrivals.slots, arrivals.clients
+  wait = arrivals.clock - state.tasks.arrival[slots]
+  energy = state.tasks.energy[slots] + jnp.where(
+      arrivals.ok, env.fleet.idle_w[clients] * wait, 0.0)
+  energy = jnp.where(arrivals.filled, energy, 0.0)
+  spent, depleted_at = charge(
+      env.fleet, state.client_energy, state.client_depleted_at,
+      jnp.where(arrivals.filled, clients, state.client_energy.shape[0]),
+      energy, arrivals.clock)
+  return spent, depleted_at, jnp.sum(energy)
+
+
 def _start_next(config: EngineConfig, env: Environment, state: SimState,
                 arrivals: Arrivals, refilled: Refilled | None,
-                key: jax.Array, version: jnp.ndarray):
-  """Phase 5: tasks from the new version; returns (tasks, busy, synced,
-  bytes downloaded this step, tasks started this step, extra drops)."""
+                key: jax.Array, version: jnp.ndarray, alive: jnp.ndarray):
+  """Phase 5: tasks from the new version on live devices; returns (tasks,
+  busy, synced, bytes downloaded this step, tasks started this step, extra
+  drops)."""
   plan, k = state.plan, config.buffer_size
   if refilled is None:  # Step refill: the K freed slots, together.
+    freed = jnp.where(arrivals.filled, arrivals.clients, alive.shape[0])
     started = dispatch(env, plan, key,
-                       state.client_busy.at[arrivals.clients].set(False),
+                       state.client_busy.at[freed].set(False, mode="drop"),
                        state.client_synced, arrivals.clock, k,
-                       config.batch_size)
+                       config.batch_size, alive)
     slots = arrivals.slots
     tasks = Tasks(
         client=state.tasks.client.at[slots].set(started.clients),
         version=state.tasks.version.at[slots].set(
             jnp.full((k,), version, jnp.int32)),
         arrival=state.tasks.arrival.at[slots].set(started.arrival),
-        ok=state.tasks.ok.at[slots].set(started.ok))
+        ok=state.tasks.ok.at[slots].set(started.ok),
+        energy=state.tasks.energy.at[slots].set(started.energy))
     return (tasks, started.busy, started.synced, started.bytes_down,
-            jnp.asarray(k, jnp.int32), 0)
+            jnp.sum(started.started).astype(jnp.int32), 0)
 
   def restart(args):
     return _restart(env, plan, key, *args, refilled.slot, arrivals.clock,
-                    version, config.batch_size)
+                    version, config.batch_size, alive)
 
-  tasks, busy, synced, down = jax.lax.cond(
+  tasks, busy, synced, down, restarted = jax.lax.cond(
       refilled.pending, restart,
-      lambda a: (*a, jnp.zeros((), jnp.float32)),
+      lambda a: (*a, jnp.zeros((), jnp.float32), jnp.zeros((), bool)),
       (refilled.tasks, refilled.busy, refilled.synced))
   return (tasks, busy, synced, refilled.bytes_down + down,
-          refilled.downloads + refilled.pending, refilled.dropped)
+          refilled.downloads + restarted, refilled.dropped)
 
 
 def _train_and_aggregate(config: EngineConfig, client_update: Callable,
@@ -867,9 +985,12 @@ def step_state(config: EngineConfig, client_update: Callable, batching: str,
   params, opt_state, ring, refused = server_update(server_opt, state, agg,
                                                    jnp.any(w.valid))
   version = state.version + 1
+  spent, depleted_at, energy = _charge_arrivals(env, state, arrivals,
+                                                refilled)
   tasks, busy, synced, down, n_started, dropped = _start_next(
       config, env, state, arrivals, refilled,
-      jax.random.fold_in(rkey, _KEY_DISPATCH), version)
+      jax.random.fold_in(rkey, _KEY_DISPATCH), version,
+      jnp.isinf(depleted_at))
   tier = state.plan.client_tier[arrivals.clients]
   counters, n_applied, tau_sum = count(
       state.counters, arrivals, w, state.plan.upload_bytes[tier], down,
@@ -878,11 +999,13 @@ def step_state(config: EngineConfig, client_update: Callable, batching: str,
       steps_refused=counters.steps_refused + refused.astype(jnp.int32),
       updates_clipped=counters.updates_clipped + defence.clipped,
       values_trimmed=exact.add(counters.values_trimmed, defence.trimmed),
-      values_robust=exact.add(counters.values_robust, defence.values))
+      values_robust=exact.add(counters.values_robust, defence.values),
+      energy_j=exact.add(counters.energy_j, energy))
   new_state = state.replace(
       params=params, opt_state=opt_state, ring=ring, version=version,
       clock=arrivals.clock, tasks=tasks, client_busy=busy,
       client_synced=synced, counters=counters,
+      client_energy=spent, client_depleted_at=depleted_at,
       **_per_client(state, arrivals, w.valid & (w.weights > 0) & ~refused))
   applied = w.valid & (w.weights > 0)
   metrics = {
@@ -899,7 +1022,8 @@ def run_steps(step: Callable, env: Environment, state: SimState,
               n: jnp.ndarray, budget: jnp.ndarray
               ) -> tuple[SimState, jnp.ndarray, jnp.ndarray]:
   """Up to ``n`` server steps in one call, stopping before the first step
-  whose last arrival would pass ``budget`` (virtual seconds).
+  whose last arrival would pass ``budget`` (virtual seconds), or after one
+  that leaves no task in flight (batteries ran out).
 
   One jitted call replaces ``n`` host round trips; the steps are the same
   pure function, so the result equals ``n`` single steps bit for bit.
@@ -908,8 +1032,8 @@ def run_steps(step: Callable, env: Environment, state: SimState,
     ``(state, steps taken, whether the budget stopped it)``.
   """
   def cond(c):
-    _, taken, over = c
-    return (taken < n) & ~over
+    state, taken, over = c
+    return (taken < n) & ~over & state.in_flight
 
   def body(c):
     state, taken, _ = c

@@ -65,6 +65,9 @@ class Tasks:
   version: jnp.ndarray  # [C] int32: global version the task started from.
   arrival: jnp.ndarray  # [C] float32: virtual arrival (or deadline) time.
   ok: jnp.ndarray  # [C] bool: False if abandoned or past the deadline.
+  # [C] float32: J the task costs its device, charged when it arrives
+  # (times out); inf arrival and 0 J: an empty slot (no device was free).
+  energy: jnp.ndarray
 
 
 @struct.dataclass
@@ -92,6 +95,7 @@ class Counters:
   probe_bytes_down: jnp.ndarray  # [2] exact: probe and re-search downloads.
   uploads: jnp.ndarray  # [] int32: tasks that arrived and uploaded.
   downloads: jnp.ndarray  # [] int32: tasks started.
+  energy_j: jnp.ndarray  # [2] exact: J charged to devices (tasks arrived).
 
   @classmethod
   def create(cls, ring_size: int, probe_bytes_up=None, probe_bytes_down=None
@@ -111,7 +115,7 @@ class Counters:
                         probe_bytes_up),
         probe_bytes_down=(exact.zero() if probe_bytes_down is None else
                           probe_bytes_down),
-        uploads=zero_i, downloads=zero_i)
+        uploads=zero_i, downloads=zero_i, energy_j=exact.zero())
 
 
 @struct.dataclass
@@ -148,3 +152,12 @@ class SimState:
   key: jnp.ndarray  # [2] uint32: the run's root key.
   client_applied: jnp.ndarray  # [N] int32: updates applied from each client.
   client_staleness: jnp.ndarray  # [N] int32: sum of their staleness tau.
+  client_energy: jnp.ndarray  # [N] float32: J each device has spent.
+  # [N] float32: virtual time its battery ran out (it left the fleet); inf:
+  # still in it.
+  client_depleted_at: jnp.ndarray
+
+  @property
+  def in_flight(self) -> jnp.ndarray:
+    """[] bool: some slot holds a task (not all empty)."""
+    return jnp.any(jnp.isfinite(self.tasks.arrival))

@@ -20,6 +20,8 @@ def counters_row(state: engine.SimState) -> dict:
   is given over applied updates (``mean_staleness``, also
   ``mean_staleness_applied``) and over every arrived update
   (``mean_staleness_arrivals``, which includes over-stale ones).
+  ``energy_j`` is the energy charged to devices for the tasks that have
+  arrived (or timed out); ``devices_depleted`` counts batteries run out.
   """
   cnt = jax.device_get(state.counters)
   applied = int(cnt.updates_applied)
@@ -50,6 +52,9 @@ def counters_row(state: engine.SimState) -> dict:
       "probe_bytes_down": probe_down,
       "upload_bytes_per_update": up / max(uploads, 1),
       "download_bytes_per_update": down / max(downloads, 1),
+      "energy_j": exact.value(cnt.energy_j),
+      "devices_depleted": int(np.isfinite(np.asarray(
+          state.client_depleted_at)).sum()),
   }
 
 
@@ -132,6 +137,7 @@ def summary(config, setup, env, info: dict, state: engine.SimState,
             "values_robust"):
     out[k] = counters[k]
   out.update(_defences(config, env, state))
+  out.update(energy(env, state, reached, held))
   out["tier_fairness"] = tier_fairness(env, state, history)
   for k, v in history[-1].items():
     if k.startswith("personal_"):
@@ -163,6 +169,29 @@ def tier_fairness(env, state: engine.SimState, history: list[dict]
         row[f"personal_{kind}"] = personal[int(t)][kind]
     rows.append(row)
   return rows
+
+
+def energy(env, state: engine.SimState, reached: dict | None,
+           held: dict | None) -> dict:
+  """Energy totals, per fleet tier, to the target, and battery departures.
+
+  ``energy_to_target_j`` is the total at the row where the target was first
+  reached (None if never, or a row logged before energy was counted).
+  """
+  spent = np.asarray(state.client_energy, np.float64)
+  tier = np.asarray(env.fleet.tier)
+  depleted = np.asarray(state.client_depleted_at, np.float64)
+  at = lambda row: None if row is None else row.get("energy_j")
+  return {
+      "energy_j": exact.value(state.counters.energy_j),
+      "tier_energy_j": np.bincount(tier, spent,
+                                   int(tier.max()) + 1).tolist(),
+      "energy_to_target_j": at(reached),
+      "energy_to_target_sustained_j": at(held),
+      "batteries": env.fleet.battery_j is not None,
+      "devices_depleted": int(np.isfinite(depleted).sum()),
+      "depletion_times_s": np.sort(depleted[np.isfinite(depleted)]).tolist(),
+  }
 
 
 def _defences(config, env, state: engine.SimState) -> dict:

@@ -192,7 +192,7 @@ class Experiment:
 
     Returns:
       (final state, metric rows, timing dict with wall_s, compile_s, steps
-      and stopped_by).
+      and stopped_by: rounds, max_virtual_time, divergence, fleet_depleted).
     """
     cfg = self.config
     sync = sync_every or (1 if on_step else cfg.rounds)
@@ -213,6 +213,9 @@ class Experiment:
         break
       if on_step and int(state.version) % sync == 0:
         on_step(state)
+      if self._depleted(state):
+        stopped_by = "fleet_depleted"
+        break
       if cfg.on_divergence == "stop" and self._diverged(state, log, refused):
         stopped_by = "divergence"
         break
@@ -246,6 +249,12 @@ class Experiment:
     if int(taken):
       state = self._after_step(state, log, tracking, int(taken))
     return state, bool(over)
+
+  def _depleted(self, state: engine.SimState) -> bool:
+    """No task is in flight: every live device's battery ran out (only
+    with batteries; without, slots never stay empty)."""
+    return (self.env.fleet.battery_j is not None and
+            not bool(state.in_flight))
 
   @staticmethod
   def _diverged(state: engine.SimState, log: _Log, refused_before: int
