@@ -2,11 +2,17 @@ r"""Personalized accuracy, energy and fairness across memory tiers.
 
   python -m experiments.personalization \
       --flagfile=experiments/mnist_paper_pretrained.flags \
+      --memory_policy=exclude --partition=sampled --examples_per_client=32 \
       --out_dir=runs/personalization
 
 FTTE, FedBuff and FedAvg on one shared setup (any ``launch.main`` config
 flag; the paper-style MNIST flagfile above pretrains the same starting model
-for every algorithm), each device holding out ``--holdout_fraction`` of its
+for every algorithm; ``--memory_policy=exclude`` makes FedAvg and FedBuff
+leave out the devices that cannot hold full-model training, as they would
+in a deployment; ``--partition=sampled`` gives every device 32 examples of
+its own Dirichlet(0.3) label mix, so each has a slice to hold out, where a
+split of the pool leaves some devices a single example), each device
+holding out ``--holdout_fraction`` of its
 examples. Each algorithm runs as its own ``launch.main`` process (resumable,
 ``<out_dir>/<algorithm>``), with the per-device evaluation on: the global
 model on every evaluated device's own held-out slice, the model after
