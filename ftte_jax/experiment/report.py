@@ -136,12 +136,11 @@ def summary(config, setup, env, info: dict, state: engine.SimState,
             "steps_refused", "updates_clipped", "values_trimmed",
             "values_robust"):
     out[k] = counters[k]
-  out.update(_defences(config, env, state))
-  out.update(energy(env, state, reached, held))
-  out["tier_fairness"] = tier_fairness(env, state, history)
-  for k, v in history[-1].items():
-    if k.startswith("personal_"):
-      out[k] = v
+  out.update(_defences(config, env, state),
+             **energy(env, state, reached, held),
+             tier_fairness=tier_fairness(env, state, history),
+             **{k: v for k, v in history[-1].items()
+                if k.startswith("personal_")})
   return out
 
 
