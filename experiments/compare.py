@@ -222,16 +222,23 @@ def main(argv: list[str]) -> None:
   if png is None:
     note += ("\nNo plot: matplotlib is not installed (pip install "
              "'ftte_jax[plot]').\n")
+  write_results(out_dir, "compare", sweep.markdown_table(rows) + note,
+                {"rows": rows, "args": per_alg, "summaries": summaries}, png,
+                failed=len(summaries) < len(per_alg))
+
+
+def write_results(out_dir: str, stem: str, md: str, data: dict,
+                  png: str | None, failed: bool) -> None:
+  """Writes ``<stem>.md`` and ``<stem>.json`` in ``out_dir``, prints the
+  table and what was written, and exits 1 if a run ``failed``."""
   from ftte_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  md = sweep.markdown_table(rows) + note
   os.makedirs(out_dir, exist_ok=True)
-  checkpointing.write_text(os.path.join(out_dir, "compare.md"), md)
-  checkpointing.write_json(os.path.join(out_dir, "compare.json"), {
-      "rows": rows, "args": per_alg, "summaries": summaries})
+  checkpointing.write_text(os.path.join(out_dir, f"{stem}.md"), md)
+  checkpointing.write_json(os.path.join(out_dir, f"{stem}.json"), data)
   print(md, flush=True)
-  print(f"written: {os.path.join(out_dir, 'compare.md')}, compare.json"
-        f"{', compare.png' if png else ''}")
-  if len(summaries) < len(per_alg):
+  print(f"written: {os.path.join(out_dir, stem + '.md')}, {stem}.json"
+        f"{f', {stem}.png' if png else ''}")
+  if failed:
     sys.exit(1)
 
 

@@ -29,12 +29,10 @@ accuracy. With matplotlib, ``personalization.png``.
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import flags
 
 from experiments import compare
-from ftte_jax import checkpointing
 from launch import flags as flags_lib
 from launch import sweep
 
@@ -120,16 +118,11 @@ def main(argv: list[str]) -> None:
   rows, tiers = rows_of(summaries)
   md = (sweep.markdown_table(rows) + "\n\nPer memory tier:\n\n" +
         sweep.markdown_table(tiers))
-  png = plot(rows, os.path.join(out_dir, "personalization.png"))
   os.makedirs(out_dir, exist_ok=True)
-  checkpointing.write_text(os.path.join(out_dir, "personalization.md"), md)
-  checkpointing.write_json(os.path.join(out_dir, "personalization.json"), {
-      "rows": rows, "tiers": tiers, "args": per_alg})
-  print(md, flush=True)
-  print(f"written: {out_dir}/personalization.md"
-        f"{', personalization.png' if png else ''}")
-  if len(summaries) < len(per_alg):
-    sys.exit(1)
+  png = plot(rows, os.path.join(out_dir, "personalization.png"))
+  compare.write_results(out_dir, "personalization", md,
+                        {"rows": rows, "tiers": tiers, "args": per_alg}, png,
+                        failed=len(summaries) < len(per_alg))
 
 
 def run() -> None:

@@ -92,16 +92,10 @@ def normalize(total: PyTree, tier_masks: PyTree, tier: jnp.ndarray,
     tier_masks, tier, weights, normalization, eps, base_weights: as in
       ``aggregate``.
   """
-  if normalization == "coordinate":
+  if normalization in ("coordinate", "damped"):
     num_tiers = jax.tree.leaves(tier_masks)[0].shape[0]
-    tw = tier_weights(weights, tier, num_tiers)
-    return jax.tree.map(lambda t, m: t / jnp.maximum(_wsum(tw, m), eps),
-                        total, tier_masks)
-  if normalization == "damped":
-    if base_weights is None:
-      raise ValueError("normalization='damped' needs base_weights")
-    num_tiers = jax.tree.leaves(tier_masks)[0].shape[0]
-    tw = tier_weights(base_weights, tier, num_tiers)
+    tw = tier_weights(_denominator_weights(weights, normalization,
+                                           base_weights), tier, num_tiers)
     return jax.tree.map(lambda t, m: t / jnp.maximum(_wsum(tw, m), eps),
                         total, tier_masks)
   if normalization == "buffer":

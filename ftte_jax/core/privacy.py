@@ -27,6 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ftte_jax.core import aggregation
 from ftte_jax.core.typing import PyTree
 
 
@@ -39,8 +40,8 @@ def coverage(tier_masks: PyTree, tier: jnp.ndarray,
              valid: jnp.ndarray) -> PyTree:
   """Leaves like one delta, 1 where some valid update's mask trains."""
   num_tiers = jax.tree.leaves(tier_masks)[0].shape[0]
-  present = jax.ops.segment_sum(valid.astype(jnp.float32), tier,
-                                num_segments=num_tiers) > 0
+  present = aggregation.tier_weights(valid.astype(jnp.float32), tier,
+                                     num_tiers) > 0
   return jax.tree.map(
       lambda m: (jnp.tensordot(present.astype(jnp.float32), m, axes=1) > 0
                  ).astype(jnp.float32), tier_masks)
