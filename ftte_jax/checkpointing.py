@@ -24,7 +24,7 @@ import hashlib
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -203,9 +203,12 @@ class Checkpointer:
     state = jax.tree.map(jax.numpy.asarray, out["state"])
     return state, list(meta["history"])
 
-  def restore_latest(self, target: PyTree
+  def restore_latest(self, target: PyTree | Callable[[], PyTree]
                      ) -> tuple[PyTree, list[dict]] | None:
     """Restores the newest intact checkpoint; None if there is none.
+
+    ``target`` may be a function returning it, called only when a
+    checkpoint exists (a fresh run then skips tracing the state).
 
     A damaged checkpoint (``CorruptCheckpointError``) is skipped with a
     one-line warning naming the step and why, and the next older one is
@@ -219,6 +222,8 @@ class Checkpointer:
     """
     self.skipped = []
     steps = sorted(self.manager.all_steps(), reverse=True)
+    if steps and callable(target):
+      target = target()
     for step in steps:
       try:
         return self.restore(step, target)

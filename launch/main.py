@@ -240,7 +240,7 @@ def _restore(exp, workdir, sha):
       os.path.join(workdir, "checkpoints"), sha, every=FLAGS.checkpoint_every,
       max_to_keep=FLAGS.keep_checkpoints)
   try:
-    restored = ckpt.restore_latest(jax.eval_shape(exp.init_state))
+    restored = ckpt.restore_latest(lambda: jax.eval_shape(exp.init_state))
   except checkpointing.ConfigMismatchError as e:
     ckpt.close()
     flags_lib.fail(f"--workdir={workdir}: {e}; pass --overwrite to discard "
@@ -257,6 +257,7 @@ def _restore(exp, workdir, sha):
 
 def _build(config):
   """``(experiment, seconds)``; a build error exits 2 with one line."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
   from ftte_jax import experiment  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
   try:
@@ -270,7 +271,7 @@ def _build(config):
   build_s = time.perf_counter() - t0
   logging.info("built %s on %s in %.1fs: %d clients, %d eligible", config.model,
                config.data.dataset, build_s, config.data.num_clients,
-               int(exp.env.eligible.sum()))
+               int(np.asarray(exp.env.eligible).sum()))
   return exp, build_s
 
 

@@ -38,7 +38,8 @@ def test_round_trip_is_bit_identical_and_resumes_exactly(exp, tmp_path):
 
   ckpt = checkpointing.Checkpointer(tmp_path, "hash-a")
   assert ckpt.latest_step() == 3
-  for target in (jax.eval_shape(exp.init_state), exp.init_state()):
+  for target in (jax.eval_shape(exp.init_state), exp.init_state(),
+                 lambda: jax.eval_shape(exp.init_state)):
     restored, rows = ckpt.restore_latest(target)
     assert_bit_identical(restored, state)
     assert rows == [{"round": 3, "test_accuracy": 0.5}]
@@ -76,6 +77,11 @@ def test_every_and_max_to_keep(exp, tmp_path):
 def test_empty_directory_restores_nothing(exp, tmp_path):
   ckpt = checkpointing.Checkpointer(tmp_path / "new", "h")
   assert ckpt.restore_latest(jax.eval_shape(exp.init_state)) is None
+
+  def target():
+    raise AssertionError("a target function is called only for a checkpoint")
+
+  assert ckpt.restore_latest(target) is None
   ckpt.close()
 
 

@@ -45,6 +45,7 @@ from jax.sharding import PartitionSpec as P
 from ftte_jax.core import adversary
 from ftte_jax.core import aggregation
 from ftte_jax.core import exact
+from ftte_jax.core import one_shot
 from ftte_jax.core import privacy
 from ftte_jax.core import robust
 from ftte_jax.core import staleness
@@ -203,15 +204,16 @@ def make_environment(config: EngineConfig, data: ClientData, fleet: Fleet,
   if config.deadline_s is not None:
     deadline = config.deadline_s
   else:
-    # Worst case: a first task (whole model unless deployed).
-    nominal, _ = nominal_duration(config.batch_size, fleet, plan,
-                                  jnp.arange(n), jnp.asarray(steps),
-                                  _deployed(config, n))
+    # Worst case: a first task (whole model unless deployed). One jitted
+    # call: eager, its dozen ops would each compile on their own.
+    nominal, _ = one_shot.jit(nominal_duration, static_argnums=0)(
+        config.batch_size, fleet, plan, np.arange(n, dtype=np.int32),
+        np.asarray(steps), np.full(n, config.first_download == "deployed"))
     deadline = config.deadline_factor * float(
         np.asarray(nominal)[eligible].max())
-  return Environment(data=data, fleet=fleet, eligible=jnp.asarray(eligible),
-                     num_steps=jnp.asarray(steps),
-                     deadline=jnp.asarray(deadline, jnp.float32))
+  return Environment(data=data, fleet=fleet, eligible=jax.device_put(eligible),
+                     num_steps=jax.device_put(steps),
+                     deadline=jax.device_put(np.float32(deadline)))
 
 
 def _deployed(config: EngineConfig, n: int) -> jnp.ndarray:

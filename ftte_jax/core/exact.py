@@ -10,6 +10,7 @@ counters need, without enabling 64-bit types in JAX. Read on the host with
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -23,7 +24,7 @@ def of(x) -> jnp.ndarray:
   """[2] float32 holding ``x`` (a host float, split into hi and lo)."""
   x = np.float64(x)
   hi = np.float32(x)
-  return jnp.asarray([hi, np.float32(x - np.float64(hi))], jnp.float32)
+  return jax.device_put(np.array([hi, x - np.float64(hi)], np.float32))
 
 
 def add(acc: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:

@@ -46,6 +46,7 @@ import numbers
 import os
 from typing import Sequence, Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
@@ -215,7 +216,7 @@ def _positive_f32(values: np.ndarray,
     i = int(np.argmax(bad))
     raise ValueError(f"{what(i)}: {float(values[i]):g} is outside float32's "
                      "positive range [1.2e-38, 3.4e38]")
-  return jnp.asarray(out)
+  return jax.device_put(out)
 
 
 def make_fleet(config: FleetConfig, num_clients: int, seed: int) -> Fleet:
@@ -259,7 +260,7 @@ def energy_fields(config: FleetConfig, tier: np.ndarray,
   for column, name in ENERGY_COLUMNS.items():
     v = given.get(column)
     v = _per_tier(config, name, tier, where) if v is None else v
-    out[column] = jnp.asarray(np.asarray(v, np.float64).astype(np.float32))
+    out[column] = jax.device_put(np.asarray(v, np.float64).astype(np.float32))
   return out
 
 
@@ -316,14 +317,14 @@ def _draw(config: FleetConfig, n: int, seed: int) -> Fleet:
   memory = np.asarray(config.memory_tiers, np.float64)[tier]
   speeds = "speed_flops, straggler_slowdown and speed_sigma give a device speed"
   return Fleet(speed=_positive_f32(speed, lambda i: speeds),
-               bw_up=jnp.full(n, config.bw_up, jnp.float32),
-               bw_down=jnp.full(n, config.bw_down, jnp.float32),
+               bw_up=jax.device_put(np.full(n, config.bw_up, np.float32)),
+               bw_down=jax.device_put(np.full(n, config.bw_down, np.float32)),
                memory=_positive_f32(
                    memory, lambda i: "memory_tiers (or memory_tier_fractions "
                    "times full training memory) give a device memory"),
-               dropout=jnp.full(n, config.dropout, jnp.float32),
-               tier=jnp.asarray(tier),
-               task_sigma=jnp.asarray(config.task_sigma, jnp.float32),
+               dropout=jax.device_put(np.full(n, config.dropout, np.float32)),
+               tier=jax.device_put(tier),
+               task_sigma=jax.device_put(np.float32(config.task_sigma)),
                **energy_fields(config, tier))
 
 

@@ -22,6 +22,7 @@ import optax
 from ftte_jax import models as models_lib
 from ftte_jax.core import fleet as fleet_lib
 from ftte_jax.core import masks as masks_lib
+from ftte_jax.core import one_shot
 from ftte_jax.core import options
 from ftte_jax.core.client import cross_entropy, make_client_optimizer
 from ftte_jax.core.typing import PyTree
@@ -130,11 +131,11 @@ def make_model(config: ExperimentConfig, input_shape, num_classes: int,
                key: jax.Array) -> Model:
   """Initializes the model and analyses it once, at the engine's batch size."""
   e = config.engine
-  example = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
+  example = np.zeros((1,) + tuple(input_shape), np.float32)
   module = check_model(config, input_shape, num_classes)
   # One jitted init: eager init compiles every initializer op on its own
   # (24 compilations, about 3 s for the MLP on the 2-core CPU).
-  params = jax.jit(module.init)(key, example)["params"]
+  params = one_shot.jit(module.init)(key, example)["params"]
   analysis = groups_lib.analyze(module, params,
                                 (e.batch_size,) + tuple(input_shape))
   spec = groups_lib.make_groups(analysis, config.search.channel_fractions)

@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from ftte_jax.core import client
 from ftte_jax.core import engine
+from ftte_jax.core import one_shot
 from ftte_jax.core import personal
 from ftte_jax.experiment import planning
 from ftte_jax.experiment import report
@@ -140,7 +141,7 @@ class Experiment:
         key, self.setup.model.params, self.setup.plan,
         engine.Start.of(clock=probe.time_s, bytes_up=probe.bytes_up,
                         bytes_down=probe.bytes_down)))
-    return jax.jit(self.sim.init)(key, self.env, params, plan, start)
+    return one_shot.jit(self.sim.init)(key, self.env, params, plan, start)
 
   def evaluate(self, params) -> dict:
     out = self.eval_fn(params, *self.test)

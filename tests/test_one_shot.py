@@ -1,0 +1,53 @@
+"""Start-up programs compiled with the one-shot options give the same bits.
+
+``one_shot.jit`` compiles programs that run once per process (model init,
+the round-0 state, the deadline) at XLA's backend optimization level 2
+instead of 3, for a faster start. That is only sound if the results do not
+move: these tests compare every leaf bit for bit against a default
+``jax.jit`` of the same function.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from ftte_jax import experiment
+from ftte_jax import models
+from ftte_jax.core import one_shot
+from tests import helpers
+
+
+def _same_bits(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb)
+  for x, y in zip(la, lb):
+    x, y = np.atleast_1d(np.asarray(x)), np.atleast_1d(np.asarray(y))
+    assert x.dtype == y.dtype and x.shape == y.shape
+    np.testing.assert_array_equal(x.view(np.uint8), y.view(np.uint8))
+
+
+@pytest.mark.parametrize("name,shape", [("mlp", (1, 28, 28, 1)),
+                                        ("lenet5", (1, 28, 28, 1)),
+                                        ("resnet8", (1, 32, 32, 3))])
+def test_model_init_same_bits(name, shape):
+  module = models.get_model(name, 10)
+  key, x = jax.random.PRNGKey(3), np.zeros(shape, np.float32)
+  _same_bits(one_shot.jit(module.init)(key, x), jax.jit(module.init)(key, x))
+
+
+@pytest.mark.parametrize("algorithm", ["ftte", "fedavg"])
+def test_round0_state_same_bits(algorithm, monkeypatch):
+  exp = experiment.build(helpers.tiny_config(algorithm))
+  state = exp.init_state()  # one_shot.jit inside.
+  monkeypatch.setattr(one_shot, "jit", jax.jit)
+  _same_bits(state, exp.init_state())
+
+
+def test_nested_under_a_trace():
+  """Under eval_shape (how a checkpoint's target is built) it nests."""
+  exp = experiment.build(helpers.tiny_config("fedbuff"))
+  abstract = jax.eval_shape(exp.init_state)
+  concrete = exp.init_state()
+  assert jax.tree.structure(abstract) == jax.tree.structure(concrete)
+  for a, c in zip(jax.tree.leaves(abstract), jax.tree.leaves(concrete)):
+    assert (a.shape, a.dtype) == (c.shape, c.dtype)
