@@ -239,6 +239,12 @@ def enable_compilation_cache(setting: str) -> str | None:
   --compilation_cache flag); returns the directory, or None when off."""
   if setting == "off":
     return None
+  if setting.lower() in ("false", "no", "0", "none", "true", "yes", "1", "on",
+                         ""):
+    # A boolean-looking value would otherwise become a cache directory of
+    # that name in the working directory.
+    fail(f"--compilation_cache={setting!r}: not a setting; valid: 'auto', "
+         "'off' or a directory")
   if setting == "auto":
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(
         os.path.expanduser("~"), ".cache")

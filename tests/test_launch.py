@@ -156,6 +156,7 @@ def test_outputs_mismatch_and_overwrite(tmp_path):
     (["--client_lr=nan"], "--client_lr must be a positive finite number"),
     (["--dropout=1.5"], "--dropout must be a number in [0, 1]"),
     (["--compilation_cache=/dev/null/cache"], "--compilation_cache"),
+    (["--compilation_cache=false"], "--compilation_cache='false': not a"),
     # Values valid in Python that float32/int32 storage would turn into inf
     # or wrap, refused as given or as derived.
     ([f"--flagfile={SMOKE}", "--rounds=100000000000000000000"],
