@@ -54,6 +54,20 @@ def test_static_kinds_equal_the_masked_path(layer0, partial, momentum):
   assert moved.max() > 0 and (moved[:, 1:].max() == 0) == partial
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_rolled_loop_equals_unrolled(momentum):
+  # The rolled loop is the default since it compiles faster; it computes
+  # the same steps, to float rounding (XLA may fuse an unrolled body
+  # differently, which moves last bits).
+  _, params = tiny_model()
+  mask = _mask(params, 1.0, jnp.ones_like(params["layer1"]["kernel"]))
+  _, (rolled, loss_r) = _run(None, mask, unroll=1, momentum=momentum)
+  _, (unrolled, loss_u) = _run(None, mask, unroll=True, momentum=momentum)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               rolled, unrolled)
+  np.testing.assert_allclose(loss_r, loss_u, rtol=1e-6)
+
+
 def test_long_local_loops_are_not_unrolled():
   # 300 unrolled steps would take minutes to compile; the loop stays rolled.
   _, params = tiny_model()

@@ -1,15 +1,23 @@
-"""Benchmark: compiling the start-up programs at XLA level 2 against 3.
+"""Benchmark: two start-up choices, each measured both ways.
 
 Run: python -m experiments.benchmarks.startup [--models=mlp,lenet5]
-     [--repeats=3] [--out=experiments/benchmarks/results/startup_cpu.json]
+     [--repeats=3] [--step_repeats=2]
+     [--out=experiments/benchmarks/results/startup_cpu.json]
 
-A run's model init runs once, so XLA's default backend optimization level 3
-buys it nothing; ``ftte_jax.core.one_shot`` compiles it (and the round-0
-state and the deadline) at level 2. For each model this times compiling
-``module.init`` both ways, each in a fresh process with the persistent
-compilation cache off, interleaved over ``--repeats``, and checks that both
-programs give the same parameter bits. Prints the machine and the median
-seconds; writes a JSON.
+1. Init at XLA level 2. A run's model init runs once, so XLA's default
+   backend optimization level 3 buys it nothing; ``ftte_jax.core.one_shot``
+   compiles it (and the round-0 state and the deadline) at level 2. For each
+   model this times compiling and running ``module.init`` both ways.
+2. Rolled local steps. The FedJAX workload's step (``vs_fedjax.py``:
+   FedAvg, 1,000 clients, K = 100, 5 local steps of batch 32) with the
+   local-step loop rolled (``--unroll_local_steps=false``, the default) and
+   fully unrolled: seconds to compile the step, and seconds per step (mean
+   of 3 after the first).
+
+Every measurement runs in a fresh process with the persistent compilation
+cache off, the two settings interleaved over the repeats, and checks that
+both settings give the same bits. Prints the machine and the medians;
+writes a JSON.
 """
 
 from __future__ import annotations
@@ -47,43 +55,101 @@ def worker(model: str, level: str) -> None:
   print(json.dumps({"compile_s": seconds, "sha": sha}))
 
 
+def step_worker(model: str, unroll: str) -> None:
+  """Prints ``{"compile_s", "step_s", "sha"}`` of the FedJAX workload."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ftte_jax import experiment  # pylint: disable=g-import-not-at-top
+  from launch import flags as flags_lib  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_enable_compilation_cache", False)
+  args = ["--algorithm=fedavg", f"--model={model}", "--num_clients=1000",
+          "--concurrency=100", "--buffer_size=100", "--rounds=4",
+          f"--unroll_local_steps={unroll}", *flags_lib.SCRATCH_ARGS]
+  exp = experiment.build(flags_lib.resolve_args(args).config)
+  state = exp.init_state()
+  lowered = exp.step_fn.lower(exp.env, state)
+  t = time.perf_counter()
+  lowered.compile()
+  compile_s = time.perf_counter() - t
+  state, _ = exp.step_fn(exp.env, state)
+  jax.block_until_ready(state)
+  t = time.perf_counter()
+  for _ in range(3):
+    state, _ = exp.step_fn(exp.env, state)
+  jax.block_until_ready(state)
+  step_s = (time.perf_counter() - t) / 3
+  print(json.dumps({"compile_s": compile_s, "step_s": step_s,
+                    "sha": experiment.params_sha256(state.params)}))
+
+
+def _interleaved(repo: str, worker: str, model: str, settings: tuple,
+                 repeats: int) -> tuple[dict, bool]:
+  """{setting: [result dicts]} and whether every run gave the same bits."""
+  runs = {s: [] for s in settings}
+  shas = set()
+  for _ in range(repeats):
+    for setting in settings:  # interleaved, so drift in load hits both.
+      out = subprocess.run(
+          [sys.executable, "-m", "experiments.benchmarks.startup",
+           f"--{worker}", model, setting], cwd=repo, capture_output=True,
+          text=True, check=True).stdout.splitlines()[-1]
+      r = json.loads(out)
+      shas.add(r.pop("sha"))
+      runs[setting].append(r)
+  return runs, len(shas) == 1
+
+
+def _median(runs: list[dict], key: str) -> float:
+  return statistics.median(r[key] for r in runs)
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--models", default="mlp,lenet5")
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--step_repeats", type=int, default=2)
   p.add_argument("--out", default=os.path.join(
       os.path.dirname(__file__), "results", "startup_cpu.json"))
   p.add_argument("--worker", nargs=2, metavar=("MODEL", "LEVEL"),
+                 help=argparse.SUPPRESS)
+  p.add_argument("--step_worker", nargs=2, metavar=("MODEL", "UNROLL"),
                  help=argparse.SUPPRESS)
   a = p.parse_args()
   if a.worker:
     worker(*a.worker)
     return
+  if a.step_worker:
+    step_worker(*a.step_worker)
+    return
   from experiments.benchmarks import common  # pylint: disable=g-import-not-at-top
   repo = os.path.dirname(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))))
-  rows = []
+  rows, steps = [], []
   for model in a.models.split(","):
-    runs = {"default": [], "one_shot": []}
-    shas = set()
-    for _ in range(a.repeats):
-      for level in runs:  # interleaved, so drift in load hits both.
-        out = subprocess.run(
-            [sys.executable, "-m", "experiments.benchmarks.startup",
-             "--worker", model, level], cwd=repo, capture_output=True,
-            text=True, check=True).stdout.splitlines()[-1]
-        r = json.loads(out)
-        runs[level].append(r["compile_s"])
-        shas.add(r["sha"])
-    row = {"model": model, "level3_s": statistics.median(runs["default"]),
-           "level2_s": statistics.median(runs["one_shot"]), "runs": runs,
-           "same_bits": len(shas) == 1}
+    runs, same = _interleaved(repo, "worker", model, ("default", "one_shot"),
+                              a.repeats)
+    row = {"model": model, "level3_s": _median(runs["default"], "compile_s"),
+           "level2_s": _median(runs["one_shot"], "compile_s"), "runs": runs,
+           "same_bits": same}
     row["speedup"] = row["level3_s"] / row["level2_s"]
     rows.append(row)
     print(f"{model}: init compile+run {row['level3_s']:.2f} s at level 3, "
           f"{row['level2_s']:.2f} s at level 2 ({row['speedup']:.2f}x); "
           f"same bits: {row['same_bits']}", flush=True)
-  report = {"machine": common.machine(), "argv": sys.argv[1:], "rows": rows}
+  for model in a.models.split(","):
+    runs, same = _interleaved(repo, "step_worker", model, ("false", "true"),
+                              a.step_repeats)
+    row = {"model": model, "runs": runs, "same_bits": same}
+    for unroll, name in (("false", "rolled"), ("true", "unrolled")):
+      row[f"{name}_compile_s"] = _median(runs[unroll], "compile_s")
+      row[f"{name}_step_s"] = _median(runs[unroll], "step_s")
+    steps.append(row)
+    print(f"{model} step: compile {row['rolled_compile_s']:.2f} s rolled, "
+          f"{row['unrolled_compile_s']:.2f} s unrolled; per step "
+          f"{row['rolled_step_s']:.3f} s rolled, {row['unrolled_step_s']:.3f} "
+          f"s unrolled; same bits: {same}", flush=True)
+  report = {"machine": common.machine(), "argv": sys.argv[1:],
+            "init": rows, "local_steps_loop": steps}
   print(report["machine"])
   os.makedirs(os.path.dirname(a.out), exist_ok=True)
   with open(a.out, "w") as f:

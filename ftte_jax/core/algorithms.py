@@ -127,9 +127,9 @@ class EngineConfig:
       "devices JAX sees (every process's, under jax.distributed) that "
       "divides K")
   unroll_local_steps: bool = option(
-      True, help="fully unroll the local-step loop (fast on CPU for "
-      "convolutions; docs/design.md, \"Client training and batching\") instead "
-      "of a rolled loop")
+      False, help="fully unroll the local-step loop (up to 64 steps) instead "
+      "of a rolled loop; the rolled loop compiles faster and, on the 2-core "
+      "CPU, runs as fast (docs/design.md, \"Client training and batching\")")
   eval_batch_size: int = option(1000, low=1,
                                 help="batch size of the held-out evaluation")
   update_rule: str = option(

@@ -2,8 +2,8 @@
 
 XLA compiles at backend optimization level 3 by default. For a program that
 runs once, most of that compile time is never paid back: on the 2-core CPU,
-level 2 compiles and runs the MLP's init in 0.6 s instead of 1.9 s and
-LeNet-5's in 0.9 s instead of 2.7 s (``experiments/benchmarks/startup.py``,
+level 2 compiles and runs the MLP's and LeNet-5's init about 3x faster
+(MLP 0.5 s instead of 1.3 s; ``experiments/benchmarks/startup.py``,
 ``results/startup_cpu.json``). These
 programs hold no dots or convolutions, only elementwise integer and float
 arithmetic, which LLVM does not reassociate at any level, so their results
