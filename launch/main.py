@@ -19,6 +19,7 @@ duplicated); a workdir holding a different configuration is refused unless
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -344,7 +345,28 @@ def _print_summary(summary: dict, workdir: str) -> None:
 
 
 def run() -> None:
-  app.run(main, flags_parser=flags_lib.parse_or_exit)
+  """Runs ``main``, then exits without finalizing the interpreter.
+
+  Tearing down the modules and the XLA client after a run took about 0.5 s
+  on the 2-core CPU, a tenth of a warm run of the FedJAX workload. By then
+  every file is written and closed and the checkpointer has finished, so
+  the atexit handlers run and the process exits directly. An exception
+  other than ``SystemExit`` still takes the normal path (traceback, exit
+  1).
+  """
+  try:
+    app.run(main, flags_parser=flags_lib.parse_or_exit)
+    code = 0
+  except SystemExit as e:
+    code = e.code
+  if code is not None and not isinstance(code, int):
+    print(code, file=sys.stderr)  # what SystemExit would have printed.
+    code = 1
+  atexit._run_exitfuncs()  # pylint: disable=protected-access
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code or 0)
 
 
 if __name__ == "__main__":
