@@ -4,10 +4,12 @@ Run: python -m experiments.benchmarks.startup [--models=mlp,lenet5]
      [--repeats=3] [--step_repeats=2]
      [--out=experiments/benchmarks/results/startup_cpu.json]
 
-1. Init at XLA level 2. A run's model init runs once, so XLA's default
-   backend optimization level 3 buys it nothing; ``ftte_jax.core.one_shot``
-   compiles it (and the round-0 state and the deadline) at level 2. For each
-   model this times compiling and running ``module.init`` both ways.
+1. One-shot compiler options. A run's model init and round-0 state run
+   once, so XLA's default optimization (level 3, newer fusion emitters)
+   buys them nothing; ``ftte_jax.core.one_shot`` compiles them at level 2
+   with the elemental emitters. For each model this times compiling and
+   running ``module.init`` both ways, and the round-0 state of the FedJAX
+   workload (below) both ways.
 2. Rolled local steps. The FedJAX workload's step (``vs_fedjax.py``:
    FedAvg, 1,000 clients, K = 100, 5 local steps of batch 32) with the
    local-step loop rolled (``--unroll_local_steps=false``, the default) and
@@ -55,17 +57,41 @@ def worker(model: str, level: str) -> None:
   print(json.dumps({"compile_s": seconds, "sha": sha}))
 
 
+def state_worker(model: str, level: str) -> None:
+  """Prints ``{"compile_s", "sha"}`` of the workload's round-0 state."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ftte_jax import experiment  # pylint: disable=g-import-not-at-top
+  from ftte_jax.core import one_shot  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_enable_compilation_cache", False)
+  exp = experiment.build(_workload(model, "false"))
+  if level != "one_shot":
+    one_shot.jit = jax.jit  # the default options.
+  exp.init_state()  # traced and compiled once, outside the timing.
+  jax.clear_caches()
+  t = time.perf_counter()
+  state = jax.block_until_ready(exp.init_state())
+  seconds = time.perf_counter() - t
+  print(json.dumps({"compile_s": seconds,
+                    "sha": experiment.params_sha256(
+                        jax.tree.leaves(state))}))
+
+
+def _workload(model: str, unroll: str):
+  """The config of vs_fedjax.py's workload (default client_chunk)."""
+  from launch import flags as flags_lib  # pylint: disable=g-import-not-at-top
+  args = ["--algorithm=fedavg", f"--model={model}", "--num_clients=1000",
+          "--concurrency=100", "--buffer_size=100", "--rounds=4",
+          f"--unroll_local_steps={unroll}", *flags_lib.SCRATCH_ARGS]
+  return flags_lib.resolve_args(args).config
+
+
 def step_worker(model: str, unroll: str) -> None:
   """Prints ``{"compile_s", "step_s", "sha"}`` of the FedJAX workload."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from ftte_jax import experiment  # pylint: disable=g-import-not-at-top
-  from launch import flags as flags_lib  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_enable_compilation_cache", False)
-  args = ["--algorithm=fedavg", f"--model={model}", "--num_clients=1000",
-          "--concurrency=100", "--buffer_size=100", "--rounds=4",
-          f"--unroll_local_steps={unroll}", *flags_lib.SCRATCH_ARGS]
-  exp = experiment.build(flags_lib.resolve_args(args).config)
+  exp = experiment.build(_workload(model, unroll))
   state = exp.init_state()
   lowered = exp.step_fn.lower(exp.env, state)
   t = time.perf_counter()
@@ -114,6 +140,8 @@ def main() -> None:
                  help=argparse.SUPPRESS)
   p.add_argument("--step_worker", nargs=2, metavar=("MODEL", "UNROLL"),
                  help=argparse.SUPPRESS)
+  p.add_argument("--state_worker", nargs=2, metavar=("MODEL", "LEVEL"),
+                 help=argparse.SUPPRESS)
   a = p.parse_args()
   if a.worker:
     worker(*a.worker)
@@ -121,21 +149,27 @@ def main() -> None:
   if a.step_worker:
     step_worker(*a.step_worker)
     return
+  if a.state_worker:
+    state_worker(*a.state_worker)
+    return
   from experiments.benchmarks import common  # pylint: disable=g-import-not-at-top
   repo = os.path.dirname(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))))
   rows, steps = [], []
   for model in a.models.split(","):
-    runs, same = _interleaved(repo, "worker", model, ("default", "one_shot"),
-                              a.repeats)
-    row = {"model": model, "level3_s": _median(runs["default"], "compile_s"),
-           "level2_s": _median(runs["one_shot"], "compile_s"), "runs": runs,
-           "same_bits": same}
-    row["speedup"] = row["level3_s"] / row["level2_s"]
-    rows.append(row)
-    print(f"{model}: init compile+run {row['level3_s']:.2f} s at level 3, "
-          f"{row['level2_s']:.2f} s at level 2 ({row['speedup']:.2f}x); "
-          f"same bits: {row['same_bits']}", flush=True)
+    for what, worker_flag in (("init", "worker"),
+                              ("round-0 state", "state_worker")):
+      runs, same = _interleaved(repo, worker_flag, model,
+                                ("default", "one_shot"), a.repeats)
+      row = {"model": model, "program": what,
+             "default_s": _median(runs["default"], "compile_s"),
+             "one_shot_s": _median(runs["one_shot"], "compile_s"),
+             "runs": runs, "same_bits": same}
+      row["speedup"] = row["default_s"] / row["one_shot_s"]
+      rows.append(row)
+      print(f"{model} {what}: compile+run {row['default_s']:.2f} s default, "
+            f"{row['one_shot_s']:.2f} s one-shot ({row['speedup']:.2f}x); "
+            f"same bits: {same}", flush=True)
   for model in a.models.split(","):
     runs, same = _interleaved(repo, "step_worker", model, ("false", "true"),
                               a.step_repeats)
