@@ -51,3 +51,11 @@ def test_nested_under_a_trace():
   assert jax.tree.structure(abstract) == jax.tree.structure(concrete)
   for a, c in zip(jax.tree.leaves(abstract), jax.tree.leaves(concrete)):
     assert (a.shape, a.dtype) == (c.shape, c.dtype)
+
+
+def test_deadline_same_bits(monkeypatch):
+  """The environment's deadline (the worst first task) is one-shot too."""
+  config = helpers.tiny_config("fedbuff")
+  fast = experiment.build(config).env.deadline
+  monkeypatch.setattr(one_shot, "jit", jax.jit)
+  _same_bits(fast, experiment.build(config).env.deadline)
