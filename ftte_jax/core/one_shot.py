@@ -4,8 +4,8 @@ XLA compiles at backend optimization level 3 with its newer fusion emitters
 by default. For a program that runs once, most of that compile time is
 never paid back. These programs compile at level 2, and on the CPU with the
 older elemental emitters: on the 2-core CPU the MLP's and LeNet-5's init
-compile and run about 3x faster (``experiments/benchmarks/startup.py``,
-``results/startup_cpu.json``) and the round-0 state about 1.5x. They hold
+compile and run 3.6x and 4.8x faster (``experiments/benchmarks/startup.py``,
+``results/startup_cpu.json``) and the round-0 state 1.5x and 1.2x. They hold
 no dots or convolutions, only elementwise integer and float arithmetic, and
 their results are the same bits; ``tests/test_one_shot.py`` holds them to
 that. The step, which runs thousands of times, keeps the defaults.
