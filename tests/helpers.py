@@ -125,6 +125,17 @@ SCRATCH_TOP = dict(pretrain=experiment.PretrainConfig(steps=0),
                    frozen_weights="ram")
 
 
+def assert_bit_identical(a, b):
+  """Same tree structure, dtypes, shapes and bytes, leaf by leaf."""
+  la, ta = jax.tree.flatten(a)
+  lb, tb = jax.tree.flatten(b)
+  assert ta == tb
+  for x, y in zip(la, lb):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape
+    assert x.tobytes() == y.tobytes()
+
+
 def replace_engine(config, **kw):
   """``config`` with engine fields replaced (no preset re-applied)."""
   return dataclasses.replace(config, engine=dataclasses.replace(config.engine,

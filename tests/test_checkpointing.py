@@ -17,16 +17,6 @@ def exp():
   return experiment.build(helpers.tiny_config())
 
 
-def assert_bit_identical(a, b):
-  la, ta = jax.tree.flatten(a)
-  lb, tb = jax.tree.flatten(b)
-  assert ta == tb
-  for x, y in zip(la, lb):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.dtype == y.dtype and x.shape == y.shape
-    assert x.tobytes() == y.tobytes()
-
-
 def test_round_trip_is_bit_identical_and_resumes_exactly(exp, tmp_path):
   state = exp.init_state()
   for _ in range(3):
@@ -41,13 +31,13 @@ def test_round_trip_is_bit_identical_and_resumes_exactly(exp, tmp_path):
   for target in (jax.eval_shape(exp.init_state), exp.init_state(),
                  lambda: jax.eval_shape(exp.init_state)):
     restored, rows = ckpt.restore_latest(target)
-    assert_bit_identical(restored, state)
+    helpers.assert_bit_identical(restored, state)
     assert rows == [{"round": 3, "test_accuracy": 0.5}]
   ckpt.close()
   # The restored state continues exactly as the original.
   a, _ = exp.step_fn(exp.env, jax.tree.map(np.copy, restored))
   b, _ = exp.step_fn(exp.env, state)
-  assert_bit_identical(a, b)
+  helpers.assert_bit_identical(a, b)
 
 
 def test_other_config_is_refused(exp, tmp_path):
@@ -145,7 +135,7 @@ def test_damaged_latest_checkpoint_falls_back_to_an_intact_one(
     state, rows = ckpt.restore_latest(jax.eval_shape(exp.init_state))
   ckpt.close()
   assert rows == [{"round": 2}]
-  assert_bit_identical(state, states[2])
+  helpers.assert_bit_identical(state, states[2])
   assert len(ckpt.skipped) == 1 and ckpt.skipped[0].startswith("step 3")
   assert any("step 3" in r.getMessage() for r in caplog.records)
 

@@ -1,8 +1,8 @@
 """Start-up programs compiled with the one-shot options give the same bits.
 
 ``one_shot.jit`` compiles programs that run once per process (model init,
-the round-0 state, the deadline) at XLA's backend optimization level 2
-instead of 3, for a faster start. That is only sound if the results do not
+the round-0 state, the deadline) with cheaper XLA options (level 2, and the
+elemental emitters on the CPU), for a faster start. That is only sound if the results do not
 move: these tests compare every leaf bit for bit against a default
 ``jax.jit`` of the same function.
 """
@@ -11,19 +11,10 @@ import jax
 import numpy as np
 import pytest
 
+import helpers
 from ftte_jax import experiment
 from ftte_jax import models
 from ftte_jax.core import one_shot
-from tests import helpers
-
-
-def _same_bits(a, b):
-  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-  assert len(la) == len(lb)
-  for x, y in zip(la, lb):
-    x, y = np.atleast_1d(np.asarray(x)), np.atleast_1d(np.asarray(y))
-    assert x.dtype == y.dtype and x.shape == y.shape
-    np.testing.assert_array_equal(x.view(np.uint8), y.view(np.uint8))
 
 
 @pytest.mark.parametrize("name,shape", [("mlp", (1, 28, 28, 1)),
@@ -32,7 +23,8 @@ def _same_bits(a, b):
 def test_model_init_same_bits(name, shape):
   module = models.get_model(name, 10)
   key, x = jax.random.PRNGKey(3), np.zeros(shape, np.float32)
-  _same_bits(one_shot.jit(module.init)(key, x), jax.jit(module.init)(key, x))
+  helpers.assert_bit_identical(one_shot.jit(module.init)(key, x),
+                               jax.jit(module.init)(key, x))
 
 
 @pytest.mark.parametrize("algorithm", ["ftte", "fedavg"])
@@ -40,7 +32,7 @@ def test_round0_state_same_bits(algorithm, monkeypatch):
   exp = experiment.build(helpers.tiny_config(algorithm))
   state = exp.init_state()  # one_shot.jit inside.
   monkeypatch.setattr(one_shot, "jit", jax.jit)
-  _same_bits(state, exp.init_state())
+  helpers.assert_bit_identical(state, exp.init_state())
 
 
 def test_nested_under_a_trace():
@@ -58,4 +50,4 @@ def test_deadline_same_bits(monkeypatch):
   config = helpers.tiny_config("fedbuff")
   fast = experiment.build(config).env.deadline
   monkeypatch.setattr(one_shot, "jit", jax.jit)
-  _same_bits(fast, experiment.build(config).env.deadline)
+  helpers.assert_bit_identical(fast, experiment.build(config).env.deadline)
