@@ -206,9 +206,9 @@ def make_environment(config: EngineConfig, data: ClientData, fleet: Fleet,
   else:
     # Worst case: a first task (whole model unless deployed). One jitted
     # call: eager, its dozen ops would each compile on their own.
-    nominal, _ = one_shot.jit(nominal_duration, static_argnums=0)(
-        config.batch_size, fleet, plan, np.arange(n, dtype=np.int32),
-        np.asarray(steps), np.full(n, config.first_download == "deployed"))
+    nominal, _ = one_shot.jit(lambda f, p, s: nominal_duration(
+        config.batch_size, f, p, jnp.arange(n), s, _deployed(config, n)))(
+            fleet, plan, steps)
     deadline = config.deadline_factor * float(
         np.asarray(nominal)[eligible].max())
   return Environment(data=data, fleet=fleet, eligible=jax.device_put(eligible),
