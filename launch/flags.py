@@ -184,7 +184,9 @@ def define_run_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "'auto' ($JAX_COMPILATION_CACHE_DIR if set, else <user cache>/"
       "ftte_jax/jax_cache, the user cache being $XDG_CACHE_HOME or "
       "~/.cache), 'off', or a directory; a second run of the same shapes "
-      "then skips compilation", flag_values=fv)
+      "then skips compilation, and that of the step and the evaluation "
+      "skips tracing too (ftte_jax/program_cache.py, in its "
+      "ftte_programs/)", flag_values=fv)
   define_checkpoint_flags(fv)
   define_distributed_flags(fv)
 
@@ -259,9 +261,10 @@ def enable_compilation_cache(setting: str) -> str | None:
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_compilation_cache_dir", setting)
   if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
-    # The step and the evaluation take seconds to compile; tiny helpers
-    # are not worth a file each.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    # Every program, however small (JAX's default keeps only those over
+    # 1 s): a warm start of vs_fedjax.py's MLP workload otherwise compiles
+    # ~0.45 s of small build programs again on the 2-core CPU.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   return setting
 
 
