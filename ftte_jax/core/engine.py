@@ -206,8 +206,11 @@ def make_environment(config: EngineConfig, data: ClientData, fleet: Fleet,
   else:
     # Worst case: a first task (whole model unless deployed). One jitted
     # call: eager, its dozen ops would each compile on their own.
-    nominal, _ = one_shot.jit(lambda f, p, s: nominal_duration(
-        config.batch_size, f, p, jnp.arange(n), s, _deployed(config, n)))(
+    nominal, _ = one_shot.jit(
+        lambda f, p, s: nominal_duration(config.batch_size, f, p,
+                                         jnp.arange(n), s,
+                                         _deployed(config, n)),
+        closure={"config": config, "n": n}, name="deadline")(
             fleet, plan, steps)
     deadline = config.deadline_factor * float(
         np.asarray(nominal)[eligible].max())

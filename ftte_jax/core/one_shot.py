@@ -19,6 +19,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from ftte_jax import program_cache
+
 
 @functools.cache
 def compiler_options() -> dict:
@@ -34,12 +36,21 @@ def compiler_options() -> dict:
   return {**options, **emitters}
 
 
-def jit(fun: Callable[..., Any], **kwargs) -> Callable[..., Any]:
+def jit(fun: Callable[..., Any], *, closure: dict | None = None,
+        name: str | None = None, **kwargs) -> Callable[..., Any]:
   """``jax.jit`` with the one-shot compiler options.
 
   Called under a trace (``jax.eval_shape`` of a start-up function, or inside
   another jit) it is a plain nested ``jax.jit``: JAX takes compiler options
   only at the top level, and a nested program is not compiled on its own.
+
+  Args:
+    fun: the function.
+    closure: JSON-able statement of everything ``fun`` closes over; given,
+      top-level calls go through the program cache (``program_cache``), as
+      ``name``, when JAX's persistent cache is on.
+    name: the program's name in the cache (with ``closure``).
+    **kwargs: ``jax.jit``'s.
   """
   nested = jax.jit(fun, **kwargs)
   top = []  # built at the first top-level call (the options probe compiles).
@@ -50,6 +61,13 @@ def jit(fun: Callable[..., Any], **kwargs) -> Callable[..., Any]:
       return nested(*args, **kw)
     if not top:
       top.append(jax.jit(fun, compiler_options=compiler_options(), **kwargs))
-    return top[0](*args, **kw)
+    directory = program_cache.default_directory()
+    if closure is None or kw or directory is None:
+      return top[0](*args, **kw)
+    programs, _ = program_cache.compile_all(
+        [(name, top[0], args)],
+        {"closure": closure, "compiler_options": compiler_options(),
+         "jit": kwargs}, directory)
+    return programs[name](*args)
 
   return call

@@ -123,8 +123,13 @@ def load_data(config: ExperimentConfig):
 
 def client_optimizer(config: ExperimentConfig) -> optax.GradientTransformation:
   """The engine's client optimizer; the memory model charges its state."""
-  e = config.engine
-  return make_client_optimizer(e.client_lr, e.client_momentum)
+  return make_client_optimizer(**client_optimizer_options(config))
+
+
+def client_optimizer_options(config: ExperimentConfig) -> dict:
+  """What ``client_optimizer`` is made of (the program cache keys it)."""
+  return {"lr": config.engine.client_lr,
+          "momentum": config.engine.client_momentum}
 
 
 def make_model(config: ExperimentConfig, input_shape, num_classes: int,
@@ -135,7 +140,8 @@ def make_model(config: ExperimentConfig, input_shape, num_classes: int,
   module = check_model(config, input_shape, num_classes)
   # One jitted init: eager init compiles every initializer op on its own
   # (24 compilations, about 3 s for the MLP on the 2-core CPU).
-  params = one_shot.jit(module.init)(key, example)["params"]
+  params = one_shot.jit(module.init, closure={"module": repr(module)},
+                        name="model_init")(key, example)["params"]
   analysis = groups_lib.analyze(module, params,
                                 (e.batch_size,) + tuple(input_shape))
   spec = groups_lib.make_groups(analysis, config.search.channel_fractions)

@@ -9,7 +9,6 @@ logs exactly the rows an uninterrupted run would.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import math
 import time
@@ -21,6 +20,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ftte_jax import program_cache
 from ftte_jax.core import client
 from ftte_jax.core import engine
 from ftte_jax.core import one_shot
@@ -39,6 +39,9 @@ class Experiment:
   env: engine.Environment
   sim: engine.Simulator
   plan_report: dict  # the latest search's report (a re-search replaces it).
+  # Everything the simulator's functions close over, as keyed by the
+  # program cache (``build`` fills it; ``program_cache`` says why).
+  closure: dict = dataclasses.field(default_factory=dict)
   step_fn: Callable = dataclasses.field(init=False)
   steps_fn: Callable = dataclasses.field(init=False)
   eval_fn: Callable = dataclasses.field(init=False)
@@ -47,11 +50,16 @@ class Experiment:
   # held-out slices and the devices evaluated; None without a hold-out.
   personal_fn: Callable | None = dataclasses.field(init=False, default=None)
   personal_args: tuple = dataclasses.field(init=False, default=())
+  # ``compile``'s executables by name ("step" or "steps", "evaluate"), and
+  # whether each came from the program cache: "hit", "miss" or "off".
+  programs: dict = dataclasses.field(init=False, default_factory=dict)
+  program_status: dict = dataclasses.field(init=False, default_factory=dict)
 
   def __post_init__(self):
     # With a virtual-time budget a step may have to be undone (exact
     # stops), so its input state must survive: no donation then.
     donate = () if self.config.max_virtual_time is not None else (1,)
+    self.closure = {**self.closure, "step_donates": donate}
     # With a clients mesh every array lives replicated on all its devices
     # (and processes); the step shards the K clients itself.
     self.env = self.place(self.env)
@@ -141,24 +149,29 @@ class Experiment:
         key, self.setup.model.params, self.setup.plan,
         engine.Start.of(clock=probe.time_s, bytes_up=probe.bytes_up,
                         bytes_down=probe.bytes_down)))
-    return one_shot.jit(self.sim.init)(key, self.env, params, plan, start)
+    return one_shot.jit(self.sim.init, closure=self.closure,
+                        name="round0_state")(key, self.env, params, plan,
+                                             start)
 
   def evaluate(self, params) -> dict:
-    out = self.eval_fn(params, *self.test)
+    out = self.programs.get("evaluate", self.eval_fn)(params, *self.test)
     return {k: float(v) for k, v in jax.device_get(out).items()}
 
   def compile(self, state: engine.SimState) -> float:
-    """Compiles the step program the run uses and the evaluation; returns
-    the seconds it took."""
+    """Compiles the step program the run uses and the evaluation (or loads
+    them from the program cache, when JAX's persistent cache is on and the
+    run has one device); returns the seconds it took."""
     t0 = time.perf_counter()
     if self.config.steps_per_call == 1:
-      step = self.step_fn.lower(self.env, state)
+      step = ("step", self.step_fn, (self.env, state))
     else:
-      step = self.steps_fn.lower(self.env, state, 1, 1.0)
-    evaluation = self.eval_fn.lower(state.params, *self.test)
-    # XLA compiles outside the GIL: the two programs compile side by side.
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-      list(pool.map(lambda lowered: lowered.compile(), (step, evaluation)))
+      step = ("steps", self.steps_fn, (self.env, state, 1, 1.0))
+    directory = None
+    if self.sim.mesh is None and jax.process_count() == 1:
+      directory = program_cache.default_directory()
+    self.programs, self.program_status = program_cache.compile_all(
+        [step, ("evaluate", self.eval_fn, (state.params, *self.test))],
+        self.closure, directory)
     return time.perf_counter() - t0
 
   def finished(self, state: engine.SimState) -> bool:
@@ -234,7 +247,7 @@ class Experiment:
     cfg = self.config
     budget = cfg.max_virtual_time
     if cfg.steps_per_call == 1:
-      new_state, _ = self.step_fn(self.env, state)
+      new_state, _ = self.programs.get("step", self.step_fn)(self.env, state)
       if budget is not None and float(new_state.clock) > budget:
         return state, True
       return self._after_step(new_state, log, tracking, 1), False
@@ -245,7 +258,7 @@ class Experiment:
       n = 1
     elif cfg.steps_per_call > 1:
       n = min(n, cfg.steps_per_call)
-    state, taken, over = self.steps_fn(
+    state, taken, over = self.programs.get("steps", self.steps_fn)(
         self.env, state, n, float("inf") if budget is None else budget)
     if int(taken):
       state = self._after_step(state, log, tracking, int(taken))
@@ -306,7 +319,8 @@ class Experiment:
                num_processes=jax.process_count(),
                backend=jax.default_backend(),
                startup_s={**self.setup.phases,
-                          "compile_s": timing["compile_s"]})
+                          "compile_s": timing["compile_s"]},
+               program_cache=dict(self.program_status))
     return out
 
 
@@ -355,10 +369,17 @@ def build(config: ExperimentConfig) -> Experiment:
   # A plan that no re-search replaces is static: the client update can
   # skip what no mask trains (client.leaf_kinds).
   static = not config.search.research_every
-  sim = engine.make_simulator(
-      e, setup.model.apply_fn, int(np.asarray(env.num_steps).max()),
-      client_tx=setup.model.tx,
-      kinds=client.leaf_kinds(setup.plan.masks) if static else None)
+  # make_simulator's arguments, named for the program cache: the engine
+  # config, the model (its module; apply_fn applies it), the loop length,
+  # the client optimizer (made from the engine config) and the leaf kinds.
+  max_steps = int(np.asarray(env.num_steps).max())
+  kinds = client.leaf_kinds(setup.plan.masks) if static else None
+  sim = engine.make_simulator(e, setup.model.apply_fn, max_steps,
+                              client_tx=setup.model.tx, kinds=kinds)
+  closure = {"config": e, "apply_fn": repr(setup.model.module),
+             "max_local_steps": max_steps,
+             "client_tx": planning.client_optimizer_options(config),
+             "kinds": kinds}
   setup.phases["engine_s"] = time.perf_counter() - t0
   return Experiment(setup=setup, env=env, sim=sim,
-                    plan_report=setup.plan_report)
+                    plan_report=setup.plan_report, closure=closure)
