@@ -30,7 +30,11 @@ Measured, each in its own fresh subprocess and in one run of this script:
     ``--e2e_repeats`` cold+warm pairs per side (default 3), interleaved,
     each from an emptied cache; the table shows the median wall time (a
     single process on this shared 2-core machine moves by a second or two)
-    and the phase lines the run that had it.
+    and the phase lines the run that had it. Before any run, the script
+    writes the bytecode of ftte_jax and launch (``compileall``), as pip
+    does at install for every package of the FedJAX side: an editable
+    install under ``PYTHONDONTWRITEBYTECODE=1`` (this machine's setting)
+    would otherwise compile the package's sources in every process.
 
 Cache: ``--cache_dir`` (default ``$JAX_COMPILATION_CACHE_DIR``, else a
 temporary directory); each side and model gets its own subdirectory there,
@@ -492,7 +496,9 @@ def _e2e_once(side: str, phase: str, spec: dict, spec_path: str,
     extra = {"build_s": s["build_s"], "run_s": s["wall_s"],
              "compile_s": s["compile_s"],
              "summary_updates_per_s": s["client_updates_per_s"],
-             "final_accuracy": s["final_accuracy"]}
+             "final_accuracy": s["final_accuracy"],
+             "program_cache": ",".join(
+                 f"{k} {v}" for k, v in s["program_cache"].items())}
     extra["other_s"] = wall - extra["build_s"] - extra["run_s"]
   else:
     wall, r, load = _worker(python, side, spec_path, False, cache)
@@ -559,7 +565,9 @@ def phases(results: list[dict]) -> str:
           lines.append(f"{'':15}{phase}: wall {e['wall_s']:.2f} (of "
                        f"{walls})  {detail}  cache entries "
                        f"{e['cache_entries_before']}->"
-                       f"{e['cache_entries_after']}  load1 {e['load1']:.1f}")
+                       f"{e['cache_entries_after']}  load1 {e['load1']:.1f}"
+                       + (f"  programs {e['program_cache']}"
+                          if "program_cache" in e else ""))
   return "\n".join(lines)
 
 
@@ -591,6 +599,9 @@ def parent() -> int:
     if not sides:
       return 0
   from experiments.benchmarks.common import machine
+  import compileall
+  for package in ("ftte_jax", "launch"):
+    compileall.compile_dir(os.path.join(REPO, package), quiet=1)
   tmp = tempfile.mkdtemp(prefix="vs_fedjax-")
   cache_root = FLAGS.cache_dir or os.path.join(tmp, "jax-cache")
   try:
