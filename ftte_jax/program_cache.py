@@ -22,7 +22,8 @@ program, so the description must name every closed-over value
 experiment's description). A key that names too much only costs a compile.
 An entry that cannot be loaded is logged, compiled afresh and replaced;
 entries are written whole (a temporary file renamed), so a killed process
-leaves no half entry. The payload is pickled: like JAX's own cache, the
+leaves no half entry. Only fresh compiles are stored: on XLA:CPU an
+executable that JAX's cache loaded serializes without some of its kernels. The payload is pickled: like JAX's own cache, the
 directory must be trusted.
 """
 

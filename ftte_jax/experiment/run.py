@@ -51,7 +51,7 @@ class Experiment:
   personal_fn: Callable | None = dataclasses.field(init=False, default=None)
   personal_args: tuple = dataclasses.field(init=False, default=())
   # ``compile``'s executables by name ("step" or "steps", "evaluate"), and
-  # whether each came from the program cache: "hit", "miss" or "off".
+  # each one's program-cache status (``program_cache.compile_all``).
   programs: dict = dataclasses.field(init=False, default_factory=dict)
   program_status: dict = dataclasses.field(init=False, default_factory=dict)
 
