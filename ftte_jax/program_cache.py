@@ -9,7 +9,8 @@ trace depends on:
 
 - the caller's description of what the traced function closes over (for
   an experiment: the engine config, the model's module, the local-step
-  loop length, the plan's leaf kinds, the donated arguments);
+  loop length, the client optimizer's options, the plan's leaf kinds, the
+  donated arguments);
 - the tree structure, shapes, dtypes, weak types and placement of the
   arguments;
 - the source of this package; the versions of Python, JAX, jaxlib, flax,
@@ -23,8 +24,9 @@ experiment's description). A key that names too much only costs a compile.
 An entry that cannot be loaded is logged, compiled afresh and replaced;
 entries are written whole (a temporary file renamed), so a killed process
 leaves no half entry. Only fresh compiles are stored: on XLA:CPU an
-executable that JAX's cache loaded serializes without some of its kernels. The payload is pickled: like JAX's own cache, the
-directory must be trusted.
+executable that JAX's cache loaded serializes without some of its
+kernels. The payload is pickled: like JAX's own cache, the directory must
+be trusted.
 """
 
 from __future__ import annotations
