@@ -112,11 +112,21 @@ def program_key(name: str, description: dict, args: Sequence[Any]) -> str:
 
 def default_directory() -> str | None:
   """``ftte_programs`` inside JAX's persistent compilation cache when that
-  is on (``launch.main --compilation_cache``); None when it is off."""
+  is on (``launch.main --compilation_cache``); None when it is off or the
+  run spans processes (``jax.distributed``)."""
   cache = jax.config.jax_compilation_cache_dir
-  if not cache or not jax.config.jax_enable_compilation_cache:
+  if (not cache or not jax.config.jax_enable_compilation_cache or
+      jax.process_count() > 1):
     return None
   return os.path.join(cache, SUBDIRECTORY)
+
+
+def on_one_device(args: Sequence[Any]) -> bool:
+  """Whether every array among ``args`` lives on a single device: the
+  only programs this cache keeps (sharded ones are compiled each time)."""
+  return all(len(x.sharding.device_set) == 1
+             for x in jax.tree.leaves(tuple(args))
+             if isinstance(x, jax.Array))
 
 
 def _load(path: str):
@@ -152,18 +162,19 @@ def compile_all(programs: Sequence[tuple[str, Callable, tuple]],
     programs: ``(name, jitted, args)`` triples.
     description: JSON-able statement of everything the functions close
       over (see the module docstring); part of every key.
-    directory: where entries live; None compiles without the cache.
+    directory: where entries live; None compiles without the cache, as
+      do programs whose arguments span devices (``on_one_device``).
 
   Returns:
     ``({name: jax.stages.Compiled}, {name: status})``, the status being
     "hit" (loaded), "miss" (compiled and stored), "jax_cache" (loaded by
     JAX's persistent cache after tracing; not stored, see below) or
-    "off" (no directory). Misses are lowered here and compiled side by
+    "off" (no directory, or sharded arguments). Misses are lowered here and compiled side by
     side in threads (XLA compiles outside the GIL).
   """
   compiled, status, lowered, paths = {}, {}, {}, {}
   for name, jitted, args in programs:
-    if directory is not None:
+    if directory is not None and on_one_device(args):
       paths[name] = os.path.join(
           directory, f"{name}-{program_key(name, description, args)}.bin")
       if os.path.exists(paths[name]):
@@ -175,12 +186,12 @@ def compile_all(programs: Sequence[tuple[str, Callable, tuple]],
                           "compiling it again", paths[name],
                           type(e).__name__, e)
     lowered[name] = jitted.lower(*args)
-    status[name] = "miss" if directory is not None else "off"
+    status[name] = "miss" if name in paths else "off"
   with concurrent.futures.ThreadPoolExecutor(max(1, len(lowered))) as pool:
     done = dict(zip(lowered, pool.map(_compile, lowered.values())))
   for name, (program, from_jax_cache) in done.items():
     compiled[name] = program
-    if directory is None:
+    if name not in paths:
       continue
     if from_jax_cache:
       # On XLA:CPU an executable loaded from JAX's cache serializes

@@ -152,3 +152,31 @@ def test_launch_runs_hit_and_keep_the_same_bits(tmp_path):
   assert not (cache / program_cache.SUBDIRECTORY).exists() or not os.listdir(
       cache / program_cache.SUBDIRECTORY)
   assert len(set(shas)) == 1
+
+
+_SHARDED = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from ftte_jax import program_cache
+mesh = Mesh(np.array(jax.devices()[:2]), ("d",))
+spread = jax.device_put(jnp.zeros(4), NamedSharding(mesh, P("d")))
+one = jnp.zeros(4)
+f = jax.jit(lambda x: x + 1)
+_, status = program_cache.compile_all(
+    [("spread", f, (spread,)), ("one", f, (one,))], {}, sys.argv[1])
+print(status["spread"], status["one"])
+"""
+
+
+def test_arguments_across_devices_are_not_cached(tmp_path):
+  """A program on a clients mesh (or any sharding over several devices) is
+  compiled each time, whoever asks (Experiment or one_shot.jit)."""
+  p = subprocess.run(
+      [sys.executable, "-c", _SHARDED, str(tmp_path)], cwd=REPO,
+      capture_output=True, text=True, timeout=300, check=False,
+      env=dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert p.stdout.split() == ["off", "miss"]
+  assert [f.split("-")[0] for f in os.listdir(tmp_path)] == ["one"]

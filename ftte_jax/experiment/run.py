@@ -166,12 +166,9 @@ class Experiment:
       step = ("step", self.step_fn, (self.env, state))
     else:
       step = ("steps", self.steps_fn, (self.env, state, 1, 1.0))
-    directory = None
-    if self.sim.mesh is None and jax.process_count() == 1:
-      directory = program_cache.default_directory()
     self.programs, self.program_status = program_cache.compile_all(
         [step, ("evaluate", self.eval_fn, (state.params, *self.test))],
-        self.closure, directory)
+        self.closure, program_cache.default_directory())
     return time.perf_counter() - t0
 
   def finished(self, state: engine.SimState) -> bool:
