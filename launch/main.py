@@ -310,6 +310,9 @@ def _run(exp, ckpt, state, history, workdir):
   """Runs (or resumes) with metrics appended (to ``workdir``'s
   metrics.jsonl; nowhere when None) and checkpoints taken."""
   from ftte_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  # orbax imports while the programs compile or load and the first steps
+  # run; the first save finds it ready.
+  checkpointing.preload()
   metrics_path = os.devnull
   if workdir is not None:
     metrics_path = os.path.join(workdir, "metrics.jsonl")

@@ -2,6 +2,9 @@
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -72,7 +75,31 @@ def test_empty_directory_restores_nothing(exp, tmp_path):
     raise AssertionError("a target function is called only for a checkpoint")
 
   assert ckpt.restore_latest(target) is None
+  # A fresh run makes nothing (orbax's manager, the directory) until it saves.
+  assert ckpt._manager is None and not (tmp_path / "new").exists()
   ckpt.close()
+  ckpt.save(exp.init_state(), [])
+  ckpt.close()
+  assert checkpointing.Checkpointer(tmp_path / "new", "h").restore_latest(
+      jax.eval_shape(exp.init_state)) is not None
+
+
+def _imports_orbax(code: str) -> bool:
+  out = subprocess.run(
+      [sys.executable, "-c", code + "\nprint('orbax.checkpoint' in "
+       "sys.modules)"], capture_output=True, text=True, check=True,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  return out.stdout.split()[-1] == "True"
+
+
+def test_orbax_is_imported_at_first_use_or_by_preload():
+  # The launcher's imports leave orbax (about 0.4 s) for later.
+  assert not _imports_orbax("import sys, launch.main, ftte_jax.experiment, "
+                            "ftte_jax.checkpointing")
+  assert _imports_orbax("import sys\nfrom ftte_jax import checkpointing\n"
+                        "checkpointing.preload()\n"
+                        "checkpointing._PRELOADING[0].join()")
 
 
 def test_config_hash_and_atomic_json(exp, tmp_path):
