@@ -127,7 +127,11 @@ def test_the_description_names_every_simulator_argument():
   or a cached step would ignore it."""
   params = set(inspect.signature(engine.make_simulator).parameters)
   closure = experiment.build(helpers.tiny_config("ftte")).closure
-  assert params == set(closure) - {"step_donates"}
+  assert params == set(closure) - {"step_donates", "step_compiler_options"}
+  # The step's XLA options change its code, so they are keyed too.
+  assert closure["step_compiler_options"] == (
+      {"xla_backend_optimization_level": 2}
+      if jax.default_backend() == "cpu" else {})
 
 
 def test_launch_runs_hit_and_keep_the_same_bits(tmp_path):
