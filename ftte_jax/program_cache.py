@@ -121,13 +121,6 @@ def default_directory() -> str | None:
   return os.path.join(cache, SUBDIRECTORY)
 
 
-def entry_path(name: str, description: dict, args: Sequence[Any],
-               directory: str) -> str:
-  """Where ``name``'s entry for ``args`` lives (whether or not it exists)."""
-  return os.path.join(directory,
-                      f"{name}-{program_key(name, description, args)}.bin")
-
-
 def on_one_device(args: Sequence[Any]) -> bool:
   """Whether every array among ``args`` lives on a single device: the
   only programs this cache keeps (sharded ones are compiled each time)."""
@@ -182,7 +175,8 @@ def compile_all(programs: Sequence[tuple[str, Callable, tuple]],
   compiled, status, lowered, paths = {}, {}, {}, {}
   for name, jitted, args in programs:
     if directory is not None and on_one_device(args):
-      paths[name] = entry_path(name, description, args, directory)
+      paths[name] = os.path.join(
+          directory, f"{name}-{program_key(name, description, args)}.bin")
       if os.path.exists(paths[name]):
         try:
           compiled[name], status[name] = _load(paths[name]), "hit"

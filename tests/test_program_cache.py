@@ -184,39 +184,3 @@ def test_arguments_across_devices_are_not_cached(tmp_path):
   assert p.returncode == 0, p.stderr[-3000:]
   assert p.stdout.split() == ["off", "miss"]
   assert [f.split("-")[0] for f in os.listdir(tmp_path)] == ["one"]
-
-
-def test_a_fresh_start_compiles_beside_the_round0_state_with_the_same_bits():
-  """Experiment.run from scratch compiles the step at the round-0 state's
-  shape while the round-0 program runs (Experiment._start); the run equals
-  one started from a given round-0 state, bit for bit."""
-  exp = experiment.build(helpers.tiny_config())
-  compiled_at = []
-  compile_ = exp.compile
-
-  def compile_spy(state):
-    compiled_at.append(jax.tree.leaves(state)[0])
-    return compile_(state)
-
-  exp.compile = compile_spy
-  fresh, _, timing = exp.run()
-  assert isinstance(compiled_at[0], jax.ShapeDtypeStruct)
-  assert timing["compile_s"] > 0
-  other = experiment.build(helpers.tiny_config())
-  given, _, _ = other.run(other.init_state())
-  helpers.assert_bit_identical(fresh, given)
-
-
-def test_one_shot_cached_says_whether_a_call_would_load(tmp_path,
-                                                        monkeypatch):
-  from ftte_jax.core import one_shot  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(program_cache, "default_directory",
-                      lambda: str(tmp_path))
-  double = one_shot.jit(lambda x: 2 * x, closure={"what": "double"},
-                        name="double")
-  x = jnp.arange(3.0)
-  assert not double.cached(x)
-  np.testing.assert_array_equal(double(x), 2 * np.arange(3.0))
-  assert double.cached(x) and not double.cached(jnp.arange(4.0))
-  monkeypatch.setattr(program_cache, "default_directory", lambda: None)
-  assert not double.cached(x)

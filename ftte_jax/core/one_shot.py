@@ -16,7 +16,6 @@ at level 2 too (``experiment.run.step_compiler_options``).
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, Callable
 
 import jax
@@ -54,16 +53,9 @@ def jit(fun: Callable[..., Any], *, closure: dict | None = None,
       ``name``, when JAX's persistent cache is on.
     name: the program's name in the cache (with ``closure``).
     **kwargs: ``jax.jit``'s.
-
-  Returns:
-    The jitted function; its ``cached(*args)`` says whether the program
-    cache holds its program for ``args`` (a call would load, not compile).
   """
   nested = jax.jit(fun, **kwargs)
   top = []  # built at the first top-level call (the options probe compiles).
-  description = lambda: {"closure": closure,
-                         "compiler_options": compiler_options(),
-                         "jit": kwargs}
 
   def call(*args, **kw):
     if any(isinstance(x, jax.core.Tracer)
@@ -74,16 +66,10 @@ def jit(fun: Callable[..., Any], *, closure: dict | None = None,
     directory = program_cache.default_directory()
     if closure is None or kw or directory is None:
       return top[0](*args, **kw)
-    programs, _ = program_cache.compile_all([(name, top[0], args)],
-                                            description(), directory)
+    programs, _ = program_cache.compile_all(
+        [(name, top[0], args)],
+        {"closure": closure, "compiler_options": compiler_options(),
+         "jit": kwargs}, directory)
     return programs[name](*args)
 
-  def cached(*args) -> bool:
-    directory = program_cache.default_directory()
-    return (closure is not None and directory is not None and
-            program_cache.on_one_device(args) and os.path.exists(
-                program_cache.entry_path(name, description(), args,
-                                         directory)))
-
-  call.cached = cached
   return call

@@ -9,7 +9,6 @@ logs exactly the rows an uninterrupted run would.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import math
 import time
@@ -163,11 +162,6 @@ class Experiment:
 
   def init_state(self) -> engine.SimState:
     """Round-0 state, starting when the probe round (if any) ended."""
-    init, args = self._round0()
-    return init(*args)
-
-  def _round0(self) -> tuple[Callable, tuple]:
-    """The round-0 state's one-shot program and its arguments."""
     probe = self.setup.probe
     key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed),
                              planning.KEY_ENGINE)
@@ -175,37 +169,9 @@ class Experiment:
         key, self.setup.model.params, self.setup.plan,
         engine.Start.of(clock=probe.time_s, bytes_up=probe.bytes_up,
                         bytes_down=probe.bytes_down)))
-    return (one_shot.jit(self.sim.init, closure=self.closure,
-                         name="round0_state"),
-            (key, self.env, params, plan, start))
-
-  def _start(self) -> tuple[engine.SimState, float]:
-    """A fresh run's round-0 state and compiled programs, and the seconds
-    compiling took (``compile``).
-
-    When the round-0 program must be compiled (not in the program cache)
-    and the run is on one device, the step and the evaluation compile at
-    the round-0 state's shape (``jax.eval_shape``, placed like the
-    environment) while a thread compiles and runs the round-0 program:
-    XLA compiles outside the GIL, so the programs share the cores instead
-    of taking turns (on the 2-core CPU, the MLP workload of
-    ``vs_fedjax.py`` started about 0.65 s sooner, by hand over five pairs).
-    ``compile_s`` is then the wall time of both.
-    """
-    init, args = self._round0()
-    if (self.sim.mesh is not None or jax.process_count() > 1 or
-        self.config.rounds < 1 or init.cached(*args)):
-      state = init(*args)
-      return state, 0.0 if self.finished(state) else self.compile(state)
-    sharding = jax.tree.leaves(self.env)[0].sharding
-    abstract = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding,
-                                       weak_type=s.weak_type),
-        jax.eval_shape(init, *args))
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-      pending = pool.submit(init, *args)
-      compile_s = self.compile(abstract)
-      return pending.result(), compile_s
+    return one_shot.jit(self.sim.init, closure=self.closure,
+                        name="round0_state")(key, self.env, params, plan,
+                                             start)
 
   def evaluate(self, params) -> dict:
     out = self.programs.get("evaluate", self.eval_fn)(params, *self.test)
@@ -261,12 +227,9 @@ class Experiment:
     """
     cfg = self.config
     sync = sync_every or (1 if on_step else cfg.rounds)
+    state = self.init_state() if state is None else self.place(state)
     log = _Log(self, list(history or []), on_eval)
-    if state is None:
-      state, compile_s = self._start()
-    else:
-      state = self.place(state)
-      compile_s = 0.0 if self.finished(state) else self.compile(state)
+    compile_s = 0.0 if self.finished(state) else self.compile(state)
     log.start_loop()
     if not log.history:
       log(state)
