@@ -39,7 +39,7 @@ def step_compiler_options() -> dict:
   level does not touch; level 3 only spends longer optimizing the few
   hundred small bookkeeping kernels around them. On the 2-core CPU the
   MLP and LeNet-5 steps of ``experiments/benchmarks/vs_fedjax.py`` compile
-  in 15-20% less time and run as fast (docs/design.md, "Compile time").
+  with 17% less CPU time and run as fast (docs/design.md, "Jit boundary").
   The results are equally valid but not the bits of level 3. Other
   backends keep their defaults.
   """
