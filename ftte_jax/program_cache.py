@@ -169,8 +169,8 @@ def compile_all(programs: Sequence[tuple[str, Callable, tuple]],
     ``({name: jax.stages.Compiled}, {name: status})``, the status being
     "hit" (loaded), "miss" (compiled and stored), "jax_cache" (loaded by
     JAX's persistent cache after tracing; not stored, see below) or
-    "off" (no directory, or sharded arguments). Misses are lowered here and compiled side by
-    side in threads (XLA compiles outside the GIL).
+    "off" (no directory, or sharded arguments). Misses are lowered here
+    and compiled side by side in threads (XLA compiles outside the GIL).
   """
   compiled, status, lowered, paths = {}, {}, {}, {}
   for name, jitted, args in programs:
