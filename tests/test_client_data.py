@@ -71,10 +71,9 @@ def test_walk_visits_every_example_once_per_epoch(count, batch):
 @pytest.mark.parametrize("count", [3, 1000, 65537, 999_999_937, 2 ** 30])
 def test_walk_equals_the_affine_formula_in_python_integers(count):
   key = jax.random.PRNGKey(count % 97)
-  k_a, k_b = jax.random.split(key)
-  primes = cdl.STRIDE_PRIMES
-  a = int(primes[int(jax.random.randint(k_a, (), 0, len(primes)))]) % count
-  b = int(jax.random.randint(k_b, (), 0, count))
+  w = [int(v) for v in jax.random.bits(key, (3,), jnp.uint32)]
+  a = int(cdl.STRIDE_PRIMES[w[0] >> 24]) % count  # top 8 bits: 1 of 256
+  b = (w[1] * 2 ** 32 + w[2]) % count  # two words, reduced exactly
   batch = 16
   walk = cdl.make_walk(key, jnp.int32(count), batch)
   for step in (0, 1, 12345, 2 ** 20 + 7):

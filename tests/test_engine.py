@@ -17,10 +17,9 @@ from ftte_jax.data import client_data
 def reference_batch_rows(key, offset, count, step, batch):
   # Written out independently of ftte_jax.client: the affine walk
   # j -> (a*j + b) mod n in Python integers, from the same key draws.
-  k_a, k_b = jax.random.split(key)
-  primes = client_data.STRIDE_PRIMES
-  a = int(primes[int(jax.random.randint(k_a, (), 0, len(primes)))]) % count
-  b = int(jax.random.randint(k_b, (), 0, count))
+  w = [int(v) for v in jax.random.bits(key, (3,), jnp.uint32)]
+  a = int(client_data.STRIDE_PRIMES[w[0] >> 24]) % count
+  b = (w[1] * 2 ** 32 + w[2]) % int(count)
   return np.array([offset + (a * (step * batch + t) + b) % count
                    for t in range(batch)])
 

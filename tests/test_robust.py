@@ -195,10 +195,13 @@ def _run(algorithm, behavior, fraction=0.3, tiers=(0.6, 2.0), **engine_kw):
 
 @pytest.mark.parametrize("behavior", adversary.BEHAVIORS)
 def test_every_behaviour_leaves_a_finite_model_under_a_robust_mean(behavior):
+  # beta = 0.4 trims from 3 participants on (floor(0.4 * 3) = 1): with the
+  # NaN attack, a buffer of 5 rarely holds 5 finite updates, so 0.2 (which
+  # needs 5) trimmed only when the draws happened to give such a step.
   state, summary = _run("fedbuff", behavior, tiers=(2.0,), buffer_size=5,
                         concurrency=10,
                         clip="median", robust_aggregation="trimmed_mean",
-                        trim_fraction=0.2)
+                        trim_fraction=0.4)
   assert all(np.isfinite(np.asarray(x)).all()
              for x in jax.tree.leaves(state.params))
   assert summary["malicious_clients"] == 5

@@ -44,6 +44,7 @@ from jax.sharding import PartitionSpec as P
 
 from ftte_jax.core import adversary
 from ftte_jax.core import aggregation
+from ftte_jax.core import draws
 from ftte_jax.core import exact
 from ftte_jax.core import one_shot
 from ftte_jax.core import privacy
@@ -61,8 +62,8 @@ from ftte_jax.data.client_data import ClientData
 __all__ = ["Arrivals", "Counters", "Dispatch", "Environment", "Ring",
            "SimState", "Simulator", "Start", "Tasks", "Weights", "client_mesh",
            "count", "dispatch", "make_environment", "make_simulator",
-           "nominal_duration", "pick_idle", "replan", "server_update",
-           "take_arrivals", "train_buffer", "weigh_updates"]
+           "nominal_duration", "pick_idle", "pick_words", "replan",
+           "server_update", "take_arrivals", "train_buffer", "weigh_updates"]
 
 # The mesh axis a step's K clients are split across.
 CLIENT_AXIS = "clients"
@@ -254,7 +255,8 @@ def make_server_optimizer(config: EngineConfig) -> optax.GradientTransformation:
 PICK_OVERSAMPLE = 8
 
 
-def pick_idle(key: jax.Array, avail: jnp.ndarray, n: int) -> jnp.ndarray:
+def pick_idle(key: jax.Array, avail: jnp.ndarray, n: int,
+              words: jnp.ndarray | None = None) -> jnp.ndarray:
   """``n`` distinct clients, uniformly without replacement among ``avail``.
 
   Rejection sampling in O(n log n), whatever N: draw ``8n`` client ids
@@ -263,12 +265,18 @@ def pick_idle(key: jax.Array, avail: jnp.ndarray, n: int) -> jnp.ndarray:
   an ordered uniform sample without replacement of the available set. If
   fewer than ``n`` are accepted (the fleet is mostly busy or ineligible),
   the exact O(N) pick runs instead: the top ``n`` of one uniform score per
-  available client.
+  available client, drawn from ``fold_in(key, 1)``.
+
+  ``words`` are the ``pick_words(n)`` uint32 words the ids come from (two
+  an id, ``draws.below``); None draws them here from ``key``.
   """
   size = avail.shape[0]
   m = PICK_OVERSAMPLE * n
-  k_draw, k_exact = jax.random.split(key)
-  cand = jax.random.randint(k_draw, (m,), 0, size)
+  if size > draws.MAX_BELOW:
+    raise ValueError(f"pick_idle: {size} clients; at most {draws.MAX_BELOW}")
+  if words is None:
+    words = jax.random.bits(key, (pick_words(n),), jnp.uint32)
+  cand = draws.below(words[:m], words[m:], size).astype(jnp.int32)
   order = jnp.argsort(cand, stable=True)
   sorted_cand = cand[order]
   dup_sorted = jnp.concatenate([jnp.zeros((1,), bool),
@@ -280,10 +288,16 @@ def pick_idle(key: jax.Array, avail: jnp.ndarray, n: int) -> jnp.ndarray:
       cand, mode="drop")
 
   def exact(_):
-    scores = jnp.where(avail, jax.random.uniform(k_exact, (size,)), -1.0)
+    scores = jnp.where(avail, jax.random.uniform(jax.random.fold_in(key, 1),
+                                                 (size,)), -1.0)
     return jax.lax.top_k(scores, n)[1].astype(jnp.int32)
 
   return jax.lax.cond(jnp.sum(accept) >= n, lambda _: fast, exact, None)
+
+
+def pick_words(n: int) -> int:
+  """How many uint32 words ``pick_idle`` draws its candidates from."""
+  return 2 * PICK_OVERSAMPLE * n
 
 
 def task_energy(fleet: Fleet, clients: jnp.ndarray, flops: jnp.ndarray,
@@ -317,17 +331,20 @@ def dispatch(env: Environment, plan: MaskPlan, key: jax.Array,
   fewer free devices than ``n``, the rest of the slots stay empty: no
   task, arrival inf, nothing charged or counted.
   """
-  k_pick, k_time, k_drop = jax.random.split(key, 3)
+  # One threefry call for the whole dispatch (draws' docstring says why).
+  n_pick = pick_words(n)
+  words = jax.random.bits(key, (n_pick + 2 * n,), jnp.uint32)
   avail = env.eligible & ~busy
   avail = avail if alive is None else avail & alive
-  clients = pick_idle(k_pick, avail, n)
+  clients = pick_idle(key, avail, n, words[:n_pick])
   started = avail[clients]  # False only where fewer than n were free.
   f = env.fleet
   steps = env.num_steps[clients]
   nominal, down = nominal_duration(batch_size, f, plan, clients, steps,
                                    synced[clients])
-  duration = nominal * jnp.exp(f.task_sigma * jax.random.normal(k_time, (n,)))
-  abandoned = jax.random.uniform(k_drop, (n,)) < f.dropout[clients]
+  duration = nominal * jnp.exp(
+      f.task_sigma * draws.normal(words[n_pick:n_pick + n]))
+  abandoned = draws.uniform(words[n_pick + n:]) < f.dropout[clients]
   ok = ~abandoned & (duration <= env.deadline) & started
   tier = plan.client_tier[clients]
   energy = task_energy(f, clients, steps * batch_size *

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from ftte_jax.core import draws
+
 # Counts up to 2^30 keep every sum in ``batch_positions`` below 2^32.
 MAX_CLIENT_EXAMPLES = 2 ** 30
 
@@ -128,16 +130,11 @@ def _primes(lo: int, count: int) -> np.ndarray:
 
 # Strides: primes above every allowed count are coprime to any count n, so
 # ``p mod n`` generates the whole of Z_n.
-STRIDE_PRIMES = _primes(MAX_CLIENT_EXAMPLES + 1, 256).astype(np.uint32)
-
-
-def _mulmod(a: jnp.ndarray, b: jnp.ndarray, n: jnp.ndarray, bits: int
-            ) -> jnp.ndarray:
-  """``(a * b) mod n`` in uint32 for ``a < n <= 2^30`` and ``b < 2^bits``."""
-  r = jnp.zeros(jnp.broadcast_shapes(a.shape, b.shape), jnp.uint32)
-  for bit in reversed(range(bits)):  # double and add: 2r + a < 2^32.
-    r = (r * 2 + a * ((b >> bit) & 1)) % n
-  return r
+STRIDE_BITS = 8  # a walk's stride: the top 8 bits of a word pick one of 256.
+STRIDE_PRIMES = _primes(MAX_CLIENT_EXAMPLES + 1,
+                        2 ** STRIDE_BITS).astype(np.uint32)
+# A walk's random words: one picks the stride, two give its offset.
+WALK_WORDS = 3
 
 
 @struct.dataclass
@@ -150,16 +147,21 @@ class Walk:
 
 
 def make_walk(key: jax.Array, count: jnp.ndarray, batch_size: int) -> Walk:
-  """A random walk for one task: ``a`` coprime to ``count``, ``b`` uniform."""
-  k_a, k_b = jax.random.split(key)
+  """A random walk for one task: ``a`` coprime to ``count``, ``b`` uniform.
+
+  One ``jax.random.bits`` call gives three words: the top 8 bits of the
+  first pick ``a`` among the 256 stride primes, and ``b`` is
+  ``draws.below`` of the other two (uniform to within ``count / 2^64``).
+  """
+  w = jax.random.bits(key, (WALK_WORDS,), jnp.uint32)
   n = count.astype(jnp.uint32)
-  a = jnp.asarray(STRIDE_PRIMES)[
-      jax.random.randint(k_a, (), 0, STRIDE_PRIMES.size)] % n
-  b = jax.random.randint(k_b, (), 0, count).astype(jnp.uint32)
+  a = jnp.asarray(STRIDE_PRIMES)[w[0] >> (32 - STRIDE_BITS)] % n
+  b = draws.below(w[1], w[2], n)
   t = jnp.arange(batch_size, dtype=jnp.uint32) % n
   bits = max(1, int(batch_size).bit_length())
-  return Walk(stride_batch=_mulmod(a, jnp.uint32(batch_size) % n, n, bits),
-              start=(_mulmod(a, t, n, bits) + b) % n)
+  return Walk(stride_batch=draws.mulmod(a, jnp.uint32(batch_size) % n, n,
+                                         bits),
+              start=(draws.mulmod(a, t, n, bits) + b) % n)
 
 
 def walk_batch(walk: Walk, count: jnp.ndarray, r: jnp.ndarray
@@ -180,5 +182,5 @@ def batch_positions(walk: Walk, count: jnp.ndarray, step: jnp.ndarray
   ``step*B .. step*B + B - 1`` of the walk."""
   n = count.astype(jnp.uint32)
   i = jnp.asarray(step).astype(jnp.uint32) % n
-  return ((_mulmod(walk.stride_batch, i, n, 30) + walk.start) % n
+  return ((draws.mulmod(walk.stride_batch, i, n, 30) + walk.start) % n
           ).astype(jnp.int32)
