@@ -73,7 +73,7 @@ def test_walk_equals_the_affine_formula_in_python_integers(count):
   key = jax.random.PRNGKey(count % 97)
   w = [int(v) for v in jax.random.bits(key, (3,), jnp.uint32)]
   a = int(cdl.STRIDE_PRIMES[w[0] >> 24]) % count  # top 8 bits: 1 of 256
-  b = (w[1] * 2 ** 32 + w[2]) % count  # two words, reduced exactly
+  b = ((w[1] << 32) + w[2]) * count >> 64  # a 64-bit fraction of count
   batch = 16
   walk = cdl.make_walk(key, jnp.int32(count), batch)
   for step in (0, 1, 12345, 2 ** 20 + 7):

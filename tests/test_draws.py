@@ -22,15 +22,16 @@ def test_uniform_and_normal_equal_jax_random_bit_for_bit(seed):
                                 jax.random.normal(key, (3, 500)))
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 1000, 65537, 999_999_937, 2 ** 30])
-def test_below_is_the_64_bit_reduction_in_python_integers(n):
+@pytest.mark.parametrize("n", [1, 2, 3, 1000, 65537, 999_999_937, 2 ** 30,
+                               2 ** 32 - 1])
+def test_below_scales_the_64_bit_fraction_in_python_integers(n):
   rng = np.random.default_rng(n % 1000)
-  hi = rng.integers(0, 2 ** 32, 200, dtype=np.uint64)
-  lo = rng.integers(0, 2 ** 32, 200, dtype=np.uint64)
+  hi = rng.integers(0, 2 ** 32, 500, dtype=np.uint64)
+  lo = rng.integers(0, 2 ** 32, 500, dtype=np.uint64)
   hi[:2], lo[:2] = [0, 2 ** 32 - 1], [0, 2 ** 32 - 1]  # the extremes
   got = np.asarray(draws.below(jnp.asarray(hi, jnp.uint32),
                                jnp.asarray(lo, jnp.uint32), n))
-  want = [(int(h) * 2 ** 32 + int(l)) % n for h, l in zip(hi, lo)]
+  want = [((int(h) << 32) + int(l)) * n >> 64 for h, l in zip(hi, lo)]
   np.testing.assert_array_equal(got, want)
 
 

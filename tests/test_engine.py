@@ -19,7 +19,7 @@ def reference_batch_rows(key, offset, count, step, batch):
   # j -> (a*j + b) mod n in Python integers, from the same key draws.
   w = [int(v) for v in jax.random.bits(key, (3,), jnp.uint32)]
   a = int(client_data.STRIDE_PRIMES[w[0] >> 24]) % count
-  b = (w[1] * 2 ** 32 + w[2]) % int(count)
+  b = ((w[1] << 32) + w[2]) * int(count) >> 64
   return np.array([offset + (a * (step * batch + t) + b) % count
                    for t in range(batch)])
 

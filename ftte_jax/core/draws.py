@@ -9,8 +9,9 @@ into values here:
 - ``uniform`` and ``normal`` are JAX's own transforms, so
   ``uniform(jax.random.bits(key, s))`` equals ``jax.random.uniform(key, s)``
   bit for bit (and likewise ``normal``);
-- ``below`` maps two words to an integer in ``[0, n)`` by the exact 64-bit
-  reduction ``(hi * 2^32 + lo) mod n``, whose bias is below ``n / 2^64``.
+- ``below`` maps two words to an integer in ``[0, n)``: the 64-bit fraction
+  they make, times ``n``, rounded down (exact integer arithmetic), whose
+  bias is below ``n / 2^64``.
 """
 
 from __future__ import annotations
@@ -19,10 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["MAX_BELOW", "below", "mulmod", "normal", "uniform"]
-
-# The largest ``n`` for ``below`` (and ``mulmod``): 2r + a stays below 2^32.
-MAX_BELOW = 2 ** 30
+__all__ = ["below", "mulmod", "normal", "uniform"]
 
 
 def mulmod(a: jnp.ndarray, b: jnp.ndarray, n: jnp.ndarray, bits: int
@@ -34,12 +32,28 @@ def mulmod(a: jnp.ndarray, b: jnp.ndarray, n: jnp.ndarray, bits: int
   return r
 
 
+def _mul32(a: jnp.ndarray, b: jnp.ndarray
+           ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """The 64-bit product of uint32 ``a`` and ``b`` as (high, low) words,
+  from 16-bit limbs (every partial product fits 32 bits)."""
+  mask = jnp.uint32(0xFFFF)
+  a1, a0, b1, b0 = a >> 16, a & mask, b >> 16, b & mask
+  p00, p01, p10 = a0 * b0, a0 * b1, a1 * b0
+  mid = (p00 >> 16) + (p01 & mask) + (p10 & mask)
+  return (a1 * b1 + (p01 >> 16) + (p10 >> 16) + (mid >> 16),
+          (mid << 16) | (p00 & mask))
+
+
 def below(hi: jnp.ndarray, lo: jnp.ndarray, n: jnp.ndarray) -> jnp.ndarray:
-  """uint32 ``(hi * 2^32 + lo) mod n``: uniform on ``[0, n)`` to within
-  ``n / 2^64`` for uniform words ``hi`` and ``lo``; ``1 <= n <= 2^30``."""
-  n = jnp.asarray(n).astype(jnp.uint32)
-  two32 = (jnp.uint32(0xFFFFFFFF) % n + 1) % n  # 2^32 mod n
-  return (mulmod(hi % n, two32, n, 30) + lo % n) % n
+  """uint32 ``floor((hi * 2^32 + lo) * n / 2^64)``: the 64-bit fraction of
+  two words scaled to ``[0, n)``, uniform to within ``n / 2^64`` for
+  uniform words; ``1 <= n < 2^32``."""
+  n = jnp.asarray(n, jnp.uint32)
+  h1, h0 = _mul32(hi, n)  # hi * n = h1 * 2^32 + h0
+  l1, _ = _mul32(lo, n)  # lo * n = l1 * 2^32 + (below 2^32, dropped)
+  # (hi*n*2^32 + lo*n) / 2^64: the dropped word cannot carry into h1.
+  mid = h0 + l1
+  return h1 + (mid < h0).astype(jnp.uint32)
 
 
 def uniform(words: jnp.ndarray, minval: float = 0.0, maxval: float = 1.0

@@ -272,8 +272,6 @@ def pick_idle(key: jax.Array, avail: jnp.ndarray, n: int,
   """
   size = avail.shape[0]
   m = PICK_OVERSAMPLE * n
-  if size > draws.MAX_BELOW:
-    raise ValueError(f"pick_idle: {size} clients; at most {draws.MAX_BELOW}")
   if words is None:
     words = jax.random.bits(key, (pick_words(n),), jnp.uint32)
   cand = draws.below(words[:m], words[m:], size).astype(jnp.int32)
