@@ -96,3 +96,12 @@ def test_incremental_walk_equals_batch_positions():
     pos, r = cdl.walk_batch(walk, jnp.int32(count), r)
     np.testing.assert_array_equal(
         pos, cdl.batch_positions(walk, jnp.int32(count), step))
+
+
+def test_mulmod_matches_python_integers():
+  a = jnp.asarray([0, 5, 2 ** 30 - 1, 123456789], jnp.uint32)
+  b = jnp.asarray([7, 2 ** 30 - 1, 2 ** 30 - 1, 987654], jnp.uint32)
+  n = 2 ** 30
+  got = np.asarray(cdl._mulmod(a, b, jnp.uint32(n), 30))
+  np.testing.assert_array_equal(
+      got, [int(x) * int(y) % n for x, y in zip(a, b)])

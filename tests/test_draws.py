@@ -41,12 +41,3 @@ def test_below_is_uniform_over_a_small_range():
   counts = np.bincount(np.asarray(draws.below(w[0], w[1], 6)), minlength=6)
   assert counts.sum() == 6000
   assert np.all(np.abs(counts - 1000) < 5 * np.sqrt(6000 / 6 * 5 / 6))
-
-
-def test_mulmod_matches_python_integers():
-  a = jnp.asarray([0, 5, 2 ** 30 - 1, 123456789], jnp.uint32)
-  b = jnp.asarray([7, 2 ** 30 - 1, 2 ** 30 - 1, 987654], jnp.uint32)
-  n = 2 ** 30
-  got = np.asarray(draws.mulmod(a, b, jnp.uint32(n), 30))
-  np.testing.assert_array_equal(
-      got, [int(x) * int(y) % n for x, y in zip(a, b)])

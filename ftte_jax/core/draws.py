@@ -2,8 +2,8 @@
 
 XLA:CPU lowers every ``jax.random`` call as its own rolled threefry loop of
 several kernels, and every kernel costs compile time (docs/design.md, "Jit
-boundary"). The server step and the client walk therefore take all the
-words they need from one ``jax.random.bits`` call and turn slices of them
+boundary"). The dispatch and the client walk therefore take all the words
+they need from one ``jax.random.bits`` call each and turn slices of them
 into values here:
 
 - ``uniform`` and ``normal`` are JAX's own transforms, so
@@ -20,16 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["below", "mulmod", "normal", "uniform"]
-
-
-def mulmod(a: jnp.ndarray, b: jnp.ndarray, n: jnp.ndarray, bits: int
-           ) -> jnp.ndarray:
-  """``(a * b) mod n`` in uint32 for ``a < n <= 2^30`` and ``b < 2^bits``."""
-  r = jnp.zeros(jnp.broadcast_shapes(a.shape, b.shape), jnp.uint32)
-  for bit in reversed(range(bits)):  # double and add: 2r + a < 2^32.
-    r = (r * 2 + a * ((b >> bit) & 1)) % n
-  return r
+__all__ = ["below", "normal", "uniform"]
 
 
 def _mul32(a: jnp.ndarray, b: jnp.ndarray

@@ -137,6 +137,15 @@ STRIDE_PRIMES = _primes(MAX_CLIENT_EXAMPLES + 1,
 WALK_WORDS = 3
 
 
+def _mulmod(a: jnp.ndarray, b: jnp.ndarray, n: jnp.ndarray, bits: int
+            ) -> jnp.ndarray:
+  """``(a * b) mod n`` in uint32 for ``a < n <= 2^30`` and ``b < 2^bits``."""
+  r = jnp.zeros(jnp.broadcast_shapes(a.shape, b.shape), jnp.uint32)
+  for bit in reversed(range(bits)):  # double and add: 2r + a < 2^32.
+    r = (r * 2 + a * ((b >> bit) & 1)) % n
+  return r
+
+
 @struct.dataclass
 class Walk:
   """One task's affine walk ``j -> (a*j + b) mod n`` over its client's rows,
@@ -159,9 +168,8 @@ def make_walk(key: jax.Array, count: jnp.ndarray, batch_size: int) -> Walk:
   b = draws.below(w[1], w[2], n)
   t = jnp.arange(batch_size, dtype=jnp.uint32) % n
   bits = max(1, int(batch_size).bit_length())
-  return Walk(stride_batch=draws.mulmod(a, jnp.uint32(batch_size) % n, n,
-                                         bits),
-              start=(draws.mulmod(a, t, n, bits) + b) % n)
+  return Walk(stride_batch=_mulmod(a, jnp.uint32(batch_size) % n, n, bits),
+              start=(_mulmod(a, t, n, bits) + b) % n)
 
 
 def walk_batch(walk: Walk, count: jnp.ndarray, r: jnp.ndarray
@@ -182,5 +190,5 @@ def batch_positions(walk: Walk, count: jnp.ndarray, step: jnp.ndarray
   ``step*B .. step*B + B - 1`` of the walk."""
   n = count.astype(jnp.uint32)
   i = jnp.asarray(step).astype(jnp.uint32) % n
-  return ((draws.mulmod(walk.stride_batch, i, n, 30) + walk.start) % n
+  return ((_mulmod(walk.stride_batch, i, n, 30) + walk.start) % n
           ).astype(jnp.int32)
