@@ -41,3 +41,48 @@ def test_below_is_uniform_over_a_small_range():
   counts = np.bincount(np.asarray(draws.below(w[0], w[1], 6)), minlength=6)
   assert counts.sum() == 6000
   assert np.all(np.abs(counts - 1000) < 5 * np.sqrt(6000 / 6 * 5 / 6))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 42, 2 ** 31 - 1])
+def test_fold_in_equals_jax_random_fold_in_bit_for_bit(seed):
+  key = jax.random.PRNGKey(seed)
+  data = np.array([0, 1, 2, 7, 12345, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1],
+                  np.uint32)
+  want = np.stack([np.asarray(jax.random.fold_in(key, d)) for d in data])
+  for d, w in zip(data, want):
+    np.testing.assert_array_equal(draws.fold_in(key, d), w)
+  # Jitted and vmapped over data, as the engine derives client keys; int32
+  # data (client ids, versions) converts as JAX converts it.
+  np.testing.assert_array_equal(
+      jax.jit(jax.vmap(draws.fold_in, (None, 0)))(key, data), want)
+  np.testing.assert_array_equal(
+      jax.jit(draws.fold_in)(key, jnp.int32(5)), jax.random.fold_in(key, 5))
+  # Nested and vmapped over the key too.
+  keys = jax.vmap(draws.fold_in, (None, 0))(key, jnp.arange(4))
+  np.testing.assert_array_equal(
+      jax.vmap(draws.fold_in, (0, None))(keys, 9),
+      np.stack([np.asarray(jax.random.fold_in(k, 9)) for k in keys]))
+
+
+def test_fold_in_leaves_typed_keys_to_jax():
+  key = jax.random.key(3)
+  np.testing.assert_array_equal(
+      jax.random.key_data(draws.fold_in(key, 4)),
+      jax.random.key_data(jax.random.fold_in(key, 4)))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 64])
+def test_few_bits_equals_jax_random_bits_bit_for_bit(n):
+  for seed in (0, 9):
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), 3)
+    want = jax.random.bits(key, (n,), jnp.uint32)
+    np.testing.assert_array_equal(draws.few_bits(key, n), want)
+    np.testing.assert_array_equal(
+        jax.jit(draws.few_bits, static_argnums=1)(key, n), want)
+
+
+def test_few_bits_without_partitionable_threefry_calls_jax():
+  key = jax.random.PRNGKey(5)
+  with jax.threefry_partitionable(False):
+    np.testing.assert_array_equal(draws.few_bits(key, 3),
+                                  jax.random.bits(key, (3,), jnp.uint32))
