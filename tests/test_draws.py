@@ -64,6 +64,11 @@ def test_fold_in_equals_jax_random_fold_in_bit_for_bit(seed):
       np.stack([np.asarray(jax.random.fold_in(k, 9)) for k in keys]))
 
 
+def test_fold_in_refuses_non_scalar_data():
+  with pytest.raises(ValueError, match="data must be a scalar"):
+    draws.fold_in(jax.random.PRNGKey(0), jnp.arange(3))
+
+
 def test_fold_in_leaves_typed_keys_to_jax():
   key = jax.random.key(3)
   np.testing.assert_array_equal(

@@ -62,6 +62,9 @@ def fold_in(key: jax.Array, data) -> jax.Array:
   ``data``: a scalar integer, converted to uint32 as JAX converts it."""
   if not _raw(key):
     return jax.random.fold_in(key, data)
+  if jnp.ndim(data):
+    raise ValueError(f"fold_in: data must be a scalar, got shape "
+                     f"{jnp.shape(data)}")
   # jax.random: the hash of the counter pair (0, data) (a 32-bit seed's
   # high word is zero).
   y1, y2 = _threefry2x32(key[0], key[1], jnp.zeros((), jnp.uint32),
