@@ -996,8 +996,7 @@ def step_state(config: EngineConfig, client_update: Callable, batching: str,
                env: Environment, state: SimState, mesh: Mesh | None = None
                ) -> tuple[SimState, dict]:
   """One server step: the six phases in order, and a flat dict of scalars."""
-  rkey = draws.fold_in(draws.fold_in(state.key, _KEY_ROUND),
-                            state.version)
+  rkey = draws.fold_in(draws.fold_in(state.key, _KEY_ROUND), state.version)
   arrivals, refilled, keys = _arrivals_and_keys(config, env, state, rkey)
   agg, w, train_loss, defence = _train_and_aggregate(
       config, client_update, batching, s_age, env, state, arrivals, keys,
