@@ -12,14 +12,6 @@ into values here:
 - ``below`` maps two words to an integer in ``[0, n)``: the 64-bit fraction
   they make, times ``n``, rounded down (exact integer arithmetic), whose
   bias is below ``n / 2^64``.
-
-Hashes of a few words (a key's ``fold_in``, a client walk's three words)
-need no loop at all: ``fold_in`` and ``few_bits`` compute JAX's threefry
-with its twenty rounds written out, which XLA fuses into one small kernel
-where the rolled loop is a ``while`` of several. They equal
-``jax.random.fold_in`` and ``jax.random.bits`` bit for bit. Many words
-(the dispatch's) stay with ``jax.random.bits``: written out over a large
-array the hash is slower to compile than the loop.
 """
 
 from __future__ import annotations
@@ -28,61 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["below", "few_bits", "fold_in", "normal", "uniform"]
-
-# Threefry-2x32's rotations (the two alternate between key injections) and
-# key-schedule parity, as in Salmon et al. (2011) and jax.random.
-_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-_PARITY = np.uint32(0x1BD11BDA)
-
-
-def _threefry2x32(k1, k2, x1, x2) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """Threefry-2x32 of the counter pairs ``(x1, x2)`` under key ``(k1, k2)``:
-  five groups of four rounds, written out (uint32 arrays, broadcast)."""
-  ks = (k1, k2, k1 ^ k2 ^ _PARITY)
-  x = [x1 + ks[0], x2 + ks[1]]
-  for group in range(5):
-    for r in _ROTATIONS[group % 2]:
-      x[0] = x[0] + x[1]
-      x[1] = x[0] ^ ((x[1] << np.uint32(r)) | (x[1] >> np.uint32(32 - r)))
-    x[0] = x[0] + ks[(group + 1) % 3]
-    x[1] = x[1] + ks[(group + 2) % 3] + np.uint32(group + 1)
-  return x[0], x[1]
-
-
-def _raw(key) -> bool:
-  """A raw uint32[2] threefry key (not a typed ``jax.random.key``)."""
-  return (getattr(key, "dtype", None) == jnp.uint32 and
-          getattr(key, "shape", None) == (2,))
-
-
-def fold_in(key: jax.Array, data) -> jax.Array:
-  """``jax.random.fold_in(key, data)`` for a raw uint32[2] key, bit for
-  bit, without the rolled loop (other keys go to ``jax.random.fold_in``).
-  ``data``: a scalar integer, converted to uint32 as JAX converts it."""
-  if not _raw(key):
-    return jax.random.fold_in(key, data)
-  if jnp.ndim(data):
-    raise ValueError(f"fold_in: data must be a scalar, got shape "
-                     f"{jnp.shape(data)}")
-  # jax.random: the hash of the counter pair (0, data) (a 32-bit seed's
-  # high word is zero).
-  y1, y2 = _threefry2x32(key[0], key[1], jnp.zeros((), jnp.uint32),
-                         jnp.asarray(data, jnp.uint32))
-  return jnp.stack([y1, y2])
-
-
-def few_bits(key: jax.Array, n: int) -> jnp.ndarray:
-  """``jax.random.bits(key, (n,), jnp.uint32)`` for a raw key, bit for bit;
-  for a few words (see the module docstring). Without JAX's partitionable
-  threefry (``jax_threefry_partitionable``) it calls ``jax.random.bits``."""
-  if not (_raw(key) and jax.config.jax_threefry_partitionable):
-    return jax.random.bits(key, (n,), jnp.uint32)
-  # Partitionable threefry: word i hashes the 64-bit counter i as the
-  # pair (0, i), and is the XOR of the pair's two outputs.
-  y1, y2 = _threefry2x32(key[0], key[1], jnp.zeros((n,), jnp.uint32),
-                         jnp.arange(n, dtype=jnp.uint32))
-  return y1 ^ y2
+__all__ = ["below", "normal", "uniform"]
 
 
 def _mul32(a: jnp.ndarray, b: jnp.ndarray

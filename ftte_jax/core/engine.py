@@ -286,7 +286,7 @@ def pick_idle(key: jax.Array, avail: jnp.ndarray, n: int,
       cand, mode="drop")
 
   def exact(_):
-    scores = jnp.where(avail, jax.random.uniform(draws.fold_in(key, 1),
+    scores = jnp.where(avail, jax.random.uniform(jax.random.fold_in(key, 1),
                                                  (size,)), -1.0)
     return jax.lax.top_k(scores, n)[1].astype(jnp.int32)
 
@@ -478,7 +478,7 @@ def _next_event(env: Environment, state: SimState, key: jax.Array, k: int,
 
   def restart(args):
     tasks, busy, synced = args
-    return _restart(env, state.plan, draws.fold_in(key, c["events"]),
+    return _restart(env, state.plan, jax.random.fold_in(key, c["events"]),
                     tasks, busy, synced, j, t, state.version, batch_size,
                     jnp.isinf(depleted_at))
 
@@ -835,7 +835,7 @@ def init_state(config: EngineConfig, server_opt: optax.GradientTransformation,
   start = Start.of() if start is None else start
   n = env.data.num_clients
   c = config.concurrency
-  started = dispatch(env, plan, draws.fold_in(key, _KEY_INIT),
+  started = dispatch(env, plan, jax.random.fold_in(key, _KEY_INIT),
                      jnp.zeros((n,), bool), _deployed(config, n),
                      start.clock, c, config.batch_size)
   counters = Counters.create(config.ring_size, probe_bytes_up=start.bytes_up,
@@ -863,17 +863,17 @@ def _arrivals_and_keys(config: EngineConfig, env: Environment,
                        state: SimState, rkey: jax.Array):
   """Phase 1 for either refill mode, with the buffer's training keys."""
   k = config.buffer_size
-  k_train = draws.fold_in(rkey, _KEY_TRAIN)
+  k_train = jax.random.fold_in(rkey, _KEY_TRAIN)
   if config.refill == "step":
     arrivals = take_arrivals(state, k)
-    keys = jax.vmap(draws.fold_in, (None, 0))(k_train, arrivals.clients)
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(k_train, arrivals.clients)
     return arrivals, None, keys
   arrivals, refilled = collect_arrivals(
-      env, state, draws.fold_in(rkey, _KEY_EVENTS), k, config.batch_size,
+      env, state, jax.random.fold_in(rkey, _KEY_EVENTS), k, config.batch_size,
       config.count_timeouts)
   # A client may arrive twice in one buffer; its two tasks train apart.
-  keys = jax.vmap(lambda i, c: draws.fold_in(
-      draws.fold_in(k_train, i), c))(jnp.arange(k), arrivals.clients)
+  keys = jax.vmap(lambda i, c: jax.random.fold_in(
+      jax.random.fold_in(k_train, i), c))(jnp.arange(k), arrivals.clients)
   return arrivals, refilled, keys
 
 
@@ -996,11 +996,12 @@ def step_state(config: EngineConfig, client_update: Callable, batching: str,
                env: Environment, state: SimState, mesh: Mesh | None = None
                ) -> tuple[SimState, dict]:
   """One server step: the six phases in order, and a flat dict of scalars."""
-  rkey = draws.fold_in(draws.fold_in(state.key, _KEY_ROUND), state.version)
+  rkey = jax.random.fold_in(jax.random.fold_in(state.key, _KEY_ROUND),
+                            state.version)
   arrivals, refilled, keys = _arrivals_and_keys(config, env, state, rkey)
   agg, w, train_loss, defence = _train_and_aggregate(
       config, client_update, batching, s_age, env, state, arrivals, keys,
-      draws.fold_in(rkey, _KEY_DP), mesh)
+      jax.random.fold_in(rkey, _KEY_DP), mesh)
   params, opt_state, ring, refused = server_update(server_opt, state, agg,
                                                    jnp.any(w.valid))
   version = state.version + 1
@@ -1008,7 +1009,7 @@ def step_state(config: EngineConfig, client_update: Callable, batching: str,
                                                 refilled)
   tasks, busy, synced, down, n_started, dropped = _start_next(
       config, env, state, arrivals, refilled,
-      draws.fold_in(rkey, _KEY_DISPATCH), version,
+      jax.random.fold_in(rkey, _KEY_DISPATCH), version,
       jnp.isinf(depleted_at))
   tier = state.plan.client_tier[arrivals.clients]
   counters, n_applied, tau_sum = count(

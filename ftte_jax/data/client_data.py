@@ -158,12 +158,11 @@ class Walk:
 def make_walk(key: jax.Array, count: jnp.ndarray, batch_size: int) -> Walk:
   """A random walk for one task: ``a`` coprime to ``count``, ``b`` uniform.
 
-  One hash of the key gives three words (``draws.few_bits``, equal to
-  ``jax.random.bits``): the top 8 bits of the first pick ``a`` among the
-  256 stride primes, and ``b`` is ``draws.below`` of the other two
-  (uniform to within ``count / 2^64``).
+  One ``jax.random.bits`` call gives three words: the top 8 bits of the
+  first pick ``a`` among the 256 stride primes, and ``b`` is
+  ``draws.below`` of the other two (uniform to within ``count / 2^64``).
   """
-  w = draws.few_bits(key, WALK_WORDS)
+  w = jax.random.bits(key, (WALK_WORDS,), jnp.uint32)
   n = count.astype(jnp.uint32)
   a = jnp.asarray(STRIDE_PRIMES)[w[0] >> (32 - STRIDE_BITS)] % n
   b = draws.below(w[1], w[2], n)
