@@ -58,18 +58,19 @@ def _run(fv: flags.FlagValues) -> None:
   import jax
   import jax.numpy as jnp
   from ftte_jax import checkpointing
+  from ftte_jax.core import keys
   from ftte_jax.experiment import planning
   from ftte_jax.experiment import pretrain as pretrain_lib
   # pylint: enable=g-import-not-at-top
   _, (x_test, y_test), info = planning.load_data(config)
   proxy = info.pop("proxy")
-  root = jax.random.PRNGKey(config.seed)
+  root = keys.root(config.seed)
   model = planning.make_model(config, info["input_shape"],
                               info["num_classes"],
-                              jax.random.fold_in(root, planning.KEY_PARAMS))
+                              keys.fold_in(root, planning.KEY_PARAMS))
   params, init = pretrain_lib.initial_params(
       config, model.apply_fn, model.params, proxy,
-      jax.random.fold_in(root, planning.KEY_PRETRAIN))
+      keys.fold_in(root, planning.KEY_PRETRAIN))
   logits = jax.jit(model.apply_fn)(params, jnp.asarray(x_test, jnp.float32))
   result = dict(init["pretrain"], test_accuracy=float(
       jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(y_test))),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from ftte_jax.core import exact
@@ -131,7 +132,8 @@ class Start:
   def of(cls, clock: float = 0.0, bytes_up: float = 0.0,
          bytes_down: float = 0.0) -> Start:
     """A start at ``clock`` after the given traffic (host numbers)."""
-    return cls(clock=jnp.asarray(clock, jnp.float32),
+    # device_put: an eager conversion would compile a program.
+    return cls(clock=jax.device_put(np.float32(clock)),
                bytes_up=exact.of(bytes_up), bytes_down=exact.of(bytes_down))
 
 

@@ -21,6 +21,7 @@ import optax
 
 from ftte_jax import models as models_lib
 from ftte_jax.core import fleet as fleet_lib
+from ftte_jax.core import keys
 from ftte_jax.core import masks as masks_lib
 from ftte_jax.core import one_shot
 from ftte_jax.core import options
@@ -232,13 +233,13 @@ def make_setup(config: ExperimentConfig) -> Setup:
   holdout = data_info.pop("holdout", None)
   test = (jnp.asarray(x_test, jnp.float32), jnp.asarray(y_test, jnp.int32))
   clock.lap("data_s")
-  root = jax.random.PRNGKey(config.seed)
+  root = keys.root(config.seed)
   model = make_model(config, data_info["input_shape"],
                      data_info["num_classes"],
-                     jax.random.fold_in(root, KEY_PARAMS))
+                     keys.fold_in(root, KEY_PARAMS))
   params, init_report = pretrain_lib.initial_params(
       config, model.apply_fn, model.params, proxy,
-      jax.random.fold_in(root, KEY_PRETRAIN), meta)
+      keys.fold_in(root, KEY_PRETRAIN), meta)
   model = dataclasses.replace(model, params=params)
   clock.lap("model_s")
   fleet, tiers = make_fleet(config, model.full_memory_bytes)
@@ -246,7 +247,7 @@ def make_setup(config: ExperimentConfig) -> Setup:
   if config.engine.mask == "search":
     plan, report, probe = search_plan(config, model, model.params, data,
                                       fleet,
-                                      jax.random.fold_in(root, KEY_PROBE),
+                                      keys.fold_in(root, KEY_PROBE),
                                       proxy)
   else:
     plan, report, probe = rule_plan(config, model, data.num_clients), {}, \
