@@ -153,95 +153,58 @@ def _store(path: str, compiled) -> None:
     raise
 
 
-class Batch:
-  """Programs compiled side by side, loading what is cached.
-
-  ``add`` loads a cached program at once, or traces and lowers it and
-  starts its compile in a thread (XLA compiles outside the GIL), so the
-  caller lowers the next program while the last one compiles. ``finish``
-  waits for the compiles and stores the fresh ones.
-  """
-
-  def __init__(self, directory: str | None):
-    """``directory``: where entries live; None compiles without the cache."""
-    self.directory = directory
-    self.compiled, self.status = {}, {}
-    self._paths, self._futures = {}, {}
-    self._pool = concurrent.futures.ThreadPoolExecutor(4)
-
-  def add(self, name: str, jitted: Callable, args: tuple,
-          description: dict) -> Any:
-    """Loads or starts compiling ``jitted`` at ``args`` as ``name``.
-
-    Args:
-      name: the program's name (part of its key and file name).
-      jitted: the jitted function.
-      args: its arguments (arrays or ``jax.ShapeDtypeStruct``s).
-      description: JSON-able statement of everything ``jitted`` closes
-        over (see the module docstring); part of the key.
-
-    Returns:
-      The loaded executable (a cache hit), or None while it compiles.
-    """
-    if self.directory is not None and on_one_device(args):
-      path = self._paths[name] = os.path.join(
-          self.directory, f"{name}-{program_key(name, description, args)}.bin")
-      if os.path.exists(path):
-        try:
-          self.compiled[name], self.status[name] = _load(path), "hit"
-          return self.compiled[name]
-        except Exception as e:  # pylint: disable=broad-except
-          logging.warning("program cache: %s is unreadable (%s: %s); "
-                          "compiling it again", path, type(e).__name__, e)
-    self.status[name] = "miss" if name in self._paths else "off"
-    self._futures[name] = self._pool.submit(_compile, jitted.lower(*args))
-    return None
-
-  def close(self) -> None:
-    """Waits for the compiles started and stores nothing."""
-    self._pool.shutdown()
-
-  def finish(self) -> tuple[dict, dict]:
-    """``({name: jax.stages.Compiled}, {name: status})``, the status being
-    "hit" (loaded), "miss" (compiled and stored), "jax_cache" (loaded by
-    JAX's persistent cache after tracing; not stored, see below) or "off"
-    (no directory, or sharded arguments)."""
-    try:
-      done = {name: f.result() for name, f in self._futures.items()}
-    finally:
-      self.close()
-    for name, (program, from_jax_cache) in done.items():
-      self.compiled[name] = program
-      if name not in self._paths:
-        continue
-      if from_jax_cache:
-        # On XLA:CPU an executable loaded from JAX's cache serializes
-        # without some of its kernels ("Function ... not found" when the
-        # copy runs): only a fresh compile is kept.
-        self.status[name] = "jax_cache"
-        continue
-      try:
-        _store(self._paths[name], program)
-      except (OSError, ValueError, NotImplementedError) as e:
-        logging.warning("program cache: could not write %s (%s: %s)",
-                        self._paths[name], type(e).__name__, e)
-    return self.compiled, self.status
-
-
 def compile_all(programs: Sequence[tuple[str, Callable, tuple]],
                 description: dict, directory: str | None
                 ) -> tuple[dict, dict]:
-  """Compiles jitted functions at their arguments, loading what is cached
-  (a ``Batch`` of ``(name, jitted, args)`` triples, all keyed with
-  ``description``); returns ``Batch.finish``'s dicts."""
-  batch = Batch(directory)
-  try:
-    for name, jitted, args in programs:
-      batch.add(name, jitted, args, description)
-  except BaseException:
-    batch.close()
-    raise
-  return batch.finish()
+  """Compiles jitted functions at their arguments, loading what is cached.
+
+  Args:
+    programs: ``(name, jitted, args)`` triples.
+    description: JSON-able statement of everything the functions close
+      over (see the module docstring); part of every key.
+    directory: where entries live; None compiles without the cache, as
+      do programs whose arguments span devices (``on_one_device``).
+
+  Returns:
+    ``({name: jax.stages.Compiled}, {name: status})``, the status being
+    "hit" (loaded), "miss" (compiled and stored), "jax_cache" (loaded by
+    JAX's persistent cache after tracing; not stored, see below) or
+    "off" (no directory, or sharded arguments). Misses are lowered here
+    and compiled side by side in threads (XLA compiles outside the GIL).
+  """
+  compiled, status, lowered, paths = {}, {}, {}, {}
+  for name, jitted, args in programs:
+    if directory is not None and on_one_device(args):
+      paths[name] = os.path.join(
+          directory, f"{name}-{program_key(name, description, args)}.bin")
+      if os.path.exists(paths[name]):
+        try:
+          compiled[name], status[name] = _load(paths[name]), "hit"
+          continue
+        except Exception as e:  # pylint: disable=broad-except
+          logging.warning("program cache: %s is unreadable (%s: %s); "
+                          "compiling it again", paths[name],
+                          type(e).__name__, e)
+    lowered[name] = jitted.lower(*args)
+    status[name] = "miss" if name in paths else "off"
+  with concurrent.futures.ThreadPoolExecutor(max(1, len(lowered))) as pool:
+    done = dict(zip(lowered, pool.map(_compile, lowered.values())))
+  for name, (program, from_jax_cache) in done.items():
+    compiled[name] = program
+    if name not in paths:
+      continue
+    if from_jax_cache:
+      # On XLA:CPU an executable loaded from JAX's cache serializes
+      # without some of its kernels ("Function ... not found" when the
+      # copy runs): only a fresh compile is kept.
+      status[name] = "jax_cache"
+      continue
+    try:
+      _store(paths[name], program)
+    except (OSError, ValueError, NotImplementedError) as e:
+      logging.warning("program cache: could not write %s (%s: %s)",
+                      paths[name], type(e).__name__, e)
+  return compiled, status
 
 
 _THREAD = threading.local()

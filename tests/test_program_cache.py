@@ -69,34 +69,6 @@ def test_a_hit_skips_tracing_and_gives_the_same_bits(tmp_path, monkeypatch,
                                  reference)
 
 
-def test_start_keys_the_programs_by_shapes_as_compile_keys_them(
-    tmp_path, monkeypatch):
-  """A fresh start lowers the step and the evaluation against the round-0
-  state's shapes while that state's program compiles: the same keys as
-  ``compile`` at the state itself, and the same bits."""
-  config = helpers.tiny_config("fedbuff")
-  off = experiment.build(config)
-  reference = _run(off, off.init_state())
-  monkeypatch.setattr(program_cache, "default_directory",
-                      lambda: str(tmp_path))
-  first = experiment.build(config)
-  state, seconds = first.start()
-  assert seconds > 0
-  assert first.program_status == {
-      "round0_state": "miss", "step": "miss", "evaluate": "miss"}
-  assert set(first.programs) == {"step", "evaluate"}
-  helpers.assert_bit_identical(_run(first, state), reference)
-
-  second = experiment.build(config)
-  second.compile(second.init_state())
-  assert second.program_status == {"step": "hit", "evaluate": "hit"}
-  third = experiment.build(config)
-  state, _ = third.start()
-  assert set(third.program_status.values()) == {"hit"}
-  assert third.step_fn._cache_size() == 0  # pylint: disable=protected-access
-  helpers.assert_bit_identical(_run(third, state), reference)
-
-
 def test_an_unreadable_entry_is_compiled_again(tmp_path, monkeypatch, caplog):
   monkeypatch.setattr(program_cache, "default_directory",
                       lambda: str(tmp_path))

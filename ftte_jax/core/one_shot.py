@@ -67,14 +67,9 @@ def jit(fun: Callable[..., Any], *, closure: dict | None = None,
     if closure is None or kw or directory is None:
       return top[0](*args, **kw)
     programs, _ = program_cache.compile_all(
-        [(name, top[0], args)], description(closure, **kwargs), directory)
+        [(name, top[0], args)],
+        {"closure": closure, "compiler_options": compiler_options(),
+         "jit": kwargs}, directory)
     return programs[name](*args)
 
   return call
-
-
-def description(closure: dict, **kwargs) -> dict:
-  """The program-cache description of ``jit(fun, closure=closure,
-  **kwargs)``: the closure, the one-shot options and ``jax.jit``'s."""
-  return {"closure": closure, "compiler_options": compiler_options(),
-          "jit": kwargs}

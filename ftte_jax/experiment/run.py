@@ -176,66 +176,17 @@ class Experiment:
     """Devices the clients of a step are split across."""
     return 1 if self.sim.mesh is None else self.sim.mesh.devices.size
 
-  def _round0_args(self) -> tuple:
-    """``Simulator.init``'s arguments: the engine key, the environment,
-    the initial model and plan, and the start (the probe round's end)."""
+  def init_state(self) -> engine.SimState:
+    """Round-0 state, starting when the probe round (if any) ended."""
     probe = self.setup.probe
     key = keys.fold_in(keys.root(self.config.seed), planning.KEY_ENGINE)
     key, params, plan, start = self.place((
         key, self.setup.model.params, self.setup.plan,
         engine.Start.of(clock=probe.time_s, bytes_up=probe.bytes_up,
                         bytes_down=probe.bytes_down)))
-    return key, self.env, params, plan, start
-
-  def init_state(self) -> engine.SimState:
-    """Round-0 state, starting when the probe round (if any) ended."""
     return one_shot.jit(self.sim.init, closure=self.closure,
-                        name="round0_state")(*self._round0_args())
-
-  def start(self) -> tuple[engine.SimState, float]:
-    """The round-0 state with the run's programs compiled (as ``compile``
-    compiles them); returns it and the seconds it took.
-
-    On one device, the round-0 program is lowered first and compiles in a
-    thread while the step and the evaluation are lowered against its
-    output's shapes; then they compile beside it (on the 2-core CPU this
-    saves about 0.2 s of a cold start: docs/design.md, "Start-up"). When
-    the round-0 program is cached it runs at once, and the others are
-    keyed by its state, as ``compile`` keys them. With a mesh, the state
-    is built first and ``compile`` follows.
-    """
-    if self.sim.mesh is not None:
-      state = self.init_state()
-      return state, self.compile(state)
-    t0 = time.perf_counter()
-    args = self._round0_args()
-    init = jax.jit(self.sim.init, compiler_options=one_shot.compiler_options())
-    batch = program_cache.Batch(program_cache.default_directory())
-    try:
-      loaded = batch.add("round0_state", init, args,
-                         one_shot.description(self.closure))
-      if loaded is not None:
-        state = shapes = loaded(*args)
-      else:
-        # The placement the state will have: its inputs' device.
-        sharding = next(x.sharding for x in jax.tree.leaves(args)
-                        if isinstance(x, jax.Array))
-        shapes = jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                           weak_type=s.weak_type,
-                                           sharding=sharding),
-            init.trace(*args).out_info)
-      for name, jitted, program_args in self._programs(shapes):
-        batch.add(name, jitted, program_args, self.closure)
-    except BaseException:
-      batch.close()
-      raise
-    programs, status = batch.finish()
-    round0 = programs.pop("round0_state")
-    if loaded is None:
-      state = round0(*args)
-    self.programs, self.program_status = programs, status
-    return state, time.perf_counter() - t0
+                        name="round0_state")(key, self.env, params, plan,
+                                             start)
 
   def evaluate(self, params) -> dict:
     out = self.programs.get("evaluate", self.eval_fn)(params, *self.test)
@@ -246,19 +197,14 @@ class Experiment:
     them from the program cache, when JAX's persistent cache is on and the
     run has one device); returns the seconds it took."""
     t0 = time.perf_counter()
-    self.programs, self.program_status = program_cache.compile_all(
-        self._programs(state), self.closure,
-        program_cache.default_directory())
-    return time.perf_counter() - t0
-
-  def _programs(self, state) -> list[tuple[str, Callable, tuple]]:
-    """The step program the run uses and the evaluation, with their
-    arguments at ``state`` (arrays or shapes)."""
     if self.config.steps_per_call == 1:
       step = ("step", self.step_fn, (self.env, state))
     else:
       step = ("steps", self.steps_fn, (self.env, state, 1, 1.0))
-    return [step, ("evaluate", self.eval_fn, (state.params, *self.test))]
+    self.programs, self.program_status = program_cache.compile_all(
+        [step, ("evaluate", self.eval_fn, (state.params, *self.test))],
+        self.closure, program_cache.default_directory())
+    return time.perf_counter() - t0
 
   def finished(self, state: engine.SimState) -> bool:
     """Whether ``rounds`` is reached (a budget stop is found by stepping)."""
@@ -296,12 +242,9 @@ class Experiment:
     """
     cfg = self.config
     sync = sync_every or (1 if on_step else cfg.rounds)
+    state = self.init_state() if state is None else self.place(state)
     log = _Log(self, list(history or []), on_eval)
-    if state is None:
-      state, compile_s = self.start()
-    else:
-      state = self.place(state)
-      compile_s = 0.0 if self.finished(state) else self.compile(state)
+    compile_s = 0.0 if self.finished(state) else self.compile(state)
     log.start_loop()
     if not log.history:
       log(state)
