@@ -9,12 +9,20 @@ Run: python -m experiments.benchmarks.startup [--models=mlp,lenet5]
    buys them nothing; ``ftte_jax.core.one_shot`` compiles them at level 2
    with the elemental emitters. For each model this times compiling and
    running ``module.init`` both ways, and the round-0 state of the FedJAX
-   workload (below) both ways.
+   workload (below) both ways. The evaluation (a few runs a run, its time
+   in the model's dots) compiles with the same options
+   (``experiment.run.evaluate_compiler_options``): its compile time both
+   ways, and its run time (median of 7 calls after the first).
 2. Rolled local steps. The FedJAX workload's step (``vs_fedjax.py``:
    FedAvg, 1,000 clients, K = 100, 5 local steps of batch 32) with the
    local-step loop rolled (``--unroll_local_steps=false``, the default) and
    fully unrolled: seconds to compile the step, and seconds per step (mean
    of 3 after the first).
+
+3. Host keys. The run's named keys (``jax.random.PRNGKey`` and
+   ``fold_in`` outside jit) computed by ``jax.random``, which compiles a
+   program for each the first time in a process, or on the host by
+   ``ftte_jax.core.keys``: seconds for a root key and two folds.
 
 Every measurement runs in a fresh process with the persistent compilation
 cache off, the two settings interleaved over the repeats, and checks that
@@ -75,6 +83,50 @@ def state_worker(model: str, level: str) -> None:
   print(json.dumps({"compile_s": seconds,
                     "sha": experiment.params_sha256(
                         jax.tree.leaves(state))}))
+
+
+def eval_worker(model: str, level: str) -> None:
+  """Prints ``{"compile_s", "run_s", "sha"}`` of the workload's
+  evaluation compiled with the default or the one-shot options."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ftte_jax import experiment  # pylint: disable=g-import-not-at-top
+  from ftte_jax.core import one_shot  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_enable_compilation_cache", False)
+  exp = experiment.build(_workload(model, "false"))
+  options = one_shot.compiler_options() if level == "one_shot" else {}
+  args = (exp.setup.model.params, *exp.test)
+  lowered = jax.jit(exp.sim.evaluate, compiler_options=options).lower(*args)
+  t = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t
+  out = jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(7):
+    t = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - t)
+  print(json.dumps({"compile_s": compile_s,
+                    "run_s": statistics.median(times),
+                    "sha": experiment.params_sha256(
+                        [np.asarray(out[k]) for k in sorted(out)])}))
+
+
+def keys_worker(how: str) -> None:
+  """Prints ``{"compile_s", "sha"}``: seconds to derive a root key and two
+  folds with ``jax.random`` or ``ftte_jax.core.keys`` (a fresh process)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ftte_jax import experiment  # pylint: disable=g-import-not-at-top
+  from ftte_jax.core import keys  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_enable_compilation_cache", False)
+  root, fold_in = ((keys.root, keys.fold_in) if how == "host" else
+                   (jax.random.PRNGKey, jax.random.fold_in))
+  t = time.perf_counter()
+  key = jax.block_until_ready(fold_in(fold_in(root(0), 7), 3))
+  seconds = time.perf_counter() - t
+  print(json.dumps({"compile_s": seconds,
+                    "sha": experiment.params_sha256([np.asarray(key)])}))
 
 
 def _workload(model: str, unroll: str):
@@ -143,6 +195,10 @@ def main() -> None:
                  help=argparse.SUPPRESS)
   p.add_argument("--state_worker", nargs=2, metavar=("MODEL", "LEVEL"),
                  help=argparse.SUPPRESS)
+  p.add_argument("--eval_worker", nargs=2, metavar=("MODEL", "LEVEL"),
+                 help=argparse.SUPPRESS)
+  p.add_argument("--keys_worker", nargs=2, metavar=("UNUSED", "HOW"),
+                 help=argparse.SUPPRESS)
   a = p.parse_args()
   if a.worker:
     worker(*a.worker)
@@ -153,13 +209,20 @@ def main() -> None:
   if a.state_worker:
     state_worker(*a.state_worker)
     return
+  if a.eval_worker:
+    eval_worker(*a.eval_worker)
+    return
+  if a.keys_worker:
+    keys_worker(a.keys_worker[1])
+    return
   from experiments.benchmarks import common  # pylint: disable=g-import-not-at-top
   repo = os.path.dirname(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))))
   rows, steps = [], []
   for model in a.models.split(","):
     for what, worker_flag in (("init", "worker"),
-                              ("round-0 state", "state_worker")):
+                              ("round-0 state", "state_worker"),
+                              ("evaluation", "eval_worker")):
       runs, same = _interleaved(repo, worker_flag, model,
                                 ("default", "one_shot"), a.repeats)
       row = {"model": model, "program": what,
@@ -168,9 +231,16 @@ def main() -> None:
              "runs": runs, "same_bits": same}
       row["speedup"] = row["default_s"] / row["one_shot_s"]
       rows.append(row)
-      print(f"{model} {what}: compile+run {row['default_s']:.2f} s default, "
+      kind = "compile" if what == "evaluation" else "compile+run"
+      print(f"{model} {what}: {kind} {row['default_s']:.2f} s default, "
             f"{row['one_shot_s']:.2f} s one-shot ({row['speedup']:.2f}x); "
             f"same bits: {same}", flush=True)
+      if what == "evaluation":
+        row["default_run_s"] = _median(runs["default"], "run_s")
+        row["one_shot_run_s"] = _median(runs["one_shot"], "run_s")
+        print(f"{model} evaluation: run {row['default_run_s'] * 1e3:.1f} ms "
+              f"default, {row['one_shot_run_s'] * 1e3:.1f} ms one-shot",
+              flush=True)
   for model in a.models.split(","):
     runs, same = _interleaved(repo, "step_worker", model, ("false", "true"),
                               a.step_repeats)
@@ -183,8 +253,16 @@ def main() -> None:
           f"{row['unrolled_compile_s']:.2f} s unrolled; per step "
           f"{row['rolled_step_s']:.3f} s rolled, {row['unrolled_step_s']:.3f} "
           f"s unrolled; same bits: {same}", flush=True)
+  runs, same = _interleaved(repo, "keys_worker", "-", ("jax", "host"),
+                            a.repeats)
+  key_row = {"jax_s": _median(runs["jax"], "compile_s"),
+             "host_s": _median(runs["host"], "compile_s"), "runs": runs,
+             "same_bits": same}
+  print(f"named keys: {key_row['jax_s']:.3f} s jax.random, "
+        f"{key_row['host_s']:.4f} s on the host; same bits: {same}",
+        flush=True)
   report = {"machine": common.machine(), "argv": sys.argv[1:],
-            "init": rows, "local_steps_loop": steps}
+            "init": rows, "local_steps_loop": steps, "keys": key_row}
   print(report["machine"])
   os.makedirs(os.path.dirname(a.out), exist_ok=True)
   with open(a.out, "w") as f:
