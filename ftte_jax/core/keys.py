@@ -2,12 +2,13 @@
 
 ``jax.random.PRNGKey`` and ``jax.random.fold_in`` called outside ``jit``
 each compile a small XLA program the first time in a process: about 0.2 s
-of a cold start on the 2-core CPU (docs/design.md, "Start-up"). The run
-derives its named keys (``planning.KEY_*``) before any of its programs
-exists, so this module computes them with numpy: the threefry-2x32 hash
-JAX uses, bit for bit (``tests/test_keys.py`` holds it to ``jax.random``).
-Where that would not hold (another PRNG implementation, 64-bit mode, a
-seed or datum outside the plain 32-bit range) it calls ``jax.random``.
+of a cold start on the 2-core CPU (docs/design.md, "Jit boundary"). The
+run derives its named keys (``planning.KEY_*``) before any of its programs
+exists, so this module computes them in Python integers: the threefry-2x32
+hash JAX uses, bit for bit (``tests/test_keys.py`` holds it to
+``jax.random``). Where that would not hold (another PRNG implementation,
+64-bit mode, a seed or datum outside the plain 32-bit range) it calls
+``jax.random``.
 """
 
 from __future__ import annotations

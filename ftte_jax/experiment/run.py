@@ -55,8 +55,9 @@ def evaluate_compiler_options() -> dict:
   An evaluation runs a few times a run, and its time goes to the model's
   dots and convolutions, which run in library kernels either way; the
   rest (loss, argmax, sums) is a few small kernels. On the 2-core CPU the
-  MLP's and LeNet-5's evaluation compile with 55% and 70% less CPU time
-  and run as fast (docs/design.md, "Start-up").
+  MLP's and LeNet-5's evaluations compile in 50% and 40% of the default's
+  time, with the same bits, and run as fast
+  (``experiments/benchmarks/startup.py``; docs/design.md, "Jit boundary").
   """
   return one_shot.compiler_options()
 
