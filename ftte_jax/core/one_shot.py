@@ -4,11 +4,13 @@ XLA compiles at backend optimization level 3 with its newer fusion emitters
 by default. For a program that runs once, most of that compile time is
 never paid back. These programs compile at level 2, and on the CPU with the
 older elemental emitters: on the 2-core CPU the MLP's and LeNet-5's init
-compile and run 3.6x and 4.8x faster (``experiments/benchmarks/startup.py``,
-``results/startup_cpu.json``) and the round-0 state 1.5x and 1.2x. They hold
+compile and run 3.3x and 4.2x faster (``experiments/benchmarks/startup.py``,
+``results/startup_cpu.json``) and the round-0 state 1.5x and 1.6x. They hold
 no dots or convolutions, only elementwise integer and float arithmetic, and
 their results are the same bits; ``tests/test_one_shot.py`` holds them to
-that. The step, which runs thousands of times, keeps the newer emitters
+that. The evaluation, whose dots run in library kernels at any level,
+takes the same options (``experiment.run.evaluate_compiler_options``).
+The step, which runs thousands of times, keeps the newer emitters
 (its elementwise kernels run slower without them); on the CPU it compiles
 at level 2 too (``experiment.run.step_compiler_options``).
 """
