@@ -30,14 +30,21 @@ def test_fold_in_is_jax_fold_in():
 
 
 def test_nothing_is_compiled():
-  compiles = []
-  jax.monitoring.register_event_duration_secs_listener(
-      lambda event, duration, **kw: compiles.append(event)
-      if event == "/jax/core/compile/backend_compile_duration" else None)
-  keys.fold_in(keys.fold_in(keys.root(11), 5), 9)
-  assert not compiles
-  jax.jit(lambda x: x * 3 + 1)(np.float32(2))  # the listener hears one.
-  assert compiles
+  compiles, listening = [], [True]
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if listening[0] and event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    keys.fold_in(keys.fold_in(keys.root(11), 5), 9)
+    assert not compiles
+    jax.jit(lambda x: x * 3 + 1)(np.float32(2))  # the listener hears one.
+    assert compiles
+  finally:
+    listening[0] = False
 
 
 @pytest.mark.parametrize("seed", [-1, 2**31, 2**32 + 5])

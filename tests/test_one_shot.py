@@ -57,3 +57,19 @@ def test_deadline_same_bits(monkeypatch):
   fast = experiment.build(config).env.deadline
   monkeypatch.setattr(one_shot, "jit", _default_jit)
   helpers.assert_bit_identical(fast, experiment.build(config).env.deadline)
+
+
+@pytest.mark.parametrize("model", ["mlp", "lenet5"])
+def test_evaluation_with_the_one_shot_options(model):
+  """The evaluation compiles with the one-shot options
+  (``run.evaluate_compiler_options``); its accuracy and loss match the
+  default options' (the dots run in the same library kernels)."""
+  exp = experiment.build(helpers.tiny_config("fedavg", model=model))
+  assert exp.closure["evaluate_compiler_options"] == (
+      one_shot.compiler_options())
+  params = exp.setup.model.params
+  fast = exp.evaluate(params)
+  default = jax.jit(exp.sim.evaluate)(params, *exp.test)
+  assert fast["test_accuracy"] == float(default["test_accuracy"])
+  np.testing.assert_allclose(fast["test_loss"], float(default["test_loss"]),
+                             rtol=1e-6)
