@@ -15,6 +15,7 @@ import helpers
 from ftte_jax import experiment
 from ftte_jax import models
 from ftte_jax.core import one_shot
+from ftte_jax.experiment import run
 
 
 def _default_jit(fun, closure=None, name=None, **kwargs):
@@ -73,3 +74,37 @@ def test_evaluation_with_the_one_shot_options(model):
   assert fast["test_accuracy"] == float(default["test_accuracy"])
   np.testing.assert_allclose(fast["test_loss"], float(default["test_loss"]),
                              rtol=1e-6)
+
+
+def test_the_step_options_keep_the_results():
+  """The step's CPU options (``run.step_compiler_options``: level 2, no
+  YNNPACK dot fusions) change only float rounding: three steps under them
+  match three under XLA's defaults to 1e-5."""
+  exp = experiment.build(helpers.tiny_config("fedavg"))
+  state = exp.init_state()
+  finals = []
+  for options in (run.step_compiler_options(), {}):
+    step = jax.jit(exp.sim.step, compiler_options=options)
+    s = state
+    for _ in range(3):
+      s, _ = step(exp.env, s)
+    finals.append(jax.device_get(s.params))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-6), *finals)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU options")
+def test_the_step_options_leave_dots_to_xla():
+  """Where this XLA has the option, the step's dots are XLA's own calls,
+  not YNNPACK fusions; an option value it does not know is refused
+  quietly (``run._xla_accepts``), not raised."""
+  assert not run._xla_accepts(  # pylint: disable=protected-access
+      (("xla_cpu_experimental_ynn_fusion_type", "NO_SUCH_FUSION"),))
+  options = run.step_compiler_options()
+  if "xla_cpu_experimental_ynn_fusion_type" not in options:
+    pytest.skip("this XLA has no YNNPACK fusion option")
+  a = np.ones((32, 784), np.float32)
+  b = np.ones((784, 200), np.float32)
+  hlo = jax.jit(lambda a, b: a @ b, compiler_options=options).lower(
+      a, b).compile().as_text()
+  assert "__ynn_fusion" not in hlo and " dot(" in hlo

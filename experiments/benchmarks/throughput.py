@@ -12,8 +12,10 @@ one ``client_batching='auto'`` should take on this backend (docs/design.md,
 floor. Engine and floor both use the static fast path the experiment uses
 (``client.leaf_kinds`` of the plan: here the full model, no mask product)
 and the engine's local-step loop form. Each workload's floors and engine
-paths are compiled first and then timed in turn, best of 5 rounds, so a
-burst of load on the shared machine hits both sides of a ratio.
+paths are compiled first, with the XLA options runs compile the step with
+(``experiment.run.step_compiler_options``), and then timed in turn, best
+of 5 rounds, so a burst of load on the shared machine hits both sides of a
+ratio.
 
 The second table is the gain of that static path when a plan trains a
 subset (one tier): the floor's local training of the last ``n`` parameter
@@ -43,6 +45,7 @@ from ftte_jax.core import masks
 from ftte_jax import models
 from ftte_jax.core.client import leaf_kinds
 from ftte_jax.core.client import make_client_optimizer, make_client_update
+from ftte_jax.experiment import run
 
 WORKLOADS = {
     # name: (model, kwargs, N, C, K, local steps, batch, examples per client)
@@ -75,7 +78,8 @@ def engine_runner(workload: str, batching: str, rounds: int):
   """A compiled engine: a function running ``rounds`` server steps."""
   _, _, params, env, sim, plan = build(workload, batching)
   state = jax.jit(sim.init)(jax.random.PRNGKey(0), env, params, plan)
-  step = jax.jit(sim.step, donate_argnums=1)
+  step = jax.jit(sim.step, donate_argnums=1,
+                 compiler_options=run.step_compiler_options())
   state, _ = step(env, state)
   jax.block_until_ready(state)
   box = [state]
@@ -127,12 +131,14 @@ def floor_runner(workload: str, batching: str, last_n: int | None = None,
   offsets, counts = env.data.offsets[:k], env.data.counts[:k]
   steps = jnp.full((k,), config.local_steps, jnp.int32)
   x, y = env.data.x, env.data.y
+  options = run.step_compiler_options()  # the engine's, for a fair floor.
   if batching == "vmap":
     f = jax.jit(lambda *a: jax.vmap(upd, (0, 0, 0, None, None, 0, 0, 0))(
-        a[0], a[1], a[2], x, y, a[3], a[4], a[5]))
+        a[0], a[1], a[2], x, y, a[3], a[4], a[5]), compiler_options=options)
   else:
     f = jax.jit(lambda *a: jax.lax.map(
-        lambda b: upd(b[0], b[1], b[2], x, y, b[3], b[4], b[5]), a))
+        lambda b: upd(b[0], b[1], b[2], x, y, b[3], b[4], b[5]), a),
+                compiler_options=options)
   args = (keys, base, ones, offsets, counts, steps)
   jax.block_until_ready(f(*args))
   return lambda: jax.block_until_ready(f(*args))

@@ -10,6 +10,7 @@ logs exactly the rows an uninterrupted run would.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import Callable
@@ -32,20 +33,53 @@ from ftte_jax.experiment.config import ExperimentConfig
 from ftte_jax.experiment.config import validate
 
 
+# XLA's CPU backend hands dots and reductions to YNNPACK by default; this
+# keeps its reductions and leaves the dots to XLA's own library calls.
+_CPU_LIBRARY_FUSIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+
+
 def step_compiler_options() -> dict:
   """XLA options of the step programs (``step``, ``steps``).
 
-  On the CPU: LLVM optimization level 2. The step's time goes to dots and
-  convolutions, which run in library kernels (YNNPACK, Eigen) that the
-  level does not touch; level 3 only spends longer optimizing the few
-  hundred small bookkeeping kernels around them. On the 2-core CPU the
-  MLP and LeNet-5 steps of ``experiments/benchmarks/vs_fedjax.py`` compile
-  with 17% less CPU time and run as fast (docs/design.md, "Jit boundary").
-  The results are equally valid but not the bits of level 3. Other
-  backends keep their defaults.
+  On the CPU, two choices, each measured on the FedJAX workload of
+  ``experiments/benchmarks/vs_fedjax.py`` (docs/design.md, "Jit
+  boundary"); other backends keep their defaults:
+
+  * LLVM optimization level 2. The step's time goes to dots and
+    convolutions in library kernels that the level does not touch; level 3
+    only spends longer optimizing the few hundred small bookkeeping kernels
+    around them (17% less compile CPU, as fast; by hand).
+  * No YNNPACK dot fusions (``_CPU_LIBRARY_FUSIONS``, where this XLA has
+    the option): the clients' small dots (batches of 32 rows) run as XLA's
+    own dot calls, which ``experiments/benchmarks/step_options.py`` times
+    faster, with the same compile time or less.
+
+  The results are equally valid but not the bits of XLA's defaults (the
+  pinned fingerprints, ``tests/test_reproducibility.py``, hold either way).
   """
-  return ({"xla_backend_optimization_level": 2}
-          if jax.default_backend() == "cpu" else {})
+  if jax.default_backend() != "cpu":
+    return {}
+  options = {"xla_backend_optimization_level": 2}
+  if _xla_accepts(tuple(_CPU_LIBRARY_FUSIONS.items())):
+    options.update(_CPU_LIBRARY_FUSIONS)
+  return options
+
+
+@functools.cache
+def _xla_accepts(options: tuple[tuple[str, str], ...]) -> bool:
+  """Whether this XLA compiles with ``options`` ((name, value) pairs): an
+  experimental option may be missing from older or newer releases. Costs
+  one trivial compile a process (a cache hit where the persistent cache is
+  on)."""
+  try:
+    jax.jit(lambda x: x, compiler_options=dict(options)).lower(
+        np.float32(0)).compile()
+  except Exception as e:  # pylint: disable=broad-except
+    if "INVALID_ARGUMENT" in str(e):
+      return False
+    raise
+  return True
 
 
 def evaluate_compiler_options() -> dict:
