@@ -45,7 +45,7 @@ from ftte_jax.core import masks
 from ftte_jax import models
 from ftte_jax.core.client import leaf_kinds
 from ftte_jax.core.client import make_client_optimizer, make_client_update
-from ftte_jax.experiment import run
+from ftte_jax.experiment import run as experiment_run
 
 WORKLOADS = {
     # name: (model, kwargs, N, C, K, local steps, batch, examples per client)
@@ -79,7 +79,7 @@ def engine_runner(workload: str, batching: str, rounds: int):
   _, _, params, env, sim, plan = build(workload, batching)
   state = jax.jit(sim.init)(jax.random.PRNGKey(0), env, params, plan)
   step = jax.jit(sim.step, donate_argnums=1,
-                 compiler_options=run.step_compiler_options())
+                 compiler_options=experiment_run.step_compiler_options())
   state, _ = step(env, state)
   jax.block_until_ready(state)
   box = [state]
@@ -131,7 +131,8 @@ def floor_runner(workload: str, batching: str, last_n: int | None = None,
   offsets, counts = env.data.offsets[:k], env.data.counts[:k]
   steps = jnp.full((k,), config.local_steps, jnp.int32)
   x, y = env.data.x, env.data.y
-  options = run.step_compiler_options()  # the engine's, for a fair floor.
+  # The engine's XLA options, so that the floor is a fair one.
+  options = experiment_run.step_compiler_options()
   if batching == "vmap":
     f = jax.jit(lambda *a: jax.vmap(upd, (0, 0, 0, None, None, 0, 0, 0))(
         a[0], a[1], a[2], x, y, a[3], a[4], a[5]), compiler_options=options)
