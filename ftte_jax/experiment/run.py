@@ -42,18 +42,18 @@ _CPU_LIBRARY_FUSIONS = {
 def step_compiler_options() -> dict:
   """XLA options of the step programs (``step``, ``steps``).
 
-  On the CPU, two choices, each measured on the FedJAX workload of
-  ``experiments/benchmarks/vs_fedjax.py`` (docs/design.md, "Jit
+  On the CPU, two choices, each timed on the FedJAX workload of
+  ``experiments/benchmarks/vs_fedjax.py`` by
+  ``experiments/benchmarks/step_options.py`` (docs/design.md, "Jit
   boundary"); other backends keep their defaults:
 
   * LLVM optimization level 2. The step's time goes to dots and
     convolutions in library kernels that the level does not touch; level 3
     only spends longer optimizing the few hundred small bookkeeping kernels
-    around them (17% less compile CPU, as fast; by hand).
+    around them. It compiles faster and runs as fast.
   * No YNNPACK dot fusions (``_CPU_LIBRARY_FUSIONS``, where this XLA has
-    the option): the clients' small dots (batches of 32 rows) run as XLA's
-    own dot calls, which ``experiments/benchmarks/step_options.py`` times
-    faster, with the same compile time or less.
+    the option): the clients' small dots (batches of 32 rows) run faster
+    as XLA's own dot calls, and the step compiles no slower.
 
   The results are equally valid but not the bits of XLA's defaults (the
   pinned fingerprints, ``tests/test_reproducibility.py``, hold either way).
