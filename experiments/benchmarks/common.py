@@ -1,12 +1,19 @@
-"""Helpers shared by the benchmark and experiment scripts: machine, timing."""
+"""Helpers shared by the benchmark and experiment scripts: machine, timing,
+the FedJAX workload, worker subprocesses and reports."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
+import sys
 import time
 
 import jax
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
 
 
 def machine() -> str:
@@ -35,3 +42,30 @@ def best_time(fn, repeats: int = 3, number: int = 1) -> float:
       fn()
     best = min(best, (time.perf_counter() - t) / number)
   return best
+
+
+def fedjax_workload(model: str, *extra: str):
+  """The resolved config of ``vs_fedjax.py``'s ftte_jax side for ``model``
+  (FedAvg, 1,000 clients, K = C = 100, default ``client_chunk``), with
+  ``extra`` launch flags after it."""
+  from launch import flags as flags_lib  # pylint: disable=g-import-not-at-top
+  args = ["--algorithm=fedavg", f"--model={model}", "--num_clients=1000",
+          "--concurrency=100", "--buffer_size=100", *flags_lib.SCRATCH_ARGS,
+          *extra]
+  return flags_lib.resolve_args(args).config
+
+
+def worker_json(module: str, *args: str) -> dict:
+  """Runs ``python -m module args`` in a fresh process from the repository
+  and returns its last line of output, a JSON object."""
+  out = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
+                       capture_output=True, text=True, check=True)
+  return json.loads(out.stdout.splitlines()[-1])
+
+
+def write_report(path: str, report: dict) -> None:
+  """Prints the report's machine line and writes the report as JSON."""
+  print(report["machine"])
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(report, f, indent=1)

@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -131,11 +130,9 @@ def keys_worker(how: str) -> None:
 
 def _workload(model: str, unroll: str):
   """The config of vs_fedjax.py's workload (default client_chunk)."""
-  from launch import flags as flags_lib  # pylint: disable=g-import-not-at-top
-  args = ["--algorithm=fedavg", f"--model={model}", "--num_clients=1000",
-          "--concurrency=100", "--buffer_size=100", "--rounds=4",
-          f"--unroll_local_steps={unroll}", *flags_lib.SCRATCH_ARGS]
-  return flags_lib.resolve_args(args).config
+  from experiments.benchmarks import common  # pylint: disable=g-import-not-at-top
+  return common.fedjax_workload(model, "--rounds=4",
+                                f"--unroll_local_steps={unroll}")
 
 
 def step_worker(model: str, unroll: str) -> None:
@@ -161,18 +158,16 @@ def step_worker(model: str, unroll: str) -> None:
                     "sha": experiment.params_sha256(state.params)}))
 
 
-def _interleaved(repo: str, worker: str, model: str, settings: tuple,
+def _interleaved(worker: str, model: str, settings: tuple,
                  repeats: int) -> tuple[dict, bool]:
   """{setting: [result dicts]} and whether every run gave the same bits."""
+  from experiments.benchmarks import common  # pylint: disable=g-import-not-at-top
   runs = {s: [] for s in settings}
   shas = set()
   for _ in range(repeats):
     for setting in settings:  # interleaved, so drift in load hits both.
-      out = subprocess.run(
-          [sys.executable, "-m", "experiments.benchmarks.startup",
-           f"--{worker}", model, setting], cwd=repo, capture_output=True,
-          text=True, check=True).stdout.splitlines()[-1]
-      r = json.loads(out)
+      r = common.worker_json("experiments.benchmarks.startup",
+                             f"--{worker}", model, setting)
       shas.add(r.pop("sha"))
       runs[setting].append(r)
   return runs, len(shas) == 1
@@ -216,14 +211,12 @@ def main() -> None:
     keys_worker(a.keys_worker[1])
     return
   from experiments.benchmarks import common  # pylint: disable=g-import-not-at-top
-  repo = os.path.dirname(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__))))
   rows, steps = [], []
   for model in a.models.split(","):
     for what, worker_flag in (("init", "worker"),
                               ("round-0 state", "state_worker"),
                               ("evaluation", "eval_worker")):
-      runs, same = _interleaved(repo, worker_flag, model,
+      runs, same = _interleaved(worker_flag, model,
                                 ("default", "one_shot"), a.repeats)
       row = {"model": model, "program": what,
              "default_s": _median(runs["default"], "compile_s"),
@@ -242,7 +235,7 @@ def main() -> None:
               f"default, {row['one_shot_run_s'] * 1e3:.1f} ms one-shot",
               flush=True)
   for model in a.models.split(","):
-    runs, same = _interleaved(repo, "step_worker", model, ("false", "true"),
+    runs, same = _interleaved("step_worker", model, ("false", "true"),
                               a.step_repeats)
     row = {"model": model, "runs": runs, "same_bits": same}
     for unroll, name in (("false", "rolled"), ("true", "unrolled")):
@@ -253,7 +246,7 @@ def main() -> None:
           f"{row['unrolled_compile_s']:.2f} s unrolled; per step "
           f"{row['rolled_step_s']:.3f} s rolled, {row['unrolled_step_s']:.3f} "
           f"s unrolled; same bits: {same}", flush=True)
-  runs, same = _interleaved(repo, "keys_worker", "-", ("jax", "host"),
+  runs, same = _interleaved("keys_worker", "-", ("jax", "host"),
                             a.repeats)
   key_row = {"jax_s": _median(runs["jax"], "compile_s"),
              "host_s": _median(runs["host"], "compile_s"), "runs": runs,
@@ -263,10 +256,7 @@ def main() -> None:
         flush=True)
   report = {"machine": common.machine(), "argv": sys.argv[1:],
             "init": rows, "local_steps_loop": steps, "keys": key_row}
-  print(report["machine"])
-  os.makedirs(os.path.dirname(a.out), exist_ok=True)
-  with open(a.out, "w") as f:
-    json.dump(report, f, indent=1)
+  common.write_report(a.out, report)
 
 
 if __name__ == "__main__":

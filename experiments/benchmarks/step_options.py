@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -48,12 +47,10 @@ def _options(setting: str) -> dict:
 def _build(model: str):
   """The built experiment of the workload and its round-0 state."""
   import jax  # pylint: disable=g-import-not-at-top
+  from experiments.benchmarks import common  # pylint: disable=g-import-not-at-top
   from ftte_jax import experiment  # pylint: disable=g-import-not-at-top
-  from launch import flags as flags_lib  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_enable_compilation_cache", False)
-  args = ["--algorithm=fedavg", f"--model={model}", "--num_clients=1000",
-          "--concurrency=100", "--buffer_size=100", *flags_lib.SCRATCH_ARGS]
-  exp = experiment.build(flags_lib.resolve_args(args).config)
+  exp = experiment.build(common.fedjax_workload(model))
   return exp, exp.init_state()
 
 
@@ -93,13 +90,6 @@ def step_worker(model: str, steps: int) -> None:
   print(json.dumps(out))
 
 
-def _worker(repo: str, *args: str) -> dict:
-  out = subprocess.run(
-      [sys.executable, "-m", "experiments.benchmarks.step_options", *args],
-      cwd=repo, capture_output=True, text=True, check=True)
-  return json.loads(out.stdout.splitlines()[-1])
-
-
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--models", default="mlp,lenet5")
@@ -118,16 +108,16 @@ def main() -> None:
     step_worker(a.step_worker, a.steps)
     return
   from experiments.benchmarks import common  # pylint: disable=g-import-not-at-top
-  repo = os.path.dirname(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__))))
   rows = []
+  me = "experiments.benchmarks.step_options"
   for model in a.models.split(","):
     compiles = {s: [] for s in SETTINGS}
     for _ in range(a.compile_repeats):
       for s in SETTINGS:  # interleaved, so drift in load hits all three.
-        compiles[s].append(_worker(repo, "--compile_worker", model,
-                                   s)["compile_s"])
-    stepped = _worker(repo, "--step_worker", model, f"--steps={a.steps}")
+        compiles[s].append(common.worker_json(
+            me, "--compile_worker", model, s)["compile_s"])
+    stepped = common.worker_json(me, "--step_worker", model,
+                                 f"--steps={a.steps}")
     row = {"model": model, "compile_runs": compiles}
     for s in SETTINGS:
       row[s] = {"compile_s": statistics.median(compiles[s]), **stepped[s]}
@@ -143,10 +133,7 @@ def main() -> None:
   from ftte_jax.experiment import run  # pylint: disable=g-import-not-at-top
   report = {"machine": common.machine(), "argv": sys.argv[1:],
             "ours": run.step_compiler_options(), "rows": rows}
-  print(report["machine"])
-  os.makedirs(os.path.dirname(a.out), exist_ok=True)
-  with open(a.out, "w") as f:
-    json.dump(report, f, indent=1)
+  common.write_report(a.out, report)
 
 
 if __name__ == "__main__":
