@@ -47,8 +47,9 @@ from typing import Any, Callable, Sequence
 
 import jax
 from jax.experimental import serialize_executable
+import numpy as np
 
-FORMAT = 1  # bump when the entry layout changes.
+FORMAT = 2  # bump when the entry layout changes.
 SUBDIRECTORY = "ftte_programs"
 # JAX options that change no program: the caches' own and logging.
 _UNKEYED = re.compile(r"cache|^jax_log_|^jax_logging_")
@@ -95,8 +96,21 @@ def source_digest(root: pathlib.Path) -> str:
 
 def _argument(x) -> str:
   aval = jax.typeof(x)
+  sharding = getattr(x, "sharding", None)
   return (f"{aval.str_short()}|weak={getattr(aval, 'weak_type', False)}|"
-          f"{getattr(x, 'sharding', None)!r}")
+          f"{sharding!r}|devices={_device_ids(sharding)}")
+
+
+def _device_ids(sharding) -> list[int] | None:
+  """The devices an argument lives on, in its mesh's order: a loaded
+  executable runs on the devices it was compiled for, and a sharding's
+  repr does not name them."""
+  if sharding is None:
+    return None
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is not None and hasattr(mesh, "devices"):
+    return [int(d.id) for d in np.ravel(mesh.devices)]
+  return sorted(int(d.id) for d in sharding.device_set)
 
 
 def program_key(name: str, description: dict, args: Sequence[Any]) -> str:
@@ -121,22 +135,20 @@ def default_directory() -> str | None:
   return os.path.join(cache, SUBDIRECTORY)
 
 
-def on_one_device(args: Sequence[Any]) -> bool:
-  """Whether every array among ``args`` lives on a single device: the
-  only programs this cache keeps (sharded ones are compiled each time)."""
-  return all(len(x.sharding.device_set) == 1
-             for x in jax.tree.leaves(tuple(args))
-             if isinstance(x, jax.Array))
-
-
 def _load(path: str):
   with open(path, "rb") as f:
-    payload, in_tree, out_tree = pickle.load(f)
-  return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+    payload, in_tree, out_tree, device_ids = pickle.load(f)
+  # Without its devices an executable would be loaded onto all of the
+  # backend's, and a one-device program would expect a shard on each.
+  by_id = {d.id: d for d in jax.local_devices()}
+  return serialize_executable.deserialize_and_load(
+      payload, in_tree, out_tree,
+      execution_devices=[by_id[i] for i in device_ids])
 
 
 def _store(path: str, compiled) -> None:
-  blob = pickle.dumps(serialize_executable.serialize(compiled))
+  device_ids = [d.id for d in compiled.runtime_executable().local_devices()]
+  blob = pickle.dumps((*serialize_executable.serialize(compiled), device_ids))
   directory = os.path.dirname(path)
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
@@ -162,19 +174,20 @@ def compile_all(programs: Sequence[tuple[str, Callable, tuple]],
     programs: ``(name, jitted, args)`` triples.
     description: JSON-able statement of everything the functions close
       over (see the module docstring); part of every key.
-    directory: where entries live; None compiles without the cache, as
-      do programs whose arguments span devices (``on_one_device``).
+    directory: where entries live; None compiles without the cache.
+      Programs on several devices of this process (a clients mesh) are
+      kept like the others, keyed by their devices.
 
   Returns:
     ``({name: jax.stages.Compiled}, {name: status})``, the status being
     "hit" (loaded), "miss" (compiled and stored), "jax_cache" (loaded by
     JAX's persistent cache after tracing; not stored, see below) or
-    "off" (no directory, or sharded arguments). Misses are lowered here
+    "off" (no directory). Misses are lowered here
     and compiled side by side in threads (XLA compiles outside the GIL).
   """
   compiled, status, lowered, paths = {}, {}, {}, {}
   for name, jitted, args in programs:
-    if directory is not None and on_one_device(args):
+    if directory is not None:
       paths[name] = os.path.join(
           directory, f"{name}-{program_key(name, description, args)}.bin")
       if os.path.exists(paths[name]):

@@ -130,11 +130,16 @@ def _resolved(argv: list[str]) -> flags_lib.Resolved:
 
 def main(argv: list[str]) -> None:
   logging.get_absl_logger().addFilter(_QuietLibraries())
+  try:
+    flags_lib.cpu_devices_count(FLAGS.cpu_devices)
+  except ValueError as e:
+    flags_lib.fail(e)
   resolved = _resolved(argv)
   config = resolved.config
   # Imported after validation: a bad flag should not pay for JAX start-up.
   t_imports = time.perf_counter()
-  flags_lib.init_distributed(FLAGS)
+  distributed = flags_lib.init_distributed(FLAGS)
+  flags_lib.set_cpu_devices(FLAGS.cpu_devices, distributed)
   logging.info("compilation cache: %s", flags_lib.enable_compilation_cache(
       FLAGS.compilation_cache) or "off")
   import jax  # pylint: disable=g-import-not-at-top

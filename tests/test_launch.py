@@ -157,6 +157,8 @@ def test_outputs_mismatch_and_overwrite(tmp_path):
     (["--dropout=1.5"], "--dropout must be a number in [0, 1]"),
     (["--compilation_cache=/dev/null/cache"], "--compilation_cache"),
     (["--compilation_cache=false"], "--compilation_cache='false': not a"),
+    (["--cpu_devices=0"], "--cpu_devices='0': valid: 'auto' or an integer"),
+    (["--cpu_devices=two"], "--cpu_devices='two'"),
     # Values valid in Python that float32/int32 storage would turn into inf
     # or wrap, refused as given or as derived.
     ([f"--flagfile={SMOKE}", "--rounds=100000000000000000000"],
@@ -345,3 +347,50 @@ def test_ensure_data_downloads_into_the_user_cache(tmp_path, monkeypatch,
   assert datasets.load_mnist(split="test")[0].shape == (10000, 28, 28, 1)
   assert "mnist: t10k-images-idx3-ubyte.gz 1.6/1.6 MB 100%" in \
       capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting,distributed,environ,cores,want", [
+    ("auto", False, {}, 2, 2),
+    ("auto", False, {}, 64, 8),  # MAX_AUTO_CPU_DEVICES: data per device.
+    ("auto", False, {}, 1, 1),
+    ("auto", True, {}, 4, None),  # each process keeps JAX's own.
+    ("auto", False, {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+     2, None),
+    ("auto", False, {"JAX_NUM_CPU_DEVICES": "3"}, 2, None),
+    ("3", False, {"JAX_NUM_CPU_DEVICES": "1"}, 2, 3),  # the flag wins.
+    ("12", True, {}, 2, 12),
+])
+def test_cpu_devices_count(setting, distributed, environ, cores, want):
+  from launch import flags as flags_lib
+  assert flags_lib.cpu_devices_count(setting, distributed, environ,
+                                     cores) == want
+
+
+@pytest.mark.parametrize("setting", ["0", "-1", "1.5", "two", "", " 2"])
+def test_cpu_devices_count_refuses_by_name(setting):
+  from launch import flags as flags_lib
+  with pytest.raises(ValueError, match="--cpu_devices"):
+    flags_lib.cpu_devices_count(setting, cores=2)
+
+
+def test_cpu_devices_split_the_clients_and_agree_with_one(tmp_path):
+  """--cpu_devices=2 puts the clients mesh on two CPU devices; the model
+  ends within 1e-6 of a one-device run's (sums in another order), and a
+  warm second run loads the mesh's programs from the program cache."""
+  cache = tmp_path / "cache"
+  runs = {}
+  for name, devices in (("one", 1), ("two", 2), ("two_warm", 2)):
+    code, _, err = run(f"--flagfile={SMOKE}", "--rounds=6",
+                       f"--cpu_devices={devices}",
+                       f"--compilation_cache={cache}",
+                       f"--workdir={tmp_path / name}")
+    assert code == 0, err
+    runs[name] = summary(tmp_path / name)
+  assert runs["one"]["num_devices"] == 1 and runs["two"]["num_devices"] == 2
+  assert set(runs["two"]["program_cache"].values()) == {"miss"}
+  assert set(runs["two_warm"]["program_cache"].values()) == {"hit"}
+  assert runs["two_warm"]["params_sha256"] == runs["two"]["params_sha256"]
+  assert runs["two"]["final_accuracy"] == pytest.approx(
+      runs["one"]["final_accuracy"], abs=1e-3)
+  for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
+    assert a["test_loss"] == pytest.approx(b["test_loss"], abs=1e-5)

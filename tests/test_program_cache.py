@@ -166,24 +166,39 @@ import sys
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ftte_jax import program_cache
-mesh = Mesh(np.array(jax.devices()[:2]), ("d",))
-spread = jax.device_put(jnp.zeros(4), NamedSharding(mesh, P("d")))
-one = jnp.zeros(4)
-f = jax.jit(lambda x: x + 1)
-_, status = program_cache.compile_all(
-    [("spread", f, (spread,)), ("one", f, (one,))], {}, sys.argv[1])
-print(status["spread"], status["one"])
+devices = jax.devices()[:2]
+if sys.argv[2] == "reversed":
+  devices = devices[::-1]
+mesh = Mesh(np.array(devices), ("d",))
+spread = jax.device_put(jnp.arange(4.0), NamedSharding(mesh, P("d")))
+f = jax.jit(lambda x: jax.shard_map(
+    lambda a: jax.lax.psum(a.sum(), "d")[None] + a, mesh=mesh,
+    in_specs=P("d"), out_specs=P("d"))(x))
+programs, status = program_cache.compile_all(
+    [("spread", f, (spread,))], {}, sys.argv[1])
+out = programs["spread"](spread)
+print(status["spread"], np.asarray(out).tolist(),
+      [d.id for d in out.sharding.mesh.devices])
 """
 
 
-def test_arguments_across_devices_are_not_cached(tmp_path):
-  """A program on a clients mesh (or any sharding over several devices) is
-  compiled each time, whoever asks (Experiment or one_shot.jit)."""
-  p = subprocess.run(
-      [sys.executable, "-c", _SHARDED, str(tmp_path)], cwd=REPO,
-      capture_output=True, text=True, timeout=300, check=False,
-      env=dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2"))
-  assert p.returncode == 0, p.stderr[-3000:]
-  assert p.stdout.split() == ["off", "miss"]
-  assert [f.split("-")[0] for f in os.listdir(tmp_path)] == ["one"]
+def test_programs_on_a_mesh_are_cached_by_their_devices(tmp_path):
+  """A program on several devices of one process (a clients mesh) is
+  stored and loaded like any other; the same shapes on the devices in
+  another order are another entry, since a loaded executable keeps its
+  devices."""
+  def run(order):
+    p = subprocess.run(
+        [sys.executable, "-c", _SHARDED, str(tmp_path), order], cwd=REPO,
+        capture_output=True, text=True, timeout=300, check=False,
+        env=dict(os.environ, JAX_PLATFORMS="cpu",
+                 XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout.strip().split(maxsplit=1)
+
+  want = "[6.0, 7.0, 8.0, 9.0] [0, 1]"
+  assert run("forward") == ["miss", want]
+  assert run("forward") == ["hit", want]
+  assert run("reversed") == ["miss", "[6.0, 7.0, 8.0, 9.0] [1, 0]"]
+  assert run("reversed")[0] == "hit"
+  assert len(os.listdir(tmp_path)) == 2

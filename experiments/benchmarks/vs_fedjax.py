@@ -12,7 +12,10 @@ from the devices ftte_jax's fleet lets train, 5 local SGD steps of batch 32
 ftte_jax's side is exactly ``python -m launch.main --algorithm=fedavg
 --model=M --num_clients=1000 --concurrency=100 --buffer_size=100
 --rounds=10``; every hyperparameter the FedJAX side uses is read from the
-config that command resolves to, and the FedJAX side re-implements the
+config that command resolves to (its default ``--cpu_devices=auto``
+splits the CPU into a device per core and the clients across them;
+``--ftte_cpu_devices`` sets it for the steady worker and the e2e runs
+alike), and the FedJAX side re-implements the
 pool split and the partition in numpy (its interpreter need not have
 ftte_jax); the parent checks that both sides hold the same split.
 
@@ -282,9 +285,11 @@ def ftte_args(model: str) -> list[str]:
 def ftte_worker(spec: dict) -> dict:
   """The resolved launch.main config, built and stepped in-process."""
   t_start = time.perf_counter()
+  from launch import flags as flags_lib
+  # As launch.main does before JAX starts: the same devices as e2e's runs.
+  flags_lib.set_cpu_devices(spec["cpu_devices"])
   import jax
   from ftte_jax import experiment
-  from launch import flags as flags_lib
   t_import = time.perf_counter()
   exp = experiment.build(flags_lib.resolve_args(spec["ftte_args"]).config)
   t_build = time.perf_counter()
@@ -303,6 +308,7 @@ def ftte_worker(spec: dict) -> dict:
   t_end = time.perf_counter()
   return {"side": "ftte", "jax": jax.__version__,
           "backend": jax.default_backend(), "round_s": times,
+          "mesh_devices": exp.num_devices,
           "import_s": t_import - t_start, "build_s": t_build - t_import,
           "init_s": t_init - t_build, "compile_s": compile_s,
           "loop_s": t_end - t_init - compile_s,
@@ -319,7 +325,8 @@ def workload_spec(model: str) -> dict:
   args = ftte_args(model)
   config = flags_lib.resolve_args(args).config
   e, d = config.engine, config.data
-  spec = {"model": model, "ftte_args": args, "rounds": config.rounds,
+  spec = {"model": model, "ftte_args": args,
+          "cpu_devices": FLAGS.ftte_cpu_devices, "rounds": config.rounds,
           "clients_per_round": e.buffer_size, "local_steps": e.local_steps,
           "batch_size": e.batch_size, "client_lr": e.client_lr,
           "server_lr": e.server_lr, "eval_batch_size": e.eval_batch_size,
@@ -486,7 +493,9 @@ def _e2e_once(side: str, phase: str, spec: dict, spec_path: str,
   if side == "ftte":
     workdir = _fresh(workdir)
     wall, _, load = _run([sys.executable, "-m", "launch.main"] +
-                         spec["ftte_args"] + [f"--workdir={workdir}"],
+                         spec["ftte_args"] +
+                         [f"--cpu_devices={spec['cpu_devices']}",
+                          f"--workdir={workdir}"],
                          _env(cache))
     with open(os.path.join(workdir, "summary.json")) as f:
       s = json.load(f)
@@ -581,6 +590,9 @@ def _workload_line(res: dict) -> str:
           "(upd/s): " + ", ".join(
               f"{s} " + "/".join(f"{v:.1f}" for v in r["steady_repeats"])
               for s, r in sides.items()))
+  if "ftte" in sides:
+    line += (f"; ftte's clients on {sides['ftte'].get('mesh_devices', 1)} "
+             f"CPU device(s) (--cpu_devices={sp['cpu_devices']})")
   if "fedjax" in sides:
     line += (", same split on both sides" if sides["fedjax"].get(
         "same_split") else ", SPLITS DIFFER")
@@ -658,6 +670,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("rounds", 10, "rounds R (R * K client updates)")
   flags.DEFINE_list("ftte_extra", [], "extra launch.main flags, e.g. "
                     "--ftte_extra=--dataset=tiny (tests; ftte side only)")
+  flags.DEFINE_string("ftte_cpu_devices", "auto", "launch.main's "
+                      "--cpu_devices for ftte's side (steady and e2e)")
   flags.DEFINE_string("fedjax_python", sys.executable,
                       "interpreter that can import fedjax")
   flags.DEFINE_string("cache_dir",
