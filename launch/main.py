@@ -158,8 +158,10 @@ def main(argv: list[str]) -> None:
   if FLAGS.overwrite and primary:
     _clear_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
+  devices_before = _mesh_devices_of(workdir)  # before config.json is new.
   if primary:
-    _write_config(workdir, config, config_dict, sha, resolved.given)
+    _write_config(workdir, config, config_dict, sha, resolved.given,
+                  exp.num_devices)
   ckpt, state, history = _restore(exp, workdir, sha)
   resumed_from = int(state.version) if state is not None else None
   summary_path = os.path.join(workdir, "summary.json")
@@ -174,6 +176,13 @@ def main(argv: list[str]) -> None:
   if resumed_from is not None:
     logging.info("resuming from round %d (%d metric rows)", resumed_from,
                  len(history))
+    if devices_before not in (None, exp.num_devices):
+      logging.warning(
+          "--workdir=%s: the run so far split its clients over %d devices, "
+          "this process over %d (--cpu_devices, --mesh_devices): sums are "
+          "taken in another order, so it continues close to, not bit for "
+          "bit like, an uninterrupted run", workdir, devices_before,
+          exp.num_devices)
   state, history, timing = _run(exp, ckpt, state, history,
                                 workdir if primary else None)
   summary = exp.summary(state, history, timing)
@@ -281,7 +290,18 @@ def _build(config):
   return exp, build_s
 
 
-def _write_config(workdir, config, config_dict, sha, given) -> None:
+def _mesh_devices_of(workdir) -> int | None:
+  """The clients mesh's device count the workdir's config.json records
+  (None: no such file or record)."""
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      return json.load(f)["launch"]["mesh_devices"]
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
+def _write_config(workdir, config, config_dict, sha, given,
+                  mesh_devices: int) -> None:
   """``config.json``: the resolved options, versions and how it was run."""
   import jax  # pylint: disable=g-import-not-at-top
   from ftte_jax import checkpointing  # pylint: disable=g-import-not-at-top
@@ -304,6 +324,10 @@ def _write_config(workdir, config, config_dict, sha, given) -> None:
                  "checkpoint_every": FLAGS.checkpoint_every,
                  "keep_checkpoints": FLAGS.keep_checkpoints,
                  "compilation_cache": FLAGS.compilation_cache,
+                 "cpu_devices": FLAGS.cpu_devices,
+                 # The devices the clients are split over: sums over them
+                 # round differently with another count.
+                 "mesh_devices": mesh_devices,
                  "argv": sys.argv},
       "versions": {"python": sys.version.split()[0],
                    "jax": jax.__version__},

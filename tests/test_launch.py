@@ -394,3 +394,30 @@ def test_cpu_devices_split_the_clients_and_agree_with_one(tmp_path):
       runs["one"]["final_accuracy"], abs=1e-3)
   for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
     assert a["test_loss"] == pytest.approx(b["test_loss"], abs=1e-5)
+
+
+def test_resume_on_another_device_count_warns(tmp_path):
+  """config.json records the clients mesh's devices; a resume on another
+  count says it will not be bit for bit, and still finishes close."""
+  wd = tmp_path / "run"
+  args = [f"--flagfile={SMOKE}", "--rounds=6", "--eval_every=2",
+          "--checkpoint_every=2", "--compilation_cache=off",
+          f"--workdir={wd}"]
+  code, _, err = run(*args, "--cpu_devices=1")
+  assert code == 0, err
+  config = json.loads((wd / "config.json").read_text())
+  assert config["launch"]["mesh_devices"] == 1
+  assert config["launch"]["cpu_devices"] == "1"
+  want = summary(wd)
+  import shutil
+  shutil.rmtree(wd / "checkpoints" / "6")
+  (wd / "summary.json").unlink()
+  code, _, err = run(*args, "--cpu_devices=2")
+  assert code == 0, err
+  assert "resuming from round 4" in err
+  assert "split its clients over 1 devices, this process over 2" in err
+  got = summary(wd)
+  assert got["num_devices"] == 2
+  assert got["final_loss"] == pytest.approx(want["final_loss"], abs=1e-4)
+  assert json.loads((wd / "config.json").read_text())["launch"][
+      "mesh_devices"] == 2
