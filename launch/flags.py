@@ -245,7 +245,7 @@ def set_cpu_devices(setting: str, distributed: bool = False) -> int | None:
   One XLA:CPU device runs a step's small per-client matmuls on all cores
   at once and leaves most of them idle; a device per core, each training
   its share of the clients on the clients mesh, ran the FedJAX workload's
-  MLP step 1.7x faster on the 2-core CPU
+  MLP step 1.59x and LeNet-5's 1.24x faster on the 2-core CPU
   (``experiments/benchmarks/cpu_devices.py``). Must run before anything
   touches a JAX backend.
   """

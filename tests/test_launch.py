@@ -114,7 +114,13 @@ def test_outputs_mismatch_and_overwrite(tmp_path):
               "upload_bytes_per_update", "download_bytes_per_update",
               "params_sha256", "num_devices", "num_processes"):
     assert key in s, key
-  assert s["num_devices"] == 1 and s["num_processes"] == 1
+  # --cpu_devices=auto: a CPU device per core; the mesh takes the most of
+  # them that divide K = 4.
+  from launch import flags as flags_lib
+  cpus = flags_lib.cpu_devices_count("auto") or 1
+  assert s["num_devices"] == max(d for d in range(1, cpus + 1) if 4 % d == 0)
+  assert s["num_processes"] == 1
+  assert config["launch"]["mesh_devices"] == s["num_devices"]
   phases = s["startup_s"]
   assert set(phases) == {"imports_s", "data_s", "model_s", "fleet_s",
                          "plan_s", "engine_s", "compile_s"}
