@@ -239,7 +239,8 @@ def make_setup(config: ExperimentConfig) -> Setup:
                      keys.fold_in(root, KEY_PARAMS))
   params, init_report = pretrain_lib.initial_params(
       config, model.apply_fn, model.params, proxy,
-      keys.fold_in(root, KEY_PRETRAIN), meta)
+      keys.fold_in(root, KEY_PRETRAIN), meta,
+      closure={"module": repr(model.module)})
   model = dataclasses.replace(model, params=params)
   clock.lap("model_s")
   fleet, tiers = make_fleet(config, model.full_memory_bytes)
