@@ -68,8 +68,10 @@ def _clear_workdir(workdir: str) -> None:
       os.remove(p)
 
 
-def _check_workdir(workdir: str, config_dict: dict, sha: str) -> None:
-  """Refuses (exit 2) a workdir that holds another configuration's run."""
+def _check_workdir(workdir: str, config_dict: dict, sha: str
+                   ) -> dict | None:
+  """Refuses (exit 2) a workdir that holds another configuration's run;
+  returns its config.json (None: there is none)."""
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
     try:
@@ -85,10 +87,12 @@ def _check_workdir(workdir: str, config_dict: dict, sha: str) -> None:
           f"({'; '.join(diff[:3]) or 'hash differs'}"
           f"{'; ...' if len(diff) > 3 else ''}); pass --overwrite to discard "
           "it, or choose another --workdir")
-  elif os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(
+    return stored
+  if os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(
       os.path.join(workdir, "checkpoints")):
     flags_lib.fail(f"--workdir={workdir} holds checkpoints but no "
                    "config.json; pass --overwrite to discard them")
+  return None
 
 
 def _finished(config, state) -> bool:
@@ -151,14 +155,15 @@ def main(argv: list[str]) -> None:
 
   config_dict = checkpointing.to_jsonable(config.to_dict())
   sha = checkpointing.config_hash(config_dict)
-  workdir = _workdir(config, config_dict, sha)
+  workdir, stored = _workdir(config, config_dict, sha)
   exp, build_s = _build(config)
   # Written only once the build succeeded: a failed start leaves nothing
   # that a corrected command would be refused for.
   if FLAGS.overwrite and primary:
     _clear_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
-  devices_before = _mesh_devices_of(workdir)  # before config.json is new.
+  # The clients mesh the run so far used (config.json records it).
+  devices_before = (stored or {}).get("launch", {}).get("mesh_devices")
   if primary:
     _write_config(workdir, config, config_dict, sha, resolved.given,
                   exp.num_devices)
@@ -207,17 +212,18 @@ def _exit_if_diverged(summary: dict, workdir: str) -> None:
     sys.exit(flags_lib.EXIT_DIVERGED)
 
 
-def _workdir(config, config_dict, sha) -> str:
-  """The run's workdir, refused (exit 2) if it holds another run."""
+def _workdir(config, config_dict, sha) -> tuple[str, dict | None]:
+  """The run's workdir, refused (exit 2) if it holds another run, and the
+  config.json it holds (None: none, or --overwrite)."""
   workdir = FLAGS.workdir or os.path.join(
       "runs", f"{config.engine.algorithm}-{sha[:8]}")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     flags_lib.fail(f"--workdir={workdir} exists and is not a directory")
   _probe_workdir(workdir)
-  if not FLAGS.overwrite:
-    _check_workdir(workdir, config_dict, sha)
+  stored = None if FLAGS.overwrite else _check_workdir(workdir, config_dict,
+                                                        sha)
   logging.info("workdir %s (config %s)", workdir, sha[:12])
-  return workdir
+  return workdir, stored
 
 
 def _probe_workdir(workdir: str) -> None:
@@ -288,16 +294,6 @@ def _build(config):
                config.data.dataset, build_s, config.data.num_clients,
                int(np.asarray(exp.env.eligible).sum()))
   return exp, build_s
-
-
-def _mesh_devices_of(workdir) -> int | None:
-  """The clients mesh's device count the workdir's config.json records
-  (None: no such file or record)."""
-  try:
-    with open(os.path.join(workdir, "config.json")) as f:
-      return json.load(f)["launch"]["mesh_devices"]
-  except (OSError, ValueError, KeyError, TypeError):
-    return None
 
 
 def _write_config(workdir, config, config_dict, sha, given,
