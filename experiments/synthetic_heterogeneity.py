@@ -156,8 +156,8 @@ def run_one(cfg: experiment.ExperimentConfig,
   rows = []
 
   def log(state):
-    tr = evaluate(state.params, env.data.x, env.data.y)
-    te = evaluate(state.params, x_test, y_test)
+    tr = evaluate(state.params, {"x": env.data.x, "y": env.data.y})
+    te = evaluate(state.params, {"x": x_test, "y": y_test})
     rows.append({"round": int(state.version),
                  "virtual_time_s": float(state.clock),
                  "train_loss": float(tr["test_loss"]),

@@ -10,11 +10,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from ftte_jax import experiment
 from ftte_jax.core import algorithms
 from ftte_jax.core import engine
+from ftte_jax.core import extensions
 from ftte_jax.core import masks
+from ftte_jax.core import transforms
 from ftte_jax.core.fleet import Fleet
 from ftte_jax.data import client_data
 
@@ -140,3 +143,33 @@ def replace_engine(config, **kw):
   """``config`` with engine fields replaced (no preset re-applied)."""
   return dataclasses.replace(config, engine=dataclasses.replace(config.engine,
                                                                 **kw))
+
+
+def components(config, client_update=None, apply_fn=None, batching=None,
+               max_steps=None, mesh=None):
+  """``extensions.bind`` for phase tests: ``client_update`` (a fake, in the
+  ``client.ClientUpdate`` contract) or ``apply_fn``'s default SGD update;
+  ``batching`` overrides the resolved one."""
+  dummy_metrics = lambda p, b: {"loss": (0.0, 1.0), "accuracy": (0.0, 1.0)}
+  ext = extensions.Extensions(
+      client_update=client_update,
+      metrics_fn=dummy_metrics if apply_fn is None else None)
+  comp = extensions.bind(
+      config, apply_fn, max_steps or config.local_steps,
+      optax.sgd(config.client_lr), None, mesh, ext)
+  return comp if batching is None else dataclasses.replace(comp,
+                                                           batching=batching)
+
+
+def weigh(config, deltas, plan, tier, counts, arrivals, finite,
+          staleness_fn=None):
+  """The buffer after the config's aggregator transforms (what the engine
+  weighs a step's updates with on its buffered path)."""
+  buf = transforms.Buffer.start(arrivals.ok & arrivals.fresh, arrivals.tau,
+                                jnp.asarray(counts), jnp.asarray(tier),
+                                arrivals.clients)
+  buf = buf.invalidate(~jnp.asarray(finite)).replace(deltas=deltas)
+  agg = algorithms.aggregator_from_config(config, staleness_fn)
+  ctx = transforms.Context(masks=plan.masks, key=jax.random.PRNGKey(0),
+                           params=jax.tree.map(lambda d: d[0], deltas))
+  return agg.transform.update(buf, agg.init(ctx.params), ctx)[0]

@@ -8,6 +8,7 @@ import pytest
 
 from helpers import make_dataset, tiny_model
 from ftte_jax.core import client
+from ftte_jax.core import losses
 
 
 def _run(kinds, mask, unroll=True, steps=4, momentum=0.0):
@@ -16,8 +17,10 @@ def _run(kinds, mask, unroll=True, steps=4, momentum=0.0):
   upd = client.make_client_update(
       apply, 8, client.make_client_optimizer(0.3, momentum), steps,
       unroll=unroll, kinds=kinds)
-  f = jax.jit(lambda k: upd(k, params, mask, data.x, data.y, data.offsets[1],
-                            data.counts[1], jnp.int32(steps - 1)))
+  local = client.LocalData(source=data, offset=data.offsets[1],
+                           count=data.counts[1],
+                           num_steps=jnp.int32(steps - 1))
+  f = jax.jit(lambda k: upd(k, params, mask, local)[:2])
   return params, f(jax.random.PRNGKey(3))
 
 
@@ -88,10 +91,11 @@ def test_micro_batch_accumulation_equals_one_batch(micro_batches):
   y = jnp.asarray(rng.integers(0, 4, 32), jnp.int32)
   tx = optax.sgd(0.5)
   want = jax.grad(lambda p: client.cross_entropy(apply, p, x, y))(params)
-  got = jax.jit(client.accumulated_grad, static_argnums=(0, 4))(
-      apply, params, x, y, micro_batches)
+  loss = losses.classification(apply).loss
+  got = jax.jit(client.accumulated_grad, static_argnums=(0, 3))(
+      loss, params, {"x": x, "y": y}, micro_batches)
   step = lambda g: optax.apply_updates(params, tx.update(g, tx.init(params))[0])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                step(got), step(want))
   with pytest.raises(ValueError, match="micro_batches"):
-    client.accumulated_grad(apply, params, x, y, 5)
+    client.accumulated_grad(loss, params, {"x": x, "y": y}, 5)

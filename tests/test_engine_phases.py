@@ -12,9 +12,12 @@ from ftte_jax.core import algorithms
 from ftte_jax.core import engine
 from ftte_jax.core import exact
 from ftte_jax.core import masks
+from ftte_jax.core import client as client_lib
 from ftte_jax.core import staleness
+from ftte_jax.core import transforms
 from ftte_jax.core.state import Counters, Ring, SimState, Start, Tasks
-from helpers import build_engine, const_fleet, make_dataset, run_steps, tiny_model
+from helpers import (build_engine, components, const_fleet, make_dataset,
+                     run_steps, tiny_model, weigh)
 
 PARAMS = {"w": jnp.zeros((2,), jnp.float32)}
 
@@ -91,15 +94,15 @@ def test_train_buffer_trains_from_the_pulled_version_and_zeroes_nonfinite():
   plan = masks.make_plan(params, [{"w": jnp.asarray([1.0, 0.0])},
                                   {"w": jnp.asarray([1.0, 1.0])}],
                          np.asarray([0, 1, 1]))
-  env = engine.make_environment(
-      algorithms.preset("fedbuff", concurrency=3, buffer_size=3), data,
-      const_fleet(3), plan)
+  env_config = algorithms.preset("fedbuff", concurrency=3, buffer_size=3)
+  env = engine.make_environment(env_config, data, const_fleet(3), plan)
 
-  def fake_update(key, base, mask, x, y, row, count, n_steps):
-    del key, x, y, row
+  def fake_update(key, base, mask, data, state):
+    del key, state
     # One "step" adds the client's count (client 2's is poisoned) in-mask.
-    bump = jnp.where(count == 4, 1.0 * n_steps, jnp.nan)
-    return jax.tree.map(lambda b, m: b + m * bump, base, mask), 0.0
+    bump = jnp.where(data.count == 4, 1.0 * data.num_steps, jnp.nan)
+    return client_lib.ClientResult(
+        jax.tree.map(lambda b, m: b + m * bump, base, mask), jnp.zeros(()))
 
   data = data.replace(counts=data.counts.at[2].set(5))
   env = env.replace(data=data)
@@ -109,9 +112,10 @@ def test_train_buffer_trains_from_the_pulled_version_and_zeroes_nonfinite():
       ring_slot=jnp.asarray([0, 1, 1]), clock=jnp.asarray(0.0),
       filled=jnp.ones(3, bool))
   for batching in ("map", "vmap"):
-    delta, _, finite = engine.train_buffer(
-        fake_update, batching, env, plan, ring,
-        jax.random.split(jax.random.PRNGKey(0), 3), arrivals)
+    comp = components(env_config, fake_update, batching=batching)
+    delta, _, finite, _ = engine.train_buffer(
+        comp, env, plan, ring, jax.random.split(jax.random.PRNGKey(0), 3),
+        arrivals)
     np.testing.assert_array_equal(finite, [True, True, False])
     # Client 0: tier 0 mask [1, 0], five local steps; client 1: tier 1 mask.
     np.testing.assert_allclose(delta["w"], [[5.0, 0.0], [5.0, 5.0],
@@ -128,10 +132,9 @@ def test_weigh_updates_data_size_age_and_validity():
       tau=jnp.asarray([0, 3, 8]), ok=jnp.asarray([True, True, True]),
       fresh=jnp.asarray([True, True, True]), ring_slot=jnp.zeros(3, jnp.int32),
       clock=jnp.asarray(0.0), filled=jnp.ones(3, bool))
-  w = engine.weigh_updates(
-      config, staleness.make_staleness_fn("polynomial", 0.5),
-      {"w": jnp.ones((3, 2))}, plan, jnp.zeros(3, jnp.int32),
-      jnp.asarray([4, 9, 16]), arrivals, jnp.asarray([True, True, False]))
+  w = weigh(config, {"w": jnp.ones((3, 2))}, plan, jnp.zeros(3, jnp.int32),
+            [4, 9, 16], arrivals, [True, True, False],
+            staleness.make_staleness_fn("polynomial", 0.5))
   np.testing.assert_array_equal(w.valid, [True, True, False])
   np.testing.assert_allclose(w.base, [4.0, 9.0, 0.0])
   # n_i * (1 + tau)^-0.5: 4 * 1, 9 / 2, 0.
@@ -142,9 +145,9 @@ def test_server_update_applies_pushes_and_skips_an_empty_step():
   """Aggregate (buffer mean), apply with server SGD, push into the ring."""
   state = hand_state(arrival=[1.0, 2.0], task_version=[0, 0], version=2)
   delta = {"w": jnp.asarray([[2.0, 0.0], [0.0, 4.0]])}
-  w = engine.Weights(valid=jnp.asarray([True, True]),
-                     base=jnp.asarray([1.0, 1.0]),
-                     weights=jnp.asarray([1.0, 1.0]))
+  w = transforms.Buffer.start(jnp.asarray([True, True]),
+                              jnp.zeros(2, jnp.int32), jnp.ones(2, jnp.int32),
+                              jnp.zeros(2, jnp.int32), jnp.arange(2))
   opt = optax.sgd(0.5)
   tier = jnp.zeros(2, jnp.int32)
   agg = aggregation.aggregate(delta, state.plan.masks, tier, w.weights,
@@ -221,9 +224,9 @@ def test_count_adds_one_step():
       fresh=jnp.asarray([True, True, True]),
       ring_slot=jnp.zeros(3, jnp.int32), clock=jnp.asarray(0.0),
       filled=jnp.ones(3, bool))
-  w = engine.Weights(valid=jnp.asarray([True, False, False]),
-                     base=jnp.asarray([1.0, 0.0, 0.0]),
-                     weights=jnp.asarray([1.0, 0.0, 0.0]))
+  w = transforms.Buffer.start(jnp.asarray([True, False, False]),
+                              arrivals.tau, jnp.ones(3, jnp.int32),
+                              jnp.zeros(3, jnp.int32), arrivals.clients)
   c, n_applied, tau_sum = engine.count(counters, arrivals, w,
                                        jnp.asarray([5.0, 7.0, 11.0]),
                                        jnp.asarray(30.0), jnp.asarray(3), 2)
@@ -331,12 +334,11 @@ def test_variance_weight_survives_huge_finite_updates():
       ring_slot=jnp.zeros(3, jnp.int32), clock=jnp.asarray(0.0),
       filled=jnp.ones(3, bool))
   small = jnp.asarray([[1.0, 2.0, 0.0], [1.0, 2.5, 0.0], [-3.0, 0.0, 1.0]])
-  s_age = staleness.make_staleness_fn("polynomial", 0.5)
-  args = (plan, jnp.zeros(3, jnp.int32), jnp.asarray([2, 2, 2]), arrivals,
+  args = (plan, jnp.zeros(3, jnp.int32), [2, 2, 2], arrivals,
           jnp.ones(3, bool))
-  w_small = engine.weigh_updates(config, s_age, {"w": small}, *args)
+  w_small = weigh(config, {"w": small}, *args)
   # 1e30 * small: its squares overflow float32, the ratio d_i does not.
-  w_huge = engine.weigh_updates(config, s_age, {"w": small * 1e30}, *args)
+  w_huge = weigh(config, {"w": small * 1e30}, *args)
   assert bool(jnp.all(jnp.isfinite(w_huge.weights)))
   np.testing.assert_allclose(w_huge.weights, w_small.weights, rtol=1e-5)
 

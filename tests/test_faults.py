@@ -23,6 +23,7 @@ from ftte_jax import checkpointing
 from ftte_jax import experiment
 from ftte_jax.core import aggregation
 from ftte_jax.core import client as client_lib
+from ftte_jax.data import client_data
 from ftte_jax.search import plan as plan_lib
 from launch import flags as flags_lib
 from test_checkpointing import _flip_bytes, _three_steps
@@ -209,13 +210,17 @@ def test_damaged_checkpoint_falls_back_with_a_warning(exp, tmp_path, damage,
 
 def _client_program_size(steps):
   apply, params = helpers.tiny_model()
-  x = jnp.zeros((32, 6)), jnp.zeros((32,), jnp.int32)
+  data = client_data.ClientData(
+      x=jnp.zeros((32, 6)), y=jnp.zeros((32,), jnp.int32),
+      offsets=jnp.zeros((1,), jnp.int32), counts=jnp.full((1,), 32, jnp.int32))
   update = client_lib.make_client_update(
       apply, 4, client_lib.make_client_optimizer(0.1), steps, unroll=True)
   mask = jax.tree.map(jnp.ones_like, params)
+  local = client_lib.LocalData(source=data, offset=jnp.int32(0),
+                               count=jnp.int32(32), num_steps=jnp.int32(steps))
   # The lowered program, where an unrolled loop's body is written out.
   return len(jax.jit(update).lower(
-      jax.random.PRNGKey(0), params, mask, *x, 0, 32, steps).as_text())
+      jax.random.PRNGKey(0), params, mask, local).as_text())
 
 
 def test_thousands_of_local_steps_compile_bounded():

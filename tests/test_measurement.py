@@ -13,10 +13,12 @@ from ftte_jax.core import algorithms
 from ftte_jax.core import engine
 from ftte_jax.core import exact
 from ftte_jax.core import masks
-from ftte_jax.core import staleness
+from ftte_jax.core import client as client_lib
+from ftte_jax.core import transforms
 from ftte_jax.core.state import Counters, Ring, SimState, Tasks
 from ftte_jax.experiment import report
-from helpers import const_fleet, make_dataset, tiny_config, tiny_model
+from helpers import (components, const_fleet, make_dataset, tiny_config,
+                     tiny_model, weigh)
 
 
 def test_fedasync_mixing_follows_xie_et_al():
@@ -39,7 +41,9 @@ def test_fedasync_mixing_follows_xie_et_al():
       tau=jnp.asarray([tau]), ok=jnp.ones(1, bool), fresh=jnp.ones(1, bool),
       ring_slot=jnp.zeros(1, jnp.int32), clock=jnp.asarray(0.0),
       filled=jnp.ones(1, bool))
-  trained = lambda key, base, *args: ({"w": jnp.full((1,), w_client)}, 0.0)
+  trained = lambda key, base, mask, data, state: client_lib.ClientResult(
+      {"w": jnp.full((1,), w_client)}, jnp.zeros(()))
+  comp = components(config, trained, batching="map")
   state = SimState(
       params=params, opt_state=optax.sgd(alpha).init(params), ring=ring,
       version=jnp.asarray(tau), clock=jnp.asarray(0.0),
@@ -51,19 +55,16 @@ def test_fedasync_mixing_follows_xie_et_al():
       client_applied=jnp.zeros(2, jnp.int32),
       client_staleness=jnp.zeros(2, jnp.int32),
       client_energy=jnp.zeros(2), client_depleted_at=jnp.full(2, jnp.inf))
-  s_age = staleness.make_staleness_fn("polynomial", a)
   out = {}
   for rule in ("mixing", "delta"):
-    delta, _, finite = engine.train_buffer(
-        trained, "map", env, plan, ring, jax.random.split(
-            jax.random.PRNGKey(0), 1), arrivals,
-        params if rule == "mixing" else None)
-    w = engine.weigh_updates(config, s_age, delta, plan,
-                             jnp.zeros(1, jnp.int32), jnp.asarray([4]),
-                             arrivals, finite)
+    delta, _, finite, _ = engine.train_buffer(
+        comp, env, plan, ring, jax.random.split(jax.random.PRNGKey(0), 1),
+        arrivals, params if rule == "mixing" else None)
+    w = weigh(config, delta, plan, jnp.zeros(1, jnp.int32), [4], arrivals,
+              finite)
     agg = aggregation.aggregate(delta, plan.masks, jnp.zeros(1, jnp.int32),
                                 w.weights, "buffer", base_weights=w.base)
-    new, _, _, _ = engine.server_update(engine.make_server_optimizer(config),
+    new, _, _, _ = engine.server_update(algorithms.server_optimizer(config),
                                      state, agg, jnp.any(w.valid))
     out[rule] = float(new["w"][0])
   assert out["mixing"] == pytest.approx(expected, rel=1e-6)
@@ -159,8 +160,9 @@ def test_per_update_bytes_exact_after_100k_updates():
       tau=jnp.full((k,), 3, jnp.int32), ok=jnp.ones(k, bool),
       fresh=jnp.ones(k, bool), ring_slot=jnp.zeros(k, jnp.int32),
       clock=jnp.asarray(0.0), filled=jnp.ones(k, bool))
-  w = engine.Weights(valid=jnp.ones(k, bool), base=jnp.ones(k),
-                     weights=jnp.ones(k))
+  w = transforms.Buffer.start(jnp.ones(k, bool), arrivals.tau,
+                              jnp.ones(k, jnp.int32), jnp.zeros(k, jnp.int32),
+                              arrivals.clients)
   up = jnp.full((k,), 44056.0)
 
   def body(_, c):

@@ -70,7 +70,7 @@ def test_evaluation_with_the_one_shot_options(model):
       one_shot.compiler_options())
   params = exp.setup.model.params
   fast = exp.evaluate(params)
-  default = jax.jit(exp.sim.evaluate)(params, *exp.test)
+  default = jax.jit(exp.sim.evaluate)(params, exp.test)
   assert fast["test_accuracy"] == float(default["test_accuracy"])
   np.testing.assert_allclose(fast["test_loss"], float(default["test_loss"]),
                              rtol=1e-6)

@@ -11,6 +11,7 @@ import pytest
 
 from ftte_jax import experiment
 from ftte_jax.core import client as client_lib
+from ftte_jax.core import losses
 from ftte_jax.core import personal
 from ftte_jax.data import client_data
 from ftte_jax.data import datasets
@@ -63,9 +64,10 @@ def test_vmapped_evaluation_equals_a_plain_loop():
   masks["layer1"] = jax.tree.map(lambda p: jnp.ones((2,) + p.shape),
                                  params["layer1"])
   tier = jnp.asarray([0, 1])
-  update = client_lib.make_client_update(apply, 4, optax.sgd(0.5), 3)
-  evaluate = jax.jit(personal.make_personal_eval(apply, update, 3, 0.25,
-                                                 max_holdout=3, chunk=2))
+  task = losses.classification(apply)
+  update = client_lib.sgd(task.loss, 4, optax.sgd(0.5), 3)
+  evaluate = jax.jit(personal.make_personal_eval(task.metrics, update, 3,
+                                                 0.25, max_holdout=3, chunk=2))
   key = jax.random.PRNGKey(7)
   scores = evaluate(key, params, masks, tier, data, holdout,
                     jnp.asarray([0, 1], jnp.int32))
@@ -77,8 +79,9 @@ def test_vmapped_evaluation_equals_a_plain_loop():
 
   for i in range(2):
     mask = jax.tree.map(lambda m: m[i], masks)
-    tuned, _ = update(jax.random.fold_in(key, i), params, mask, data.x,
-                      data.y, data.offsets[i], data.counts[i], jnp.int32(3))
+    local = client_lib.LocalData(source=data, offset=data.offsets[i],
+                                 count=data.counts[i], num_steps=jnp.int32(3))
+    tuned = update(jax.random.fold_in(key, i), params, mask, local).params
     mixed = jax.tree.map(lambda t, p: 0.25 * t + 0.75 * p, tuned, params)
     want = [acc(params, i), acc(tuned, i), acc(mixed, i)]
     np.testing.assert_allclose(np.asarray(scores.accuracy[:, i]), want,
@@ -92,8 +95,9 @@ def test_zero_steps_scores_the_global_model_three_times():
   apply, params = tiny_model()
   data, holdout = _two_devices()
   masks = jax.tree.map(lambda p: jnp.ones((1,) + p.shape), params)
-  update = client_lib.make_client_update(apply, 4, optax.sgd(0.5), 1)
-  scores = personal.make_personal_eval(apply, update, 0, 0.5, 3)(
+  task = losses.classification(apply)
+  update = client_lib.sgd(task.loss, 4, optax.sgd(0.5), 1)
+  scores = personal.make_personal_eval(task.metrics, update, 0, 0.5, 3)(
       jax.random.PRNGKey(0), params, masks, jnp.zeros(2, jnp.int32), data,
       holdout, jnp.asarray([0, 1], jnp.int32))
   a = np.asarray(scores.accuracy)

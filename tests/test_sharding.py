@@ -15,7 +15,8 @@ from ftte_jax.core import engine
 TESTS = Path(__file__).resolve().parent
 CASES = ("fedbuff:stream",  # partial sums added across devices (psum)
          "ftte:map",  # deltas sharded along K, variance weight over all K
-         "fedavg:vmap")
+         "fedavg:vmap",
+         "scaffold")  # per-device state, split by device across the mesh
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,10 @@ def test_one_two_four_devices_agree(runs, case):
     assert r["applied"] == one["applied"] > 0
     for a, b in zip(r["params"], one["params"]):
       np.testing.assert_allclose(a, b, atol=1e-6)
+    for a, b in zip(r.get("state", []), one.get("state", [])):
+      np.testing.assert_allclose(a, b, atol=1e-6)
+    if "state_shards" in r:  # 16 devices' rows split over the mesh.
+      assert r["state_shards"] == int(d)
 
 
 def test_mesh_devices_must_divide_k():

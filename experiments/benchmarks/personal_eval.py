@@ -36,6 +36,7 @@ import optax
 from experiments.benchmarks import common
 from ftte_jax import models
 from ftte_jax.core import client
+from ftte_jax.core import losses
 from ftte_jax.core import personal
 from ftte_jax.data import client_data
 
@@ -75,16 +76,17 @@ def main() -> None:
       v) for k, v in params.items()}
   data, holdout = _fleet(args.devices, 16, 4)
   tier = jnp.zeros(args.devices, jnp.int32)
-  update = client.make_client_update(apply, 8, optax.sgd(0.05), 5)
-  one_eval = jax.jit(personal.make_personal_eval(apply, update, 5, 0.5, 4,
-                                                 chunk=1))
+  task = losses.classification(apply)
+  update = client.sgd(task.loss, 8, optax.sgd(0.05), 5)
+  one_eval = jax.jit(personal.make_personal_eval(task.metrics, update, 5, 0.5,
+                                                 4, chunk=1))
   key = jax.random.PRNGKey(1)
   clients = jnp.arange(args.devices, dtype=jnp.int32)
   fleet_args = (key, params, masks, tier, data, holdout, clients)
   calls = {}
   for chunk in (int(c) for c in args.chunks.split(",")):
-    fleet_eval = jax.jit(personal.make_personal_eval(apply, update, 5, 0.5,
-                                                     4, chunk=chunk))
+    fleet_eval = jax.jit(personal.make_personal_eval(task.metrics, update, 5,
+                                                     0.5, 4, chunk=chunk))
     t0 = time.perf_counter()
     compiled = fleet_eval.lower(*fleet_args).compile()
     compile_s = time.perf_counter() - t0

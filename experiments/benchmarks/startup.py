@@ -94,7 +94,7 @@ def eval_worker(model: str, level: str) -> None:
   jax.config.update("jax_enable_compilation_cache", False)
   exp = experiment.build(_workload(model, "false"))
   options = one_shot.compiler_options() if level == "one_shot" else {}
-  args = (exp.setup.model.params, *exp.test)
+  args = (exp.setup.model.params, exp.test)
   lowered = jax.jit(exp.sim.evaluate, compiler_options=options).lower(*args)
   t = time.perf_counter()
   compiled = lowered.compile()

@@ -44,7 +44,9 @@ from ftte_jax.core import fleet
 from ftte_jax.core import masks
 from ftte_jax import models
 from ftte_jax.core.client import leaf_kinds
-from ftte_jax.core.client import make_client_optimizer, make_client_update
+from ftte_jax.core import extensions
+from ftte_jax.core.client import (LocalData, make_client_optimizer,
+                                  make_client_update)
 from ftte_jax.experiment import run as experiment_run
 
 WORKLOADS = {
@@ -130,15 +132,19 @@ def floor_runner(workload: str, batching: str, last_n: int | None = None,
   keys = jax.random.split(jax.random.PRNGKey(0), k)
   offsets, counts = env.data.offsets[:k], env.data.counts[:k]
   steps = jnp.full((k,), config.local_steps, jnp.int32)
-  x, y = env.data.x, env.data.y
+  data = env.data
   # The engine's XLA options, so that the floor is a fair one.
   options = experiment_run.step_compiler_options()
+
+  def one(key, base, mask, offset, count, n_steps):
+    local = LocalData(source=data, offset=offset, count=count,
+                      num_steps=n_steps)
+    return upd(key, base, mask, local)[:2]
+
   if batching == "vmap":
-    f = jax.jit(lambda *a: jax.vmap(upd, (0, 0, 0, None, None, 0, 0, 0))(
-        a[0], a[1], a[2], x, y, a[3], a[4], a[5]), compiler_options=options)
+    f = jax.jit(jax.vmap(one), compiler_options=options)
   else:
-    f = jax.jit(lambda *a: jax.lax.map(
-        lambda b: upd(b[0], b[1], b[2], x, y, b[3], b[4], b[5]), a),
+    f = jax.jit(lambda *a: jax.lax.map(lambda b: one(*b), a),
                 compiler_options=options)
   args = (keys, base, ones, offsets, counts, steps)
   jax.block_until_ready(f(*args))
@@ -183,7 +189,7 @@ def main():
             f"{row['engine_updates_per_s']:13.1f} {row['ratio']:6.2f} "
             f"{row['ratio_vs_vmap_floor']:20.2f}")
   print("auto path on this backend (fedbuff, no variance weight):",
-        engine.resolve_batching(algorithms.preset("fedbuff")))
+        extensions.resolve_batching(algorithms.preset("fedbuff"), True))
   print(f"\n{'workload':8} {'trained':18} {'masked upd/s':>13} "
         f"{'static upd/s':>13} {'gain':>6}")
   sparse = []

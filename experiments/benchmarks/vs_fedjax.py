@@ -352,7 +352,7 @@ def workload_spec(model: str) -> dict:
              for i in range(data.num_clients)]
   spec["eligible"] = [int(i) for i in np.flatnonzero(
       np.asarray(exp.env.eligible))]
-  spec["split_digest"] = split_digest(clients, np.asarray(exp.setup.test[1]))
+  spec["split_digest"] = split_digest(clients, np.asarray(exp.setup.test["y"]))
   return spec
 
 

@@ -1,22 +1,36 @@
-"""Engine configuration and the four algorithm presets.
+"""Engine configuration, and the four algorithms as compositions.
 
-FedAvg, FedBuff, FedAsync and FTTE are not separate code paths: each is an
-``EngineConfig`` for the one event-driven engine in ``ftte_jax.core.engine``
-(docs/design.md, "One engine, four algorithms"). ``preset(name, **overrides)`` builds one; ``pinned`` says which
-options a preset fixes (one rule for ``preset`` and for launchers that run
-several presets); ``validate`` checks a config before anything is compiled.
+FedAvg, FedBuff, FedAsync and FTTE are not separate code paths. Each is
+
+* an ``EngineConfig`` preset for the one event-driven engine
+  (``preset(name, **overrides)``): how tasks are refilled, what a client
+  trains (its mask), what it sends back (``update_rule``); and
+* a server aggregation composed of small transforms
+  (``ftte_jax.core.transforms``), written out below as ``fedavg``,
+  ``fedbuff``, ``fedasync`` and ``ftte``, the way optax's ``alias.py``
+  composes its optimizers. ``aggregator_from_config`` composes the same
+  transforms from a config's options (the command line's path), and
+  ``server_optimizer`` builds the optax transformation that applies the
+  aggregate.
+
+``pinned`` says which options a preset fixes (one rule for ``preset`` and
+for launchers that run several presets); ``validate`` checks a config before
+anything is compiled.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+import optax
 
 from ftte_jax.core import aggregation
 from ftte_jax.core import options
 from ftte_jax.core import robust
 from ftte_jax.core import staleness as staleness_lib
+from ftte_jax.core import transforms as tx
 from ftte_jax.core.options import option
 
 PRESETS = ("fedavg", "fedbuff", "fedasync", "ftte")
@@ -315,3 +329,70 @@ def _validate_dp(config: EngineConfig) -> None:
           "client-level DP clips every update to clip_norm and weights it "
           "by at most 1 (staleness only), so one client moves the noised "
           "sum by at most clip_norm")
+
+
+# -- The presets' server sides, as compositions (optax's alias.py) ------------
+
+
+def fedavg() -> tx.Aggregator:
+  """FedAvg: the data-weighted mean, coordinate-wise."""
+  return tx.aggregator(tx.weight_by_data(1.0), normalization="coordinate")
+
+
+def fedbuff(staleness_a: float = 0.5) -> tx.Aggregator:
+  """FedBuff (Nguyen et al. 2022): ``(1+tau)^-a`` weights, mean over K."""
+  return tx.aggregator(
+      tx.weight_by_data(0.0),
+      tx.weight_by_age(staleness_lib.make_staleness_fn("polynomial",
+                                                       staleness_a)),
+      normalization="buffer")
+
+
+def fedasync(staleness_a: float = 0.5) -> tx.Aggregator:
+  """FedAsync (Xie et al. 2019): one update at a time, ``alpha s(tau)``
+  mixing (the mixing itself is the engine's ``update_rule='mixing'`` and
+  the server learning rate alpha)."""
+  return fedbuff(staleness_a)
+
+
+def ftte(staleness_a: float = 0.5, variance_beta: float = 1.0
+         ) -> tx.Aggregator:
+  """This project's FTTE reconstruction: data size x age x variance,
+  damped coordinate-wise normalization (docs/design.md)."""
+  return tx.aggregator(
+      tx.weight_by_data(1.0),
+      tx.weight_by_age(staleness_lib.make_staleness_fn("polynomial",
+                                                       staleness_a)),
+      tx.weight_by_variance(variance_beta), normalization="damped")
+
+
+def aggregator_from_config(config: EngineConfig,
+                           staleness_fn: Callable | None = None
+                           ) -> tx.Aggregator:
+  """The aggregation a config's options describe, in the engine's order:
+  clip, data weight, age weight, variance weight, robust mean, DP noise,
+  then the normalization. ``staleness_fn`` replaces the named age weight.
+  """
+  c = config
+  age = staleness_fn or staleness_lib.make_staleness_fn(
+      c.staleness, c.staleness_a, c.staleness_b)
+  steps = []
+  if c.clip != "none":
+    steps.append(tx.clip(c.clip, c.clip_norm))
+  steps += [tx.weight_by_data(c.data_weight_exponent), tx.weight_by_age(age)]
+  if c.variance_beta > 0:
+    steps.append(tx.weight_by_variance(c.variance_beta))
+  if c.robust_aggregation != "mean":
+    steps.append(tx.robust_mean(c.robust_aggregation, c.trim_fraction))
+  if c.dp_noise_multiplier > 0:
+    steps.append(tx.dp_noise(c.dp_noise_multiplier, c.clip_norm))
+  return tx.aggregator(*steps, normalization=c.normalization)
+
+
+def server_optimizer(config: EngineConfig) -> optax.GradientTransformation:
+  """The optimizer that applies the aggregate (as a pseudo-gradient -Delta)."""
+  if config.server_optimizer == "sgd":
+    return optax.sgd(config.server_lr)
+  if config.server_optimizer == "momentum":
+    return optax.sgd(config.server_lr, momentum=config.server_momentum)
+  return optax.adam(config.server_lr)

@@ -1,56 +1,135 @@
-"""Local client training: a pure function of (key, base params, mask, data).
+"""Local client training, and the contract a client update keeps.
 
-Each client runs up to ``max_steps`` SGD steps on its own examples; steps
-beyond its own ``num_steps`` are no-ops (``jnp.where``), so clients with
-different amounts of work share one fixed-shape computation. Only masked
-coordinates move: gradients are multiplied by the client's 0/1 mask.
+A client update is a pure function
 
-Batches come from a random affine permutation of the client's rows, walked
-in order and wrapped around (epoch-style sampling without replacement, in
+    client_update(key, params, mask, data, state) -> ClientResult
+
+of a PRNG key, the global parameters the device pulled, its 0/1 mask (the
+coordinates it may train), its data (``LocalData``: a view of its rows in
+the fleet's CSR arrays, with its step count) and, when the run keeps
+per-device state, a ``PerDevice`` (the device's own state and the fleet's
+mean of it; None otherwise). It returns the locally trained parameters,
+its mean training loss and its new state. The engine turns the result into
+the update ``mask * (w_local - w_pulled)``, so coordinates off the mask
+never leave the device. The engine vmaps or maps it over a step's clients
+and jits it; it must be traceable with fixed shapes.
+
+``sgd`` builds the default: up to ``max_steps`` optimizer steps on batches
+of the device's own examples, steps beyond its own ``num_steps`` being
+no-ops (``jnp.where``) so clients with different amounts of work share one
+fixed-shape computation, and gradients multiplied by the mask. Batches
+come from a random affine permutation of the client's rows, walked in
+order and wrapped around (epoch-style sampling without replacement, in
 O(batch) work per step: ``client_data.make_walk`` and ``walk_batch``).
+Writing another algorithm's client side (FedProx's proximal term,
+SCAFFOLD's corrected gradients) usually means calling ``sgd`` with another
+loss or gradient transformation (``examples/``).
 """
 
 from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import struct
 
-from ftte_jax.core.typing import ApplyFn, PyTree
-from ftte_jax.data.client_data import make_walk, walk_batch
+from ftte_jax.core.typing import PyTree
+from ftte_jax.data.client_data import ClientData, make_walk, walk_batch
+
+# loss_fn(params, batch) -> (mean loss, aux dict of scalars).
+LossFn = Callable[[PyTree, dict], tuple[jnp.ndarray, dict]]
 
 
-def cross_entropy(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray,
+@struct.dataclass
+class LocalData:
+  """One device's training data: a view into the fleet's CSR arrays."""
+
+  source: ClientData  # every client's rows (x, y, extras).
+  offset: jnp.ndarray  # [] int32: the device's first row.
+  count: jnp.ndarray  # [] int32: its rows (>= 1).
+  num_steps: jnp.ndarray  # [] int32: local steps this task takes.
+
+  def batch(self, positions: jnp.ndarray) -> dict:
+    """The examples at ``positions`` [B] in [0, count): a dict with "x",
+    "y" and the data's extras, each with a leading batch axis."""
+    rows = self.offset + positions
+    s = self.source
+    return {"x": s.x[rows], "y": s.y[rows],
+            **{k: v[rows] for k, v in s.extras.items()}}
+
+
+class PerDevice(NamedTuple):
+  """What a client update sees of the run's per-device state."""
+
+  own: PyTree  # this device's state (the shape ``DeviceState.init`` gives).
+  # The mean of every device's state (SCAFFOLD's server control variate is
+  # exactly this when the devices' variates start at zero).
+  fleet_mean: PyTree
+
+
+class ClientResult(NamedTuple):
+  """What a client update returns."""
+
+  params: PyTree  # the locally trained parameters (full tree).
+  loss: jnp.ndarray  # [] float32: mean training loss over its steps.
+  state: PyTree = None  # the device's new own state (None: no state).
+
+
+class DeviceState(NamedTuple):
+  """Per-device state kept between a device's tasks (SCAFFOLD's control
+  variates, a personal head).
+
+  The engine holds it as leaves [N, ...] in ``SimState.device_state``
+  (checkpointed; split across the clients mesh by device): memory grows as
+  O(N x state). A device's row is read when the step that takes its update
+  begins, and the state its client update returns is written back for
+  every task that completed (arrived, finite), whether or not the server
+  applied the update. With arrival refill a device can complete two tasks
+  within one step: both start from the state the step began with, and the
+  later task's state is kept.
+  """
+
+  init: Callable[[PyTree], PyTree]  # global params -> one device's state.
+
+
+# client_update(key, params, mask, data, state) -> ClientResult.
+ClientUpdate = Callable[[jax.Array, PyTree, PyTree, LocalData,
+                         PerDevice | None], ClientResult]
+
+
+def cross_entropy(apply_fn: Callable, params: PyTree, x: jnp.ndarray,
                   y: jnp.ndarray) -> jnp.ndarray:
   """Mean softmax cross-entropy of integer labels."""
   logits = apply_fn(params, x)
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def accumulated_grad(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray,
-                     y: jnp.ndarray, micro_batches: int) -> PyTree:
+def accumulated_grad(loss_fn: LossFn, params: PyTree, batch: dict,
+                     micro_batches: int) -> PyTree:
   """The batch gradient as a device with little RAM computes it: the batch
   in ``micro_batches`` equal micro-batches, one backward pass each, their
   gradients summed into one accumulator and divided by their number.
 
-  The mean loss is linear in the examples, so this is the one-pass batch
+  A mean loss is linear in the examples, so this is the one-pass batch
   gradient up to float rounding; the engine computes that one pass (same
   training, time and FLOPs), and the memory model charges the micro-batch
   activations and the accumulator (``memory``, Micro-batches).
   """
-  b = x.shape[0]
+  b = batch["x"].shape[0]
   if micro_batches < 1 or b % micro_batches:
     raise ValueError(f"micro_batches must divide the batch of {b}, got "
                      f"{micro_batches}")
   split = lambda a: a.reshape((micro_batches, b // micro_batches) + a.shape[1:])
-  grad = jax.grad(lambda p, xb, yb: cross_entropy(apply_fn, p, xb, yb))
+  grad = jax.grad(lambda p, mb: loss_fn(p, mb)[0])
 
-  def add(total, batch):
-    return jax.tree.map(jnp.add, total, grad(params, *batch)), None
+  def add(total, mb):
+    return jax.tree.map(jnp.add, total, grad(params, mb)), None
 
   zero = jax.tree.map(jnp.zeros_like, params)
-  total, _ = jax.lax.scan(add, zero, (split(x), split(y)))
+  total, _ = jax.lax.scan(add, zero, jax.tree.map(split, batch))
   return jax.tree.map(lambda g: g / micro_batches, total)
 
 
@@ -58,8 +137,8 @@ def make_client_optimizer(lr: float, momentum: float = 0.0
                           ) -> optax.GradientTransformation:
   """The client optimizer: SGD, with heavy-ball momentum when ``momentum > 0``.
 
-  One object serves training (``make_client_update``) and the memory model,
-  which charges its per-parameter state (``memory.optimizer_slots``).
+  One object serves training (``sgd``) and the memory model, which charges
+  its per-parameter state (``memory.optimizer_slots``).
   """
   return optax.sgd(lr, momentum=momentum if momentum > 0 else None)
 
@@ -73,7 +152,7 @@ MAX_UNROLL = 64
 def leaf_kinds(masks: PyTree) -> PyTree:
   """Per leaf of a stacked ``[T, ...]`` mask tree, what any tier trains:
   ``'all'`` (every coordinate in every tier), ``'none'`` (no coordinate in
-  any tier) or ``'some'``. Host-side; for ``make_client_update(kinds=...)``."""
+  any tier) or ``'some'``. Host-side; for ``sgd(kinds=...)``."""
   def kind(m):
     m = np.asarray(m)
     return "all" if (m != 0).all() else "none" if not m.any() else "some"
@@ -101,18 +180,21 @@ def _split(base: PyTree, mask: PyTree, kinds: PyTree | None):
   return kind, trained, treedef.flatten_up_to(mask), merge
 
 
-def make_client_update(apply_fn: ApplyFn, batch_size: int,
-                       tx: optax.GradientTransformation, max_steps: int,
-                       unroll: int | bool = 1, kinds: PyTree | None = None):
-  """Builds ``client_update(key, base, mask, x, y, offset, count, num_steps)``.
+def sgd(loss_fn: LossFn, batch_size: int, tx: optax.GradientTransformation,
+        max_steps: int | None = None, unroll: int | bool = 1,
+        kinds: PyTree | None = None) -> ClientUpdate:
+  """The default client update: local steps of ``tx`` on ``loss_fn``.
 
   Args:
-    apply_fn: ``apply_fn(params, x) -> logits``.
+    loss_fn: ``loss_fn(params, batch) -> (loss, aux)`` on a batch dict
+      (``LocalData.batch``); only ``loss`` is differentiated.
     batch_size: local batch size.
     tx: the client optimizer (``make_client_optimizer``); its state starts
       fresh on every task.
-    max_steps: static number of loop iterations (the largest step count).
-    unroll: unroll factor of the local-step loop; ``True`` unrolls fully,
+    max_steps: static number of loop iterations (the largest step count);
+      None loops ``data.num_steps`` times (a loop of traced length: what a
+      user's client update usually wants).
+    unroll: unroll factor of the static local-step loop; ``True`` unrolls fully,
       which on CPU avoids XLA's slow convolution-in-loop path
       (docs/design.md, "Client training and batching"); loops over
       ``MAX_UNROLL`` steps are never fully unrolled.
@@ -122,37 +204,83 @@ def make_client_update(apply_fn: ApplyFn, batch_size: int,
       that every mask trains skip the mask product. Same results as without.
 
   Returns:
-    A pure function returning the client's locally trained parameters and its
-    mean training loss over the steps it took.
+    A ``ClientUpdate``; it passes any per-device state through unchanged.
   """
-  if unroll is True and max_steps > MAX_UNROLL:
+  if max_steps is None or (unroll is True and max_steps > MAX_UNROLL):
     unroll = 1
-  loss_fn = lambda p, x, y: cross_entropy(apply_fn, p, x, y)
 
-  def client_update(key, base, mask, x_all, y_all, offset, count, num_steps):
-    walk = make_walk(key, count, batch_size)
-    kind, trained, mask_leaves, merge = _split(base, mask, kinds)
-    grad_fn = jax.value_and_grad(lambda sub, x, y: loss_fn(merge(sub), x, y))
+  def client_update(key, params, mask, data: LocalData,
+                    state: PerDevice | None = None) -> ClientResult:
+    walk = make_walk(key, data.count, batch_size)
+    kind, trained, mask_leaves, merge = _split(params, mask, kinds)
+    grad_fn = jax.value_and_grad(
+        lambda sub, batch: loss_fn(merge(sub), batch)[0])
 
     def body(i, carry):
       sub, opt_state, loss_sum, r = carry
-      pos, r = walk_batch(walk, count, r)
-      idx = offset + pos
-      loss, grads = grad_fn(sub, x_all[idx], y_all[idx])
+      pos, r = walk_batch(walk, data.count, r)
+      loss, grads = grad_fn(sub, data.batch(pos))
       grads = [g if kind[t] == "all" else g * mask_leaves[t]
                for t, g in zip(trained, grads)]
       updates, new_opt_state = tx.update(grads, opt_state, sub)
       new_sub = optax.apply_updates(sub, updates)
-      active = i < num_steps
+      active = i < data.num_steps
       return (optax.tree_utils.tree_where(active, new_sub, sub),
               optax.tree_utils.tree_where(active, new_opt_state, opt_state),
               loss_sum + jnp.where(active, loss, 0.0), r)
 
-    sub = [jax.tree.leaves(base)[i] for i in trained]
+    sub = [jax.tree.leaves(params)[i] for i in trained]
     init = (sub, tx.init(sub), jnp.zeros((), jnp.float32),
             jnp.zeros((), jnp.uint32))
-    sub, _, loss_sum, _ = jax.lax.fori_loop(0, max_steps, body, init,
-                                            unroll=unroll)
-    return merge(sub), loss_sum / jnp.maximum(num_steps, 1)
+    n = data.num_steps if max_steps is None else max_steps
+    sub, _, loss_sum, _ = jax.lax.fori_loop(0, n, body, init, unroll=unroll)
+    return ClientResult(params=merge(sub),
+                        loss=loss_sum / jnp.maximum(data.num_steps, 1),
+                        state=None if state is None else state.own)
 
   return client_update
+
+
+def classification_loss(apply_fn: Callable) -> LossFn:
+  """Mean softmax cross-entropy of ``batch["y"]`` under ``apply_fn``."""
+  return lambda p, batch: (cross_entropy(apply_fn, p, batch["x"],
+                                         batch["y"]), {})
+
+
+def make_client_update(apply_fn: Callable, batch_size: int,
+                       tx: optax.GradientTransformation, max_steps: int,
+                       unroll: int | bool = 1, kinds: PyTree | None = None,
+                       loss_fn: LossFn | None = None) -> ClientUpdate:
+  """``sgd`` on ``loss_fn`` (default: cross-entropy under ``apply_fn``)."""
+  return sgd(loss_fn or classification_loss(apply_fn), batch_size, tx,
+             max_steps, unroll, kinds)
+
+
+def check_result(result: Any, params: PyTree, own: PyTree) -> None:
+  """Raises ValueError unless ``result`` (abstract) is a ``ClientResult``
+  whose params match ``params`` and whose state matches ``own``."""
+  where = "client_update"
+  if not isinstance(result, ClientResult):
+    raise ValueError(f"{where}: must return ClientResult(params, loss, "
+                     f"state), got {type(result).__name__}")
+  check_like(where, "params", result.params, params)
+  if getattr(result.loss, "shape", None) != ():
+    raise ValueError(f"{where}: ClientResult.loss must be a scalar, got "
+                     f"shape {getattr(result.loss, 'shape', None)}")
+  if own is not None:
+    check_like(where, "state", result.state, own)
+
+
+def check_like(where: str, what: str, got: PyTree, want: PyTree) -> None:
+  """Raises ValueError naming ``where`` unless the trees' structures,
+  shapes and dtypes agree."""
+  gs, ws = jax.tree.structure(got), jax.tree.structure(want)
+  if gs != ws:
+    raise ValueError(f"{where}: {what} must have the structure {ws}, got {gs}")
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    if (jnp.shape(g), jnp.result_type(g)) != (jnp.shape(w),
+                                              jnp.result_type(w)):
+      raise ValueError(
+          f"{where}: {what} leaves must keep their shapes and dtypes: "
+          f"expected {jnp.shape(w)} {jnp.result_type(w)}, got {jnp.shape(g)} "
+          f"{jnp.result_type(g)}")

@@ -7,15 +7,17 @@ them with the state they move):
      (``refill='arrival'``): the K updates of this step, in arrival order,
      and the virtual clock of the last; with arrival refill every arrival
      before the K-th restarts its slot at once (FedBuff's algorithm);
-  2. ``train_buffer``: train those K clients, each from the global version
-     it pulled (kept in a ring of the last S versions), with its own mask,
-     data and step count; non-finite updates are zeroed and flagged;
-  3. ``weigh_updates``: weight each update by data size, age and (FTTE)
-     deviation from the buffer's consensus; dropped, over-stale and
-     non-finite updates get weight 0; then aggregate coordinate-wise
-     (``aggregation``). Without a variance weight the weights are known
-     before training, and ``train_and_sum`` streams phases 2-3: it keeps
-     only the running weighted sum, never the K deltas;
+  2. ``train_buffer``: train those K clients with the client update, each
+     from the global version it pulled (kept in a ring of the last S
+     versions), with its own mask, data, step count and (if the run keeps
+     it) per-device state; non-finite updates are zeroed and flagged;
+  3. the aggregator (``transforms``): dropped, over-stale and non-finite
+     updates get weight 0, its transforms weigh and defend the buffer
+     (data size, age, the FTTE variance weight, clipping, robust means, DP
+     noise), and its reduction aggregates coordinate-wise. When every
+     transform is streamable the weights are known before training, and
+     ``train_and_sum`` streams phases 2-3: it keeps only the running
+     weighted sum, never the K deltas;
   4. ``server_update``: apply the aggregate with a server optimizer; push
      the new version into the ring;
   5. ``dispatch``: start new tasks on idle, eligible clients and sample
@@ -24,7 +26,8 @@ them with the state they move):
      (arrival refill), from the new version;
   6. ``count``: cumulative accounting.
 
-``make_simulator`` only binds a config to these phases. Randomness: the
+``make_simulator`` only binds a config and the user's extensions
+(``extensions``) to these phases, once, in a ``Components``. Randomness: the
 run's root key lives in the state; step r draws from
 ``fold_in(fold_in(root, ROUND), r)``, client c's training from a further
 ``fold_in(., c)``. Nothing else is random, so a resumed run replays exactly.
@@ -39,19 +42,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ftte_jax.core import adversary
-from ftte_jax.core import aggregation
 from ftte_jax.core import draws
 from ftte_jax.core import exact
+from ftte_jax.core import extensions as extensions_lib
 from ftte_jax.core import one_shot
-from ftte_jax.core import privacy
-from ftte_jax.core import robust
-from ftte_jax.core import staleness
-from ftte_jax.core.algorithms import EngineConfig, defended, validate
-from ftte_jax.core.client import make_client_optimizer, make_client_update
+from ftte_jax.core import transforms
+from ftte_jax.core.algorithms import EngineConfig, validate
+from ftte_jax.core.client import LocalData, PerDevice, make_client_optimizer
+from ftte_jax.core.extensions import Components, Extensions
 from ftte_jax.core.fleet import Fleet
 from ftte_jax.core.masks import MaskPlan
 from ftte_jax.core.state import (Counters, Environment, Ring, SimState, Start,
@@ -59,17 +61,19 @@ from ftte_jax.core.state import (Counters, Environment, Ring, SimState, Start,
 from ftte_jax.core.typing import ApplyFn, PyTree
 from ftte_jax.data.client_data import ClientData
 
-__all__ = ["Arrivals", "Counters", "Dispatch", "Environment", "Ring",
-           "SimState", "Simulator", "Start", "Tasks", "Weights", "client_mesh",
-           "count", "dispatch", "make_environment", "make_simulator",
-           "nominal_duration", "pick_idle", "pick_words", "replan",
-           "server_update", "take_arrivals", "train_buffer", "weigh_updates"]
+__all__ = ["Arrivals", "Components", "Counters", "Dispatch", "Environment",
+           "Extensions", "Ring", "SimState", "Simulator", "Start", "Tasks",
+           "client_mesh", "count", "dispatch", "evaluate",
+           "make_environment", "make_simulator", "nominal_duration",
+           "pick_idle", "pick_words", "replan", "server_update",
+           "take_arrivals", "train_and_sum", "train_buffer"]
 
 # The mesh axis a step's K clients are split across.
 CLIENT_AXIS = "clients"
 
 # Named streams of the root key.
 _KEY_INIT, _KEY_ROUND = 0, 1
+# _KEY_DP: the aggregator's key (transforms.Context.key; DP noise).
 _KEY_TRAIN, _KEY_DISPATCH, _KEY_EVENTS, _KEY_DP = 0, 1, 2, 3
 
 
@@ -78,10 +82,12 @@ class Simulator(NamedTuple):
 
   init: Callable[..., SimState]
   step: Callable[[Environment, SimState], tuple[SimState, dict]]
-  evaluate: Callable[[PyTree, jnp.ndarray, jnp.ndarray], dict]
+  # evaluate(params, test) -> {"test_loss": ..., "test_accuracy": ...}.
+  evaluate: Callable[[PyTree, dict], dict]
   # steps(env, state, n, budget) -> (state, taken, over_budget).
   steps: Callable[..., tuple[SimState, jnp.ndarray, jnp.ndarray]]
   mesh: Mesh | None = None  # the clients mesh; None: one device.
+  components: Components | None = None  # what the functions are bound to.
 
 
 @struct.dataclass
@@ -98,30 +104,6 @@ class Arrivals:
   # [K] bool: a task filled the position (False: an empty slot, or a
   # buffer that the events could not fill); counted nowhere.
   filled: jnp.ndarray
-
-
-@struct.dataclass
-class Weights:
-  """Per-update weights of one step."""
-
-  valid: jnp.ndarray  # [K] bool: arrived, fresh and finite.
-  base: jnp.ndarray  # [K] float32: n_i^gamma * valid (no age factors).
-  weights: jnp.ndarray  # [K] float32: base * s_age(tau) [* s_var].
-
-
-@struct.dataclass
-class Defence:
-  """What a step's defences did (for the counters)."""
-
-  clipped: jnp.ndarray  # [] int32: valid updates scaled down by clipping.
-  trimmed: jnp.ndarray  # [] float32: values a robust mean left out.
-  values: jnp.ndarray  # [] float32: values a robust mean ranked.
-
-  @classmethod
-  def none(cls) -> Defence:
-    return cls(clipped=jnp.zeros((), jnp.int32),
-               trimmed=jnp.zeros((), jnp.float32),
-               values=jnp.zeros((), jnp.float32))
 
 
 @struct.dataclass
@@ -241,14 +223,6 @@ def nominal_duration(batch_size: int, fleet: Fleet, plan: MaskPlan,
   return (down / fleet.bw_down[clients] + compute +
           up / fleet.bw_up[clients]), down
 
-
-def make_server_optimizer(config: EngineConfig) -> optax.GradientTransformation:
-  """The optimizer that applies the aggregate (as a pseudo-gradient -Delta)."""
-  if config.server_optimizer == "sgd":
-    return optax.sgd(config.server_lr)
-  if config.server_optimizer == "momentum":
-    return optax.sgd(config.server_lr, momentum=config.server_momentum)
-  return optax.adam(config.server_lr)
 
 
 # Candidates drawn per client picked before the exact O(N) fallback.
@@ -499,48 +473,67 @@ def _next_event(env: Environment, state: SimState, key: jax.Array, k: int,
       dropped=c["dropped"] + (~ok & ~counted))
 
 
-def _client_delta(client_update: Callable, env: Environment, plan: MaskPlan,
-                  ring: Ring, mix_into: PyTree | None):
-  """``one(key, ring_slot, tier, offset, count, steps[, bad]) -> (delta,
-  loss)``; ``bad`` (malicious) is an argument when the fleet has attackers.
+def _client_delta(comp: Components, env: Environment, plan: MaskPlan,
+                  ring: Ring, mix_into: PyTree | None,
+                  fleet_mean: PyTree | None):
+  """``one(args) -> (delta, loss, state)`` for one client's ``args``
+  (``_client_args``); the state is None unless the run keeps per-device
+  state.
 
   Base parameters and masks are gathered inside the per-client function,
   so the ``map`` and ``stream`` paths never materialize [K, ...] copies.
   """
   single_tier = plan.num_tiers == 1  # static
   attack = env.fleet.attack  # static
+  custom = comp.extensions.client_update is not None  # static
 
-  def one(key, slot, t, offset, count, n_steps, bad=None):
-    base = jax.tree.map(lambda r: r[slot], ring.params)
-    mask = jax.tree.map(lambda m: m[0] if single_tier else m[t], plan.masks)
-    local, loss = client_update(key, base, mask, env.data.x, env.data.y,
-                                offset, count, n_steps)
+  def one(a):
+    base = jax.tree.map(lambda r: r[a["slot"]], ring.params)
+    mask = jax.tree.map(lambda m: m[0] if single_tier else m[a["tier"]],
+                        plan.masks)
+    data = LocalData(source=env.data, offset=a["offset"], count=a["count"],
+                     num_steps=a["steps"])
+    state = (PerDevice(own=a["own"], fleet_mean=fleet_mean) if "own" in a
+             else None)
+    result = comp.client_update(a["key"], base, mask, data, state)
     if mix_into is not None:
-      delta = jax.tree.map(lambda w, g, m: m * (w - g), local, mix_into, mask)
+      delta = jax.tree.map(lambda w, g, m: m * (w - g), result.params,
+                           mix_into, mask)
+    elif custom:
+      # A client update of the user's may move any coordinate; only the
+      # masked ones are sent.
+      delta = jax.tree.map(lambda w, g, m: m * (w - g), result.params, base,
+                           mask)
     else:
       # Masked gradients leave unmasked coordinates exactly where they
       # were, so the delta is already zero outside the client's mask.
-      delta = jax.tree.map(jnp.subtract, local, base)
+      delta = jax.tree.map(jnp.subtract, result.params, base)
     if attack is not None:
-      delta = adversary.corrupt(attack, delta, mask, key, bad)
-    return delta, loss
+      delta = adversary.corrupt(attack, delta, mask, a["key"], a["bad"])
+    return delta, result.loss, result.state if "own" in a else None
 
   return one
 
 
 def _client_args(env: Environment, plan: MaskPlan, ring: Ring,
-                 keys: jax.Array, arrivals: Arrivals):
+                 keys: jax.Array, arrivals: Arrivals,
+                 own: PyTree | None = None) -> dict:
+  """Per-client arguments of a step's K updates, leading axis K."""
   clients = arrivals.clients
-  args = (keys, arrivals.ring_slot, plan.client_tier[clients],
-          env.data.offsets[clients], env.data.counts[clients],
-          env.num_steps[clients])
+  args = dict(key=keys, slot=arrivals.ring_slot,
+              tier=plan.client_tier[clients],
+              offset=env.data.offsets[clients],
+              count=env.data.counts[clients], steps=env.num_steps[clients])
+  if own is not None:
+    args["own"] = own
   if env.fleet.attack is None:
     return args
   bad = env.fleet.malicious[clients]
   if env.fleet.attack.behavior == "stale_replay":
-    slot = jnp.where(bad, adversary.oldest_slot(ring.version), args[1])
-    args = (keys, slot) + args[2:]
-  return args + (bad,)
+    args["slot"] = jnp.where(bad, adversary.oldest_slot(ring.version),
+                             args["slot"])
+  args["bad"] = bad
+  return args
 
 
 def _finite_rows(delta: PyTree) -> jnp.ndarray:
@@ -554,16 +547,17 @@ def _finite_rows(delta: PyTree) -> jnp.ndarray:
                           for d in jax.tree.leaves(delta)))
 
 
-def train_buffer(client_update: Callable, batching: str, env: Environment,
-                 plan: MaskPlan, ring: Ring, keys: jax.Array,
-                 arrivals: Arrivals, mix_into: PyTree | None = None,
-                 mesh: Mesh | None = None, chunk: int = 1):
+def train_buffer(comp: Components, env: Environment, plan: MaskPlan,
+                 ring: Ring, keys: jax.Array, arrivals: Arrivals,
+                 mix_into: PyTree | None = None,
+                 device: tuple[PyTree, PyTree] | None = None):
   """Phase 2: trains the K arrived clients from the versions they pulled.
 
   Args:
-    client_update: from ``client.make_client_update``.
-    batching: ``map`` or ``vmap`` over the K clients (over each device's
-      share of them with a mesh).
+    comp: the bound pieces (``client_update``; ``batching`` ``map`` or
+      ``vmap`` over the K clients, over each device's share of them on the
+      clients ``mesh``; ``config.client_chunk`` clients vmapped together
+      per ``map`` iteration).
     env: the environment (data, step counts).
     plan: the live mask plan.
     ring: the stored global versions.
@@ -571,78 +565,81 @@ def train_buffer(client_update: Callable, batching: str, env: Environment,
     arrivals: the buffered updates.
     mix_into: None for ``update_rule='delta'`` (``w_client - w_pulled``);
       the current global params for ``mixing`` (``m * (w_client - w_now)``).
-    mesh: a 1-D ``clients`` mesh (``client_mesh``): the K clients are split
-      across its devices, the deltas come back sharded along K. None: one
-      device.
-    chunk: with ``map``, clients trained together (vmapped) per iteration.
+    device: per-device state: ``(own rows [K, ...], fleet mean)``; None
+      without.
 
   Returns:
-    ``(delta, loss, finite)``: deltas (leaves [K, ...], zero outside each
-    client's mask and zeroed where non-finite), mean local losses [K], and
-    [K] bool whether the update was finite.
+    ``(delta, loss, finite, state)``: deltas (leaves [K, ...], zero outside
+    each client's mask and zeroed where non-finite, sharded along K on a
+    mesh), mean local losses [K], [K] bool whether the update was finite,
+    and the clients' new states (leaves [K, ...]; None without).
   """
+  chunk = comp.config.client_chunk
 
-  def local(env, plan, ring, mix_into, args):
-    one = _client_delta(client_update, env, plan, ring, mix_into)
-    if batching == "vmap":
-      return jax.vmap(one)(*args)
-    return jax.lax.map(lambda a: one(*a), args,
-                       batch_size=chunk if chunk > 1 else None)
+  def local(env, plan, ring, mix_into, fleet_mean, args):
+    one = _client_delta(comp, env, plan, ring, mix_into, fleet_mean)
+    if comp.batching == "vmap":
+      return jax.vmap(one)(args)
+    return jax.lax.map(one, args, batch_size=chunk if chunk > 1 else None)
 
-  args = _client_args(env, plan, ring, keys, arrivals)
+  own, fleet_mean = device if device is not None else (None, None)
+  args = _client_args(env, plan, ring, keys, arrivals, own)
   k = arrivals.clients.shape[0]
-  delta, loss = _over_clients(mesh, local, (env, plan, ring, mix_into), args,
-                              (P(CLIENT_AXIS), P(CLIENT_AXIS)))
+  delta, loss, state = _over_clients(
+      comp.mesh, local, (env, plan, ring, mix_into, fleet_mean), args,
+      (P(CLIENT_AXIS),) * 3)
   finite = _finite_rows(delta)
   delta = jax.lax.cond(
       jnp.all(finite), lambda d: d,
       lambda d: jax.tree.map(lambda x: jnp.where(
           finite.reshape((k,) + (1,) * (x.ndim - 1)), x, 0.0), d), delta)
-  return delta, loss, finite
+  return delta, loss, finite, state
 
 
-def train_and_sum(client_update: Callable, env: Environment, plan: MaskPlan,
+def train_and_sum(comp: Components, env: Environment, plan: MaskPlan,
                   ring: Ring, keys: jax.Array, arrivals: Arrivals,
                   weights: jnp.ndarray, mix_into: PyTree | None = None,
-                  mesh: Mesh | None = None, chunk: int = 1):
+                  device: tuple[PyTree, PyTree] | None = None):
   """Phase 2 streamed: trains the K clients one after another and keeps
   only the running sum ``sum_i a_i d_i`` over finite updates.
 
   Materializing K deltas costs as much memory traffic as the training on a
-  CPU (measured: 288 against 482 updates/s for 100 MLP clients), so when the
-  weights are known before training (no variance weight) the buffer is
-  never built. Same arguments as ``train_buffer`` plus ``weights`` [K];
-  with a mesh, each device streams its share and the partial sums are
-  added across devices (``psum``). ``chunk`` > 1 streams groups of that
-  many clients, vmapped together (the last group may be smaller).
+  CPU (measured: 288 against 482 updates/s for 100 MLP clients), so when
+  the aggregator weighs before training (``transforms``, streamable) the
+  buffer is never built. Same arguments as ``train_buffer`` plus
+  ``weights`` [K]; with a mesh, each device streams its share and the
+  partial sums are added across devices (``psum``). ``client_chunk`` > 1
+  streams groups of that many clients, vmapped together (the last group
+  may be smaller).
 
   Returns:
-    ``(total, loss, finite)``.
+    ``(total, loss, finite, state)``.
   """
+  chunk = comp.config.client_chunk
 
-  def local(env, plan, ring, mix_into, xs):
-    one = _client_delta(client_update, env, plan, ring, mix_into)
+  def local(env, plan, ring, mix_into, fleet_mean, xs):
+    one = _client_delta(comp, env, plan, ring, mix_into, fleet_mean)
 
     def body(total, xs):
       w, a = xs
-      delta, loss = one(*a)
+      delta, loss, state = one(a)
       finite = jnp.isfinite(sum(jnp.sum(d) for d in jax.tree.leaves(delta)))
       total = jax.tree.map(lambda t, d: t + jnp.where(finite, w * d, 0.0),
                            total, delta)
-      return total, (loss, finite)
+      return total, (loss, finite, state)
 
     def chunk_body(total, xs):
       # ``chunk`` clients vmapped together: one wider matmul per layer
       # instead of several narrow ones.
       w, a = xs
-      delta, loss = jax.vmap(one)(*a)
+      delta, loss, state = jax.vmap(one)(a)
       finite = _finite_rows(delta)
       wf = jnp.where(finite, w, 0.0)
       total = jax.tree.map(
           lambda t, d: t + jnp.tensordot(
               wf, jnp.where(finite.reshape((-1,) + (1,) * (d.ndim - 1)), d,
                             0.0), axes=1), total, delta)
-      return total, (loss, finite)
+      return total, (loss, finite, state)
 
     zero = jax.tree.map(lambda r: jnp.zeros(r.shape[1:], r.dtype),
                         ring.params)
@@ -654,11 +651,13 @@ def train_and_sum(client_update: Callable, env: Environment, plan: MaskPlan,
       total = jax.lax.psum(total, CLIENT_AXIS)
     return total, rest
 
-  args = _client_args(env, plan, ring, keys, arrivals)
-  total, (loss, finite) = _over_clients(
-      mesh, local, (env, plan, ring, mix_into), (weights, args),
-      (P(), (P(CLIENT_AXIS), P(CLIENT_AXIS))))
-  return total, loss, finite
+  mesh = comp.mesh
+  own, fleet_mean = device if device is not None else (None, None)
+  args = _client_args(env, plan, ring, keys, arrivals, own)
+  total, (loss, finite, state) = _over_clients(
+      mesh, local, (env, plan, ring, mix_into, fleet_mean), (weights, args),
+      (P(), (P(CLIENT_AXIS),) * 3))
+  return total, loss, finite, state
 
 
 def _chunked_scan(body: Callable, carry, xs, chunk: int):
@@ -721,34 +720,6 @@ def _over_clients(mesh: Mesh | None, local: Callable, replicated: tuple,
       out_specs=out_specs, check_vma=False)(*replicated, per_client)
 
 
-def prior_weights(config: EngineConfig, s_age: Callable, counts: jnp.ndarray,
-                  arrivals: Arrivals, finite: jnp.ndarray | bool = True
-                  ) -> Weights:
-  """``a_i = n_i^gamma * s_age(tau_i) * valid_i``, known before training
-  except for finiteness (pass ``finite`` once known)."""
-  valid = arrivals.ok & arrivals.fresh & finite
-  base = counts.astype(jnp.float32) ** config.data_weight_exponent * valid
-  return Weights(valid=valid, base=base, weights=base * s_age(arrivals.tau))
-
-
-def weigh_updates(config: EngineConfig, s_age: Callable, delta: PyTree,
-                  plan: MaskPlan, tier: jnp.ndarray, counts: jnp.ndarray,
-                  arrivals: Arrivals, finite: jnp.ndarray) -> Weights:
-  """Phase 3: ``a_i = n_i^gamma * s_age(tau_i) [* s_var_i] * valid_i``."""
-  w = prior_weights(config, s_age, counts, arrivals, finite)
-  if config.variance_beta > 0:
-    # d_i is a ratio, so scaling every update by one power of two changes no
-    # bit of it, and huge (finite) updates no longer overflow its squares.
-    _, e = jnp.frexp(jnp.max(jnp.stack(
-        [jnp.max(jnp.abs(d)) for d in jax.tree.leaves(delta)])))
-    scaled = jax.tree.map(lambda d: d * jnp.ldexp(1.0, -e), delta)
-    consensus = aggregation.weighted_mean(scaled, plan.masks, tier, w.weights)
-    dev = aggregation.deviation(scaled, plan.masks, tier, consensus)
-    w = w.replace(weights=w.weights * staleness.buffer_variance_weight(
-        dev, w.valid, config.variance_beta))
-  return w
-
-
 def server_update(server_opt: optax.GradientTransformation, state: SimState,
                   agg: PyTree, any_valid: jnp.ndarray
                   ) -> tuple[PyTree, PyTree, Ring, jnp.ndarray]:
@@ -772,7 +743,7 @@ def server_update(server_opt: optax.GradientTransformation, state: SimState,
           any_valid & ~finite)
 
 
-def count(counters: Counters, arrivals: Arrivals, w: Weights,
+def count(counters: Counters, arrivals: Arrivals, w: transforms.Buffer,
           upload_bytes: jnp.ndarray, bytes_down: jnp.ndarray,
           downloads: jnp.ndarray, extra_dropped: jnp.ndarray | int = 0
           ) -> tuple[Counters, jnp.ndarray, jnp.ndarray]:
@@ -781,7 +752,8 @@ def count(counters: Counters, arrivals: Arrivals, w: Weights,
   Args:
     counters: before the step.
     arrivals: the buffered updates.
-    w: their weights.
+    w: their buffer after the aggregator's transforms (``valid``,
+      ``weights``).
     upload_bytes: [K] bytes each buffered update uploads if it arrived.
     bytes_down: [] bytes downloaded by the tasks this step started.
     downloads: [] how many tasks this step started.
@@ -828,10 +800,11 @@ def replan(state: SimState, plan: MaskPlan, bytes_up: float = 0.0,
                                       exact.of(bytes_down))))
 
 
-def init_state(config: EngineConfig, server_opt: optax.GradientTransformation,
-               key: jax.Array, env: Environment, params: PyTree,
-               plan: MaskPlan, start: Start | None = None) -> SimState:
+def init_state(comp: Components, key: jax.Array, env: Environment,
+               params: PyTree, plan: MaskPlan, start: Start | None = None
+               ) -> SimState:
   """Version 0 in the ring and C tasks dispatched at ``start.clock``."""
+  config = comp.config
   start = Start.of() if start is None else start
   n = env.data.num_clients
   c = config.concurrency
@@ -843,8 +816,13 @@ def init_state(config: EngineConfig, server_opt: optax.GradientTransformation,
   counters = counters.replace(
       bytes_down=exact.add(counters.bytes_down, started.bytes_down),
       downloads=jnp.asarray(c, jnp.int32))
+  device_state = ()
+  if comp.device_state is not None:
+    device_state = _placed_table(comp, jax.tree.map(
+        lambda v: jnp.broadcast_to(v, (n,) + jnp.shape(v)),
+        comp.device_state.init(params)))
   return SimState(
-      params=params, opt_state=server_opt.init(params),
+      params=params, opt_state=comp.server_optimizer.init(params),
       ring=Ring.create(params, config.ring_size),
       version=jnp.zeros((), jnp.int32), clock=start.clock,
       tasks=Tasks(client=started.clients.astype(jnp.int32),
@@ -856,7 +834,8 @@ def init_state(config: EngineConfig, server_opt: optax.GradientTransformation,
       client_applied=jnp.zeros((n,), jnp.int32),
       client_staleness=jnp.zeros((n,), jnp.int32),
       client_energy=jnp.zeros((n,), jnp.float32),
-      client_depleted_at=jnp.full((n,), jnp.inf, jnp.float32))
+      client_depleted_at=jnp.full((n,), jnp.inf, jnp.float32),
+      agg_state=comp.aggregator.init(params), device_state=device_state)
 
 
 def _arrivals_and_keys(config: EngineConfig, env: Environment,
@@ -934,50 +913,98 @@ def _start_next(config: EngineConfig, env: Environment, state: SimState,
           refilled.downloads + restarted, refilled.dropped)
 
 
-def _train_and_aggregate(config: EngineConfig, client_update: Callable,
-                         batching: str, s_age: Callable, env: Environment,
-                         state: SimState, arrivals: Arrivals, keys: jax.Array,
-                         dp_key: jax.Array, mesh: Mesh | None = None):
-  """Phases 2-3 and the aggregate: ``(agg, weights, train_loss, defence)``;
-  the defences (clipping, robust mean, DP noise) need the buffered path."""
+def _device_rows(comp: Components, state: SimState, clients: jnp.ndarray
+                 ) -> tuple[PyTree, PyTree] | None:
+  """``(own rows [K, ...], fleet mean)`` of the per-device state; None
+  when the run keeps none. The fleet mean is dropped by XLA when no client
+  update reads it."""
+  if comp.device_state is None:
+    return None
+  table = state.device_state
+  return (jax.tree.map(lambda t: t[clients], table),
+          jax.tree.map(lambda t: jnp.mean(t, axis=0), table))
+
+
+def device_state_sharding(mesh: Mesh | None, n: int):
+  """Where the per-device table lives: split by device along the clients
+  mesh when it has one and N divides evenly, else like the rest of the
+  state (replicated on the mesh; None without one)."""
+  if mesh is None:
+    return None
+  spec = P(CLIENT_AXIS) if n % mesh.devices.size == 0 else P()
+  return NamedSharding(mesh, spec)
+
+
+def _placed_table(comp: Components, table: PyTree) -> PyTree:
+  """``table`` constrained to ``device_state_sharding`` inside a jit, so
+  the step's output table is laid out as its input was."""
+  leaves = jax.tree.leaves(table)
+  if comp.mesh is None or not leaves:
+    return table
+  sharding = device_state_sharding(comp.mesh, leaves[0].shape[0])
+  return jax.lax.with_sharding_constraint(table, sharding)
+
+
+def _last_writes(clients: jnp.ndarray, write: jnp.ndarray) -> jnp.ndarray:
+  """[K] bool: ``write`` rows that no later written row of the same client
+  follows (a device that arrives twice in one buffer keeps its later
+  state; a scatter of duplicates would pick either)."""
+  k = clients.shape[0]
+  n = jnp.iinfo(jnp.int32).max
+  eff = jnp.where(write, clients, n)
+  order = jnp.argsort(eff, stable=True)
+  s = eff[order]
+  last = jnp.concatenate([s[:-1] != s[1:], jnp.ones((1,), bool)]) & (s < n)
+  return jnp.zeros((k,), bool).at[order].set(last)
+
+
+def _write_device_state(table: PyTree, clients: jnp.ndarray,
+                        rows: PyTree, write: jnp.ndarray) -> PyTree:
+  """``table`` with ``rows`` [K, ...] written at ``clients`` where
+  ``write``: every task that completed (arrived, finite), whether or not
+  the server applied its update, as the device itself kept it."""
+  keep = _last_writes(clients, write)
+  n = jax.tree.leaves(table)[0].shape[0]
+  at = jnp.where(keep, clients, n)  # n: out of range, a dropped write.
+  return jax.tree.map(lambda t, r: t.at[at].set(r, mode="drop"), table, rows)
+
+
+def _train_and_aggregate(comp: Components, env: Environment,
+                         state: SimState, arrivals: Arrivals,
+                         keys: jax.Array, agg_key: jax.Array):
+  """Phases 2-3 and the aggregate.
+
+  A streamable aggregator weighs the buffer before training and the
+  clients are streamed into its weighted sum (``train_and_sum``);
+  otherwise the K deltas are materialized (``train_buffer``) and the
+  aggregator's transforms read them.
+
+  Returns:
+    ``(aggregate, buffer, aggregator state, (new device rows, finite))``.
+  """
   plan = state.plan
-  tier = plan.client_tier[arrivals.clients]
-  counts = env.data.counts[arrivals.clients]
-  mix_into = state.params if config.update_rule == "mixing" else None
-  if batching == "stream":
-    prior = prior_weights(config, s_age, counts, arrivals)
-    total, loss, finite = train_and_sum(client_update, env, plan, state.ring,
-                                        keys, arrivals, prior.weights,
-                                        mix_into, mesh, config.client_chunk)
-    w = prior_weights(config, s_age, counts, arrivals, finite)
-    agg = aggregation.normalize(total, plan.masks, tier, w.weights,
-                                config.normalization, base_weights=w.base)
-    return agg, w, loss, Defence.none()
-  delta, loss, finite = train_buffer(client_update, batching, env, plan,
-                                     state.ring, keys, arrivals, mix_into,
-                                     mesh, config.client_chunk)
-  defence = Defence.none()
-  if config.clip != "none":
-    delta, clipped = robust.clip_updates(
-        delta, arrivals.ok & arrivals.fresh & finite, config.clip,
-        config.clip_norm)
-    defence = defence.replace(clipped=jnp.sum(clipped).astype(jnp.int32))
-  w = weigh_updates(config, s_age, delta, plan, tier, counts, arrivals,
-                    finite)
-  keep = noise = None
-  if config.robust_aggregation != "mean":
-    keep, trimmed, values = robust.keep_mask(
-        delta, plan.masks, tier, w.valid, config.robust_aggregation,
-        config.trim_fraction)
-    defence = defence.replace(trimmed=trimmed, values=values)
-  if config.dp_noise_multiplier > 0:
-    noise = privacy.gaussian_noise(
-        dp_key, privacy.coverage(plan.masks, tier, w.valid),
-        privacy.noise_std(config.dp_noise_multiplier, config.clip_norm))
-  agg = aggregation.aggregate(delta, plan.masks, tier, w.weights,
-                              config.normalization, base_weights=w.base,
-                              keep=keep, noise=noise)
-  return agg, w, loss, defence
+  clients = arrivals.clients
+  buf = transforms.Buffer.start(arrivals.ok & arrivals.fresh, arrivals.tau,
+                                env.data.counts[clients],
+                                plan.client_tier[clients], clients)
+  ctx = transforms.Context(masks=plan.masks, key=agg_key,
+                           params=state.params)
+  mix_into = state.params if comp.config.update_rule == "mixing" else None
+  device = _device_rows(comp, state, clients)
+  agg = comp.aggregator
+  if comp.batching == "stream":
+    buf, agg_state = agg.transform.update(buf, state.agg_state, ctx)
+    total, loss, finite, rows = train_and_sum(comp, env, plan, state.ring,
+                                              keys, arrivals, buf.weights,
+                                              mix_into, device)
+    buf = buf.invalidate(~finite).replace(loss=loss)
+    return (agg.reduction.reduce(buf, ctx, total), buf, agg_state,
+            (rows, finite))
+  delta, loss, finite, rows = train_buffer(comp, env, plan, state.ring, keys,
+                                           arrivals, mix_into, device)
+  buf = buf.invalidate(~finite).replace(deltas=delta, loss=loss)
+  buf, agg_state = agg.transform.update(buf, state.agg_state, ctx)
+  return agg.reduction.reduce(buf, ctx, None), buf, agg_state, (rows, finite)
 
 
 def _per_client(state: SimState, arrivals: Arrivals, applied: jnp.ndarray
@@ -991,19 +1018,18 @@ def _per_client(state: SimState, arrivals: Arrivals, applied: jnp.ndarray
           jnp.where(applied, arrivals.tau, 0).astype(jnp.int32)))
 
 
-def step_state(config: EngineConfig, client_update: Callable, batching: str,
-               s_age: Callable, server_opt: optax.GradientTransformation,
-               env: Environment, state: SimState, mesh: Mesh | None = None
+def step_state(comp: Components, env: Environment, state: SimState
                ) -> tuple[SimState, dict]:
   """One server step: the six phases in order, and a flat dict of scalars."""
+  config = comp.config
   rkey = jax.random.fold_in(jax.random.fold_in(state.key, _KEY_ROUND),
                             state.version)
   arrivals, refilled, keys = _arrivals_and_keys(config, env, state, rkey)
-  agg, w, train_loss, defence = _train_and_aggregate(
-      config, client_update, batching, s_age, env, state, arrivals, keys,
-      jax.random.fold_in(rkey, _KEY_DP), mesh)
-  params, opt_state, ring, refused = server_update(server_opt, state, agg,
-                                                   jnp.any(w.valid))
+  agg, buf, agg_state, (rows, finite) = _train_and_aggregate(
+      comp, env, state, arrivals, keys, jax.random.fold_in(rkey, _KEY_DP))
+  any_valid = jnp.any(buf.valid)
+  params, opt_state, ring, refused = server_update(comp.server_optimizer,
+                                                   state, agg, any_valid)
   version = state.version + 1
   spent, depleted_at, energy = _charge_arrivals(env, state, arrivals,
                                                 refilled)
@@ -1013,26 +1039,36 @@ def step_state(config: EngineConfig, client_update: Callable, batching: str,
       jnp.isinf(depleted_at))
   tier = state.plan.client_tier[arrivals.clients]
   counters, n_applied, tau_sum = count(
-      state.counters, arrivals, w, state.plan.upload_bytes[tier], down,
+      state.counters, arrivals, buf, state.plan.upload_bytes[tier], down,
       n_started, dropped)
   counters = counters.replace(
       steps_refused=counters.steps_refused + refused.astype(jnp.int32),
-      updates_clipped=counters.updates_clipped + defence.clipped,
-      values_trimmed=exact.add(counters.values_trimmed, defence.trimmed),
-      values_robust=exact.add(counters.values_robust, defence.values),
+      updates_clipped=counters.updates_clipped + buf.updates_clipped,
+      values_trimmed=exact.add(counters.values_trimmed, buf.values_trimmed),
+      values_robust=exact.add(counters.values_robust, buf.values_robust),
       energy_j=exact.add(counters.energy_j, energy))
+  device_state = state.device_state
+  if comp.device_state is not None:
+    device_state = _placed_table(comp, _write_device_state(
+        device_state, arrivals.clients, rows,
+        arrivals.ok & arrivals.filled & finite))
+  taken = any_valid & ~refused
   new_state = state.replace(
       params=params, opt_state=opt_state, ring=ring, version=version,
       clock=arrivals.clock, tasks=tasks, client_busy=busy,
       client_synced=synced, counters=counters,
       client_energy=spent, client_depleted_at=depleted_at,
-      **_per_client(state, arrivals, w.valid & (w.weights > 0) & ~refused))
-  applied = w.valid & (w.weights > 0)
+      agg_state=optax.tree_utils.tree_where(taken, agg_state,
+                                            state.agg_state),
+      device_state=device_state,
+      **_per_client(state, arrivals, buf.valid & (buf.weights > 0) &
+                    ~refused))
+  applied = buf.valid & (buf.weights > 0)
   metrics = {
       "virtual_time_s": arrivals.clock,
       "updates_applied": n_applied,
       "mean_staleness": tau_sum / jnp.maximum(n_applied, 1),
-      "train_loss": jnp.sum(jnp.where(applied, train_loss, 0.0)) /
+      "train_loss": jnp.sum(jnp.where(applied, buf.loss, 0.0)) /
                     jnp.maximum(n_applied, 1),
   }
   return new_state, metrics
@@ -1066,55 +1102,35 @@ def run_steps(step: Callable, env: Environment, state: SimState,
                                          jnp.zeros((), bool)))
 
 
-def evaluate(apply_fn: ApplyFn, eval_batch_size: int, params: PyTree,
-             x: jnp.ndarray, y: jnp.ndarray) -> dict:
-  """Accuracy and mean loss on a held-out set, in fixed-size batches."""
-  n = x.shape[0]
+def evaluate(metrics_fn: Callable, eval_batch_size: int, params: PyTree,
+             test: dict) -> dict:
+  """``test_<name>`` of every metric on a held-out set, in fixed-size
+  batches; padding rows carry weight 0 (``losses``' contract)."""
+  n = jax.tree.leaves(test)[0].shape[0]
   b = min(eval_batch_size, n)
   nb = -(-n // b)
   pad = nb * b - n
-  xp = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
-  yp = jnp.pad(y, (0, pad))
-  real = jnp.arange(nb * b) < n
-
-  def batch(args):
-    xb, yb, rb = args
-    logits = apply_fn(params, xb)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
-    hit = jnp.argmax(logits, -1) == yb
-    return jnp.sum(jnp.where(rb, loss, 0.0)), jnp.sum(hit & rb)
-
-  losses, hits = jax.lax.map(batch, (
-      xp.reshape((nb, b) + x.shape[1:]), yp.reshape(nb, b),
-      real.reshape(nb, b)))
-  return {"test_loss": jnp.sum(losses) / n, "test_accuracy": jnp.sum(hits) / n}
+  batches = jax.tree.map(
+      lambda a: jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)).reshape(
+          (nb, b) + a.shape[1:]), dict(test))
+  batches["weight"] = (jnp.arange(nb * b) < n).astype(jnp.float32).reshape(
+      nb, b)
+  out = jax.lax.map(lambda batch: metrics_fn(params, batch), batches)
+  return {f"test_{k}": jnp.sum(s) / jnp.sum(c) for k, (s, c) in out.items()}
 
 
-def resolve_batching(config: EngineConfig) -> str:
-  """How the K clients of a step are trained.
-
-  ``auto``: on CPU ``stream`` when the weights are known before training
-  (no variance weight), else ``map``; ``vmap`` on accelerators. Measured
-  with ``experiments/benchmarks/throughput.py``.
-  """
-  batching = config.client_batching
-  if batching == "auto":
-    if jax.default_backend() != "cpu":
-      return "vmap"
-    return ("map" if config.variance_beta > 0 or defended(config) else
-            "stream")
-  return batching
-
-
-def make_simulator(config: EngineConfig, apply_fn: ApplyFn,
+def make_simulator(config: EngineConfig, apply_fn: ApplyFn | None = None,
                    max_local_steps: int | None = None,
                    client_tx: optax.GradientTransformation | None = None,
-                   kinds: PyTree | None = None) -> Simulator:
-  """Binds ``config`` to the engine's pure ``init``/``step``/``evaluate``.
+                   kinds: PyTree | None = None,
+                   extensions: Extensions | None = None) -> Simulator:
+  """Binds ``config`` and any extensions to the engine's pure functions.
 
   Args:
     config: a validated EngineConfig (see ``algorithms.preset``).
-    apply_fn: ``apply_fn(params, x) -> logits``.
+    apply_fn: ``apply_fn(params, x) -> logits``, from which the default
+      loss and metrics are built (classification); None when
+      ``extensions`` gives them.
     max_local_steps: length of the local-step loop; must be >= every
       client's step count (``make_environment`` computes them). Defaults to
       ``config.local_steps``.
@@ -1122,37 +1138,35 @@ def make_simulator(config: EngineConfig, apply_fn: ApplyFn,
       built from ``client_lr``/``client_momentum`` when None.
     kinds: ``client.leaf_kinds`` of the plan when no re-search will replace
       it: the client update then differentiates only what a mask trains.
+    extensions: the user's pieces (``extensions.Extensions``); every piece
+      not given is built from ``config``.
 
   Returns:
-    ``Simulator(init, step, evaluate, steps, mesh)`` with
-    ``init(key, env, params, plan, start=None)`` (``start``: a
-    ``Start``, e.g. after a probe round).
+    ``Simulator(init, step, evaluate, steps, mesh, components)`` with
+    ``init(key, env, params, plan, start=None)`` (``start``: a ``Start``,
+    e.g. after a probe round) and ``evaluate(params, test)`` (``test``: a
+    dict with "x", "y" and any extras).
   """
   validate(config)
-  s_age = staleness.make_staleness_fn(config.staleness, config.staleness_a,
-                                      config.staleness_b)
-  server_opt = make_server_optimizer(config)
   if client_tx is None:
     client_tx = make_client_optimizer(config.client_lr, config.client_momentum)
-  client_update = make_client_update(
-      apply_fn, config.batch_size, client_tx,
-      max_local_steps or config.local_steps,
-      unroll=True if config.unroll_local_steps else 1, kinds=kinds)
-  batching = resolve_batching(config)
-  mesh = client_mesh(config.mesh_devices, config.buffer_size)
+  comp = extensions_lib.bind(
+      config, apply_fn, max_local_steps or config.local_steps, client_tx,
+      kinds, client_mesh(config.mesh_devices, config.buffer_size),
+      extensions)
 
   def init(key, env, params, plan, start=None):
-    return init_state(config, server_opt, key, env, params, plan, start)
+    extensions_lib.check(comp, params, plan.masks, env.data)
+    return init_state(comp, key, env, params, plan, start)
 
   def step(env, state):
-    return step_state(config, client_update, batching, s_age, server_opt,
-                      env, state, mesh)
+    return step_state(comp, env, state)
 
-  def evaluate_fn(params, x, y):
-    return evaluate(apply_fn, config.eval_batch_size, params, x, y)
+  def evaluate_fn(params, test):
+    return evaluate(comp.metrics_fn, config.eval_batch_size, params, test)
 
   def steps(env, state, n, budget=jnp.inf):
     return run_steps(step, env, state, n, budget)
 
   return Simulator(init=init, step=step, evaluate=evaluate_fn, steps=steps,
-                   mesh=mesh)
+                   mesh=comp.mesh, components=comp)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from ftte_jax.core.typing import ApplyFn, PyTree
+from ftte_jax.core.client import LocalData
 from ftte_jax.data.client_data import ClientData
 
 KINDS = ("global", "tuned", "mixed")
@@ -47,16 +47,17 @@ def sample_clients(num_clients: int, size: int, seed: int) -> np.ndarray:
   return np.sort(rng.choice(num_clients, size, replace=False)).astype(np.int32)
 
 
-def make_personal_eval(apply_fn: ApplyFn, client_update: Callable,
+def make_personal_eval(metrics_fn: Callable, client_update: Callable,
                        steps: int, mix: float, max_holdout: int,
                        chunk: int = 64) -> Callable:
   """Builds ``evaluate(key, params, masks, client_tier, data, holdout,
   clients) -> PersonalScores``.
 
   Args:
-    apply_fn: ``apply_fn(params, x) -> logits``.
-    client_update: from ``client.make_client_update`` with ``max_steps >=
-      steps``.
+    metrics_fn: the run's evaluation metrics (``losses``); its "accuracy"
+      is reported.
+    client_update: a ``client.ClientUpdate`` whose loop is at least
+      ``steps`` long (``client.sgd``).
     steps: fine-tuning steps (0: ``tuned`` and ``mixed`` equal ``global``).
     mix: weight of the fine-tuned model in ``mixed``.
     max_holdout: static size every device's held-out slice is padded to
@@ -64,26 +65,27 @@ def make_personal_eval(apply_fn: ApplyFn, client_update: Callable,
     chunk: devices vmapped together per iteration.
   """
 
-  def accuracy(params, x, y, ok, n):
-    hits = (jnp.argmax(apply_fn(params, x), -1) == y) & ok
-    return jnp.sum(hits) / jnp.maximum(n, 1)
+  def accuracy(params, batch):
+    hits, n = metrics_fn(params, batch)["accuracy"]
+    return hits / jnp.maximum(n, 1)
 
   def one(key, params, masks, tier, data, holdout, client):
     n = holdout.counts[client]
     pos = jnp.arange(max_holdout)
-    rows = holdout.offsets[client] + jnp.minimum(pos, n - 1)
-    x, y, ok = holdout.x[rows], holdout.y[rows], pos < n
-    g = accuracy(params, x, y, ok, n)
+    batch = LocalData(source=holdout, offset=holdout.offsets[client],
+                      count=n, num_steps=n).batch(jnp.minimum(pos, n - 1))
+    batch["weight"] = (pos < n).astype(jnp.float32)
+    g = accuracy(params, batch)
     if steps == 0:
       return jnp.stack([g, g, g])
     mask = jax.tree.map(lambda m: m[tier], masks)
-    tuned, _ = client_update(key, params, mask, data.x, data.y,
-                             data.offsets[client], data.counts[client],
-                             jnp.asarray(steps, jnp.int32))
+    local = LocalData(source=data, offset=data.offsets[client],
+                      count=data.counts[client],
+                      num_steps=jnp.asarray(steps, jnp.int32))
+    tuned = client_update(key, params, mask, local, None).params
     mixed = jax.tree.map(lambda t, p: mix * t + (1.0 - mix) * p, tuned,
                          params)
-    return jnp.stack([g, accuracy(tuned, x, y, ok, n),
-                      accuracy(mixed, x, y, ok, n)])
+    return jnp.stack([g, accuracy(tuned, batch), accuracy(mixed, batch)])
 
   def evaluate(key, params, masks, client_tier, data: ClientData,
                holdout: ClientData, clients: jnp.ndarray) -> PersonalScores:

@@ -158,6 +158,12 @@ class SimState:
   # [N] float32: virtual time its battery ran out (it left the fleet); inf:
   # still in it.
   client_depleted_at: jnp.ndarray
+  # The aggregator's transform state (``transforms.BufferTransform.init``;
+  # () for stateless chains, as every preset's).
+  agg_state: PyTree = ()
+  # Per-device state (``client.DeviceState``): leaves [N, ...], one row a
+  # device; () when the run keeps none.
+  device_state: PyTree = ()
 
   @property
   def in_flight(self) -> jnp.ndarray:

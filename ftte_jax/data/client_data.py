@@ -36,6 +36,9 @@ class ClientData:
   y: jnp.ndarray  # [M] int32: labels.
   offsets: jnp.ndarray  # [N] int32: first row of each client.
   counts: jnp.ndarray  # [N] int32: rows of each client (>= 1).
+  # Further per-example arrays, name -> [M, ...] in the rows' order (e.g. a
+  # sequence's token mask); a local batch carries them beside x and y.
+  extras: dict = struct.field(default_factory=dict)
 
   @property
   def num_clients(self) -> int:

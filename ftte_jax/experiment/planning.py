@@ -73,7 +73,7 @@ class Setup:
 
   config: ExperimentConfig
   data: client_data_lib.ClientData
-  test: tuple[jnp.ndarray, jnp.ndarray]  # held-out (x, y).
+  test: dict  # the held-out set: "x", "y" (and any extras), by example.
   data_info: dict  # from datasets.load_federated (JSON-safe: no arrays).
   model: Model
   fleet: fleet_lib.Fleet
@@ -231,7 +231,8 @@ def make_setup(config: ExperimentConfig) -> Setup:
   data, (x_test, y_test), data_info = load_data(config)
   proxy = data_info.pop("proxy", None)
   holdout = data_info.pop("holdout", None)
-  test = (jnp.asarray(x_test, jnp.float32), jnp.asarray(y_test, jnp.int32))
+  test = {"x": jnp.asarray(x_test, jnp.float32),
+          "y": jnp.asarray(y_test, jnp.int32)}
   clock.lap("data_s")
   root = keys.root(config.seed)
   model = make_model(config, data_info["input_shape"],

@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 from ftte_jax import program_cache
 from ftte_jax.core import client
 from ftte_jax.core import engine
+from ftte_jax.core import extensions as extensions_lib
 from ftte_jax.core import keys
 from ftte_jax.core import one_shot
 from ftte_jax.core import personal
@@ -110,7 +111,8 @@ class Experiment:
   step_fn: Callable = dataclasses.field(init=False)
   steps_fn: Callable = dataclasses.field(init=False)
   eval_fn: Callable = dataclasses.field(init=False)
-  test: tuple = dataclasses.field(init=False)  # (x, y), placed like env.
+  # The held-out set: a dict with "x", "y" and any extras, placed like env.
+  test: dict = dataclasses.field(init=False)
   # Per-device evaluation (holdout_fraction > 0): the jitted function, the
   # held-out slices and the devices evaluated; None without a hold-out.
   personal_fn: Callable | None = dataclasses.field(init=False, default=None)
@@ -132,7 +134,7 @@ class Experiment:
     # With a clients mesh every array lives replicated on all its devices
     # (and processes); the step shards the K clients itself.
     self.env = self.place(self.env)
-    self.test = self.place(tuple(self.setup.test))
+    self.test = self.place(dict(self.setup.test))
     self.step_fn = jax.jit(self.sim.step, donate_argnums=donate,
                            compiler_options=options)
     # Chunks undo a step past the budget themselves: always donated.
@@ -147,11 +149,14 @@ class Experiment:
     cfg, holdout = self.config, self.setup.holdout
     clients = personal.sample_clients(holdout.num_clients,
                                       cfg.personal_eval_clients, cfg.seed)
-    update = client.make_client_update(
-        self.setup.model.apply_fn, cfg.engine.batch_size, self.setup.model.tx,
-        max(cfg.personal_steps, 1))
+    comp = self.sim.components
+    if comp.loss_fn is None:
+      raise ValueError("holdout_fraction: per-device fine-tuning needs a "
+                       "loss_fn (the run's client_update gave none)")
+    update = client.sgd(comp.loss_fn, cfg.engine.batch_size,
+                        self.setup.model.tx, max(cfg.personal_steps, 1))
     self.personal_fn = jax.jit(personal.make_personal_eval(
-        self.setup.model.apply_fn, update, cfg.personal_steps,
+        comp.metrics_fn, update, cfg.personal_steps,
         cfg.personal_mix,
         int(np.asarray(holdout.counts)[clients].max()),
         # One device at a time on CPU, where vmapped per-device weights run
@@ -206,6 +211,22 @@ class Experiment:
 
     return jax.tree.map(put, tree)
 
+  def place_state(self, state: engine.SimState) -> engine.SimState:
+    """``state`` placed for the step: replicated on the clients mesh, the
+    per-device table split by device (``engine.device_state_sharding``)."""
+    state = self.place(state)
+    if self.sim.mesh is None or not jax.tree.leaves(state.device_state):
+      return state
+    sharding = engine.device_state_sharding(
+        self.sim.mesh, jax.tree.leaves(state.device_state)[0].shape[0])
+
+    def put(x):
+      host = np.asarray(jax.device_get(x))
+      return jax.make_array_from_callback(host.shape, sharding,
+                                          lambda idx: host[idx])
+
+    return state.replace(device_state=jax.tree.map(put, state.device_state))
+
   @property
   def num_devices(self) -> int:
     """Devices the clients of a step are split across."""
@@ -219,12 +240,13 @@ class Experiment:
         key, self.setup.model.params, self.setup.plan,
         engine.Start.of(clock=probe.time_s, bytes_up=probe.bytes_up,
                         bytes_down=probe.bytes_down)))
-    return one_shot.jit(self.sim.init, closure=self.closure,
+    closure = None if self.sim.components.extensions.given else self.closure
+    return one_shot.jit(self.sim.init, closure=closure,
                         name="round0_state")(key, self.env, params, plan,
                                              start)
 
   def evaluate(self, params) -> dict:
-    out = self.programs.get("evaluate", self.eval_fn)(params, *self.test)
+    out = self.programs.get("evaluate", self.eval_fn)(params, self.test)
     return {k: float(v) for k, v in jax.device_get(out).items()}
 
   def compile(self, state: engine.SimState) -> float:
@@ -237,9 +259,17 @@ class Experiment:
     else:
       step = ("steps", self.steps_fn, (self.env, state, 1, 1.0))
     self.programs, self.program_status = program_cache.compile_all(
-        [step, ("evaluate", self.eval_fn, (state.params, *self.test))],
-        self.closure, program_cache.default_directory())
+        [step, ("evaluate", self.eval_fn, (state.params, self.test))],
+        self.closure, self._cache_directory())
     return time.perf_counter() - t0
+
+  def _cache_directory(self) -> str | None:
+    """The program cache's directory; None (no cache) when the run has
+    extensions: the cache keys by a description of what the program closes
+    over, and a user's callables have none."""
+    if self.sim.components.extensions.given:
+      return None
+    return program_cache.default_directory()
 
   def finished(self, state: engine.SimState) -> bool:
     """Whether ``rounds`` is reached (a budget stop is found by stepping)."""
@@ -277,7 +307,7 @@ class Experiment:
     """
     cfg = self.config
     sync = sync_every or (1 if on_step else cfg.rounds)
-    state = self.init_state() if state is None else self.place(state)
+    state = self.init_state() if state is None else self.place_state(state)
     log = _Log(self, list(history or []), on_eval)
     compile_s = 0.0 if self.finished(state) else self.compile(state)
     log.start_loop()
@@ -421,11 +451,22 @@ class _Log:
     return row
 
 
-def build(config: ExperimentConfig) -> Experiment:
+def build(config: ExperimentConfig,
+          extensions: engine.Extensions | Callable[..., engine.Extensions]
+          | None = None) -> Experiment:
   """Loads everything and builds the engine for ``config``.
 
+  Args:
+    config: the experiment.
+    extensions: the user's algorithm pieces (``extensions.Extensions``), or
+      a factory ``extensions(config, model) -> Extensions`` called once the
+      model is built (``model``: a ``planning.Model``, with ``apply_fn``,
+      ``params`` and the client optimizer ``tx``); every piece not given
+      is built from ``config.engine``.
+
   Raises:
-    ValueError: a bad option (named), before any training is compiled.
+    ValueError: a bad option (named) or extension (named, with the shape it
+      must have), before any training is compiled.
   """
   validate(config)
   setup = planning.make_setup(config)
@@ -440,8 +481,17 @@ def build(config: ExperimentConfig) -> Experiment:
   # the client optimizer (made from the engine config) and the leaf kinds.
   max_steps = int(np.asarray(env.num_steps).max())
   kinds = client.leaf_kinds(setup.plan.masks) if static else None
+  if callable(extensions):
+    extensions = extensions(config, setup.model)
+    if not isinstance(extensions, engine.Extensions):
+      raise ValueError("extensions: the factory must return an Extensions, "
+                       f"got {type(extensions).__name__}")
   sim = engine.make_simulator(e, setup.model.apply_fn, max_steps,
-                              client_tx=setup.model.tx, kinds=kinds)
+                              client_tx=setup.model.tx, kinds=kinds,
+                              extensions=extensions)
+  extensions_lib.check(sim.components, setup.model.params, setup.plan.masks,
+                       env.data, _first_batch(setup.test,
+                                              e.eval_batch_size))
   closure = {"config": e, "apply_fn": repr(setup.model.module),
              "max_local_steps": max_steps,
              "client_tx": planning.client_optimizer_options(config),
@@ -449,3 +499,9 @@ def build(config: ExperimentConfig) -> Experiment:
   setup.phases["engine_s"] = time.perf_counter() - t0
   return Experiment(setup=setup, env=env, sim=sim,
                     plan_report=setup.plan_report, closure=closure)
+
+
+def _first_batch(test: dict, size: int) -> dict:
+  """The shapes of one evaluation batch of ``test``."""
+  return {k: jax.ShapeDtypeStruct((min(size, v.shape[0]),) + v.shape[1:],
+                                  v.dtype) for k, v in dict(test).items()}
