@@ -382,7 +382,8 @@ def test_cpu_devices_count_refuses_by_name(setting):
 def test_cpu_devices_split_the_clients_and_agree_with_one(tmp_path):
   """--cpu_devices=2 puts the clients mesh on two CPU devices; the model
   ends within 1e-6 of a one-device run's (sums in another order), and a
-  warm second run loads the mesh's programs from the program cache."""
+  warm second run loads the mesh's programs from JAX's persistent
+  cache."""
   cache = tmp_path / "cache"
   runs = {}
   for name, devices in (("one", 1), ("two", 2), ("two_warm", 2)):
@@ -393,8 +394,8 @@ def test_cpu_devices_split_the_clients_and_agree_with_one(tmp_path):
     assert code == 0, err
     runs[name] = summary(tmp_path / name)
   assert runs["one"]["num_devices"] == 1 and runs["two"]["num_devices"] == 2
-  assert set(runs["two"]["program_cache"].values()) == {"miss"}
-  assert set(runs["two_warm"]["program_cache"].values()) == {"hit"}
+  assert set(runs["two"]["compilation_cache"].values()) == {"miss"}
+  assert set(runs["two_warm"]["compilation_cache"].values()) == {"hit"}
   assert runs["two_warm"]["params_sha256"] == runs["two"]["params_sha256"]
   assert runs["two"]["final_accuracy"] == pytest.approx(
       runs["one"]["final_accuracy"], abs=1e-3)

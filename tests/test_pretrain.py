@@ -48,45 +48,6 @@ def test_proxy_set_is_disjoint_from_clients_and_test():
     datasets.load_federated("synthetic", 8, num_proxy=4)
 
 
-def test_pretrain_through_the_program_cache_keeps_the_bits(tmp_path,
-                                                          monkeypatch):
-  """With a closure and a cache directory the pretraining program is
-  stored, then loaded by the next call: the same bits as a plain jit."""
-  from ftte_jax import program_cache
-  apply, params = tiny_model(dim=6)
-  rng = np.random.default_rng(1)
-  proxy = (rng.normal(size=(40, 6)).astype(np.float32),
-           rng.integers(0, 4, 40).astype(np.int32))
-  cfg = experiment.PretrainConfig(steps=7, lr=0.1, momentum=0.9,
-                                  batch_size=16)
-  key = jax.random.PRNGKey(5)
-  plain, plain_info = pretrain_lib.pretrain(apply, params, proxy, cfg, key,
-                                            closure={"module": "tiny"})
-  statuses = []
-  compile_all = program_cache.compile_all
-
-  def spy(*args, **kwargs):
-    out = compile_all(*args, **kwargs)
-    statuses.append(out[1]["pretrain"])
-    return out
-
-  monkeypatch.setattr(program_cache, "compile_all", spy)
-  monkeypatch.setattr(program_cache, "default_directory",
-                      lambda: str(tmp_path))
-  for want in ("miss", "hit"):
-    got, info = pretrain_lib.pretrain(apply, params, proxy, cfg, key,
-                                      closure={"module": "tiny"})
-    assert statuses[-1] == want
-    assert info == plain_info
-    jax.tree.map(np.testing.assert_array_equal, got, plain)
-  assert [f.split("-")[0] for f in os.listdir(tmp_path)] == ["pretrain"]
-  # Another learning rate is another program (closed over by the optimizer).
-  pretrain_lib.pretrain(apply, params, proxy,
-                        dataclasses.replace(cfg, lr=0.2), key,
-                        closure={"module": "tiny"})
-  assert statuses[-1] == "miss" and len(os.listdir(tmp_path)) == 2
-
-
 def test_pretrain_equals_a_python_loop_reference():
   apply, params = tiny_model(dim=6)
   rng = np.random.default_rng(0)
