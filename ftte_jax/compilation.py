@@ -52,7 +52,12 @@ def compile_all(programs: Sequence[tuple[str, Callable, tuple]]
     The programs are lowered in turn (tracing holds the GIL) and compiled
     side by side in threads (XLA compiles outside it).
   """
-  lowered = {name: jitted.lower(*args) for name, jitted, args in programs}
+  return compile_lowered({name: jitted.lower(*args)
+                          for name, jitted, args in programs})
+
+
+def compile_lowered(lowered: dict) -> tuple[dict, dict]:
+  """``compile_all`` for programs already lowered (``{name: Lowered}``)."""
   with concurrent.futures.ThreadPoolExecutor(max(1, len(lowered))) as pool:
     done = dict(zip(lowered, pool.map(_compile, lowered.values())))
   on = persistent_cache_on()
