@@ -16,9 +16,11 @@ sitecustomize, an empty home) start a real subprocess instead.
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 _SERVER = r"""
@@ -115,3 +117,22 @@ class Launcher:
       self._server.stdin.close()
       self._server.wait(timeout=60)
       self._server = None
+
+
+_SHARED: list[Launcher] = []
+
+
+def shared() -> Launcher:
+  """The test session's launcher (started at first use; conftest.py closes
+  it at the end of the session)."""
+  if not _SHARED:
+    _SHARED.append(Launcher(Path(__file__).resolve().parents[1],
+                            Path(tempfile.mkdtemp(prefix="ftte_runs_"))))
+  return _SHARED[0]
+
+
+def close_shared() -> None:
+  if _SHARED:
+    launcher = _SHARED.pop()
+    launcher.close()
+    shutil.rmtree(launcher.scratch, ignore_errors=True)

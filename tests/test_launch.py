@@ -38,16 +38,6 @@ checkpointing.Checkpointer.maybe_save = maybe_save
 """
 
 
-_LAUNCHER = []  # the module's forked.Launcher (the fixture below).
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _launcher(tmp_path_factory):
-  _LAUNCHER.append(forked.Launcher(REPO, tmp_path_factory.mktemp("runs")))
-  yield
-  _LAUNCHER.pop().close()
-
-
 def launch(*args, **kw):
   """A launch.main subprocess of its own (another environment, a kill)."""
   return subprocess.Popen(
@@ -58,7 +48,7 @@ def launch(*args, **kw):
 def run(*args, timeout=300):
   """``(exit status, stdout, stderr)`` of a launch.main run, forked from a
   process that imported the launcher once (tests/forked.py)."""
-  return _LAUNCHER[0].run(args, timeout)
+  return forked.shared().run(args, timeout)
 
 
 def summary(workdir):
