@@ -40,7 +40,9 @@ for line in sys.stdin:
         os.dup2(target, fd)
         os.close(target)
       sys.argv = ["-m", *request["argv"]]
-      # As python -m runs it; launch.main's run() exits by itself.
+      # As python -m runs it (a fresh __main__, so runpy does not warn of
+      # the module the server imported); launch.main's run() exits itself.
+      sys.modules.pop(request["module"], None)
       runpy.run_module(request["module"], run_name="__main__",
                        alter_sys=True)
       code = 0

@@ -2,9 +2,6 @@
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -13,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+import forked
 from helpers import tiny_model
 from ftte_jax import checkpointing
 from ftte_jax import experiment
@@ -159,6 +157,7 @@ def test_bad_pretrain_options(kwargs, option):
     experiment.validate(experiment.ExperimentConfig(**kwargs))
 
 
+@pytest.mark.slow
 def test_launch_pretrain_then_main(tmp_path):
   smoke = f"--flagfile={REPO / 'experiments' / 'smoke.flags'}"
   # smoke.flags trains from scratch; these runs hold a proxy set.
@@ -166,9 +165,7 @@ def test_launch_pretrain_then_main(tmp_path):
   out = tmp_path / "pre"
 
   def run(module, *args):
-    p = subprocess.run([sys.executable, "-m", module, smoke, *args],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
-    return p.returncode, p.stdout, p.stderr
+    return forked.shared().run([smoke, *args], module=module)
 
   rc, stdout, err = run("launch.pretrain", "--proxy_examples=64",
                         "--pretrain_steps=20",
