@@ -121,6 +121,7 @@ def test_kill_and_resume_is_exact(tmp_path):
   assert want["params_sha256"] in out
 
 
+@pytest.mark.slow
 def test_outputs_mismatch_and_overwrite(tmp_path):
   code, out, err = run(f"--flagfile={SMOKE}", f"--workdir={tmp_path}",
                        "--metrics=tensorboard")
@@ -207,6 +208,7 @@ def _check_tensorboard_events(logdir, rows):
                                   np.float32([r[tag] for r in rows]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, flag", [
     (["--algorithm=sgd"], "--algorithm"),
     (["--num_clients=-5"], "--num_clients"),
@@ -261,6 +263,7 @@ def _help_blocks(text):
   return {k: " ".join(v.split()) for k, v in blocks.items()}
 
 
+@pytest.mark.slow
 def test_helpfull_lists_every_option_with_valid_values_and_default():
   from ftte_jax.core import options
   from launch import flags as flags_lib
@@ -283,6 +286,7 @@ def test_helpfull_lists_every_option_with_valid_values_and_default():
     assert name in blocks
 
 
+@pytest.mark.slow
 def test_damaged_latest_checkpoint_resumes_from_an_older_one(tmp_path):
   # The newest checkpoint's bytes are altered after the run: the rerun
   # warns, resumes from the previous step and ends with the same model.
@@ -305,6 +309,7 @@ def test_damaged_latest_checkpoint_resumes_from_an_older_one(tmp_path):
   assert [r["round"] for r in metrics(wd)] == [0, 2, 4, 6]
 
 
+@pytest.mark.slow
 def test_divergence_stops_with_exit_3_after_saving(tmp_path):
   wd = tmp_path / "run"
   rc, _, err = run(f"--flagfile={SMOKE}", "--algorithm=fedbuff",
@@ -317,6 +322,7 @@ def test_divergence_stops_with_exit_3_after_saving(tmp_path):
   assert (wd / "checkpoints" / str(s["rounds"])).is_dir()
 
 
+@pytest.mark.slow
 def test_unwritable_workdir_and_float32_trace_are_refused_first(tmp_path):
   # A workdir under a file fails before the build, naming the flag.
   blocker = tmp_path / "file"
@@ -336,6 +342,7 @@ def test_unwritable_workdir_and_float32_trace_are_refused_first(tmp_path):
   assert not wd.exists()
 
 
+@pytest.mark.slow
 def test_npz_dataset_from_the_command_line(tmp_path):
   rng = np.random.default_rng(0)
   path = tmp_path / "d.npz"
@@ -370,6 +377,7 @@ def _fresh_env(tmp_path, offline=True):
   return env
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, says", [
     (["--download=never"], "not found and --download=never"),
     ([], "could not be downloaded (network unreachable)"),
@@ -434,6 +442,7 @@ def test_cpu_devices_count_refuses_by_name(setting):
     flags_lib.cpu_devices_count(setting, cores=2)
 
 
+@pytest.mark.slow
 def test_cpu_devices_split_the_clients_and_agree_with_one(tmp_path):
   """--cpu_devices=2 puts the clients mesh on two CPU devices; the model
   ends within 1e-6 of a one-device run's (sums in another order), and a
@@ -458,6 +467,7 @@ def test_cpu_devices_split_the_clients_and_agree_with_one(tmp_path):
     assert a["test_loss"] == pytest.approx(b["test_loss"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_on_another_device_count_warns(tmp_path):
   """config.json records the clients mesh's devices; a resume on another
   count says it will not be bit for bit, and still finishes close."""
