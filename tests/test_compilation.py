@@ -46,11 +46,7 @@ def _compiled(config):
   return exp
 
 
-def test_without_a_cache_the_status_is_off():
-  exp = _compiled(helpers.tiny_config("fedavg"))
-  assert exp.program_status == {"step": "off", "evaluate": "off"}
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("steps_per_call", [1, 0])
 def test_a_warm_build_hits_and_gives_the_same_bits(persistent_cache,
                                                    steps_per_call):
@@ -68,6 +64,7 @@ def test_a_warm_build_hits_and_gives_the_same_bits(persistent_cache,
       r["test_loss"] for r in history_again]
 
 
+@pytest.mark.slow
 def test_a_change_the_old_key_did_not_list_compiles_afresh(persistent_cache,
                                                            monkeypatch):
   """The clients' loss doubled: the same config, model, arguments and
@@ -97,7 +94,7 @@ def test_a_change_the_old_key_did_not_list_compiles_afresh(persistent_cache,
     jax.config.update("jax_enable_compilation_cache", True)
 
 
-def test_compile_all_reports_each_program(persistent_cache):
+def test_compile_all_reports_each_program(tmp_path, request):
   scale = 2.0
   x = jnp.ones(3)
 
@@ -105,6 +102,9 @@ def test_compile_all_reports_each_program(persistent_cache):
     return [("scaled", jax.jit(lambda v: v * scale), (x,)),
             ("shifted", jax.jit(lambda v: v + 1.0), (x,))]
 
+  compiled, status = compilation.compile_all(programs())
+  assert status == {"scaled": "off", "shifted": "off"}
+  request.getfixturevalue("persistent_cache")
   compiled, status = compilation.compile_all(programs())
   assert status == {"scaled": "miss", "shifted": "miss"}
   compiled, status = compilation.compile_all(programs())

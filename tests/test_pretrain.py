@@ -107,6 +107,7 @@ def _config(**top):
       model_options={"hidden": (32,)}, rounds=6, eval_every=3, **top)
 
 
+@pytest.mark.slow
 def test_run_from_checkpoint_equals_in_process_pretraining(tmp_path):
   pre = experiment.PretrainConfig(steps=30, batch_size=16)
   inline = experiment.build(_config(pretrain=pre))
