@@ -10,6 +10,10 @@ Every option of ``ExperimentConfig`` is a flag (see ``launch/flags.py``;
   metrics.jsonl   one JSON row per evaluation.
   summary.json    the end-of-run summary (``Experiment.summary``).
   checkpoints/    orbax checkpoints of the whole simulation state.
+  tensorboard/    the metric rows as TensorBoard events (--metrics).
+
+On a terminal a progress bar shows the run (--progress, ``launch/watch.py``);
+``python -m launch.plot WORKDIR...`` plots finished runs.
 
 Running the same command again resumes from the latest checkpoint (and
 rewrites metrics.jsonl to the checkpoint's rows first, so no row is

@@ -222,6 +222,7 @@ def _check_tensorboard_events(logdir, rows):
     (["--compilation_cache=false"], "--compilation_cache='false': not a"),
     (["--cpu_devices=0"], "--cpu_devices='0': valid: 'auto' or an integer"),
     (["--cpu_devices=two"], "--cpu_devices='two'"),
+    (["--metrics=csv"], "--metrics=csv: unknown writer 'csv'"),
     # Values valid in Python that float32/int32 storage would turn into inf
     # or wrap, refused as given or as derived.
     ([f"--flagfile={SMOKE}", "--rounds=100000000000000000000"],
