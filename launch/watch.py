@@ -200,8 +200,9 @@ def start(fv: flags.FlagValues, rounds: int, history: Sequence[dict],
     rounds: the run's ``rounds``, the bar's total.
     history: the rows logged before (a resumed run's).
     start_round: the round the run starts from.
-    workdir: where writers write; None (a process that writes nothing):
-      progress only.
+    workdir: where writers write; None (a process of a multi-process run
+      other than the first, which writes nothing): log lines only, so one
+      bar is drawn.
   """
-  return Watcher(progress_mode(fv.progress, sys.stderr), rounds, history,
-                 start_round, workdir, fv.metrics)
+  mode = "log" if workdir is None else progress_mode(fv.progress, sys.stderr)
+  return Watcher(mode, rounds, history, start_round, workdir, fv.metrics)
