@@ -183,10 +183,9 @@ def define_run_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "compilation_cache", "auto", "JAX's persistent compilation cache: "
       "'auto' ($JAX_COMPILATION_CACHE_DIR if set, else <user cache>/"
       "ftte_jax/jax_cache, the user cache being $XDG_CACHE_HOME or "
-      "~/.cache), 'off', or a directory; a second run of the same shapes "
-      "then skips compilation, and that of the step and the evaluation "
-      "skips tracing too (ftte_jax/program_cache.py, in its "
-      "ftte_programs/)", flag_values=fv)
+      "~/.cache), 'off', or a directory; a second run of the same "
+      "programs then skips their compilation (summary.json's "
+      "compilation_cache says which hit)", flag_values=fv)
   define_checkpoint_flags(fv)
   define_distributed_flags(fv)
   define_cpu_devices_flag(fv)

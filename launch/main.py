@@ -10,6 +10,10 @@ Every option of ``ExperimentConfig`` is a flag (see ``launch/flags.py``;
   metrics.jsonl   one JSON row per evaluation.
   summary.json    the end-of-run summary (``Experiment.summary``).
   checkpoints/    orbax checkpoints of the whole simulation state.
+  tensorboard/    the metric rows as TensorBoard events (--metrics).
+
+On a terminal a progress bar shows the run (--progress, ``launch/watch.py``);
+``python -m launch.plot WORKDIR...`` plots finished runs.
 
 Running the same command again resumes from the latest checkpoint (and
 rewrites metrics.jsonl to the checkpoint's rows first, so no row is
@@ -31,16 +35,15 @@ from absl import flags
 from absl import logging
 
 from launch import flags as flags_lib
+from launch import watch
 
-flags_lib.define_config_flags()
-flags_lib.define_run_flags()
-flags_lib.define_download_flag()
 FLAGS = flags.FLAGS
 # The user's algorithm pieces (``run(extensions=...)``): (Extensions or a
 # factory, a name for config.json and the configuration hash).
 _EXTENSIONS: list = [None, None]
 
-_OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "checkpoints")
+_OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "checkpoints",
+            watch.TENSORBOARD_DIR)
 # Summary fields printed at the end (all of them go to summary.json).
 _SHOWN = ("algorithm", "final_accuracy", "best_accuracy", "target_accuracy",
           "time_to_target_s", "rounds", "virtual_time_s", "client_updates",
@@ -104,12 +107,13 @@ def _finished(config, state) -> bool:
       float(state.clock) >= config.max_virtual_time)
 
 
-def _log_row(row: dict) -> None:
-  logging.info(
-      "round %5d  virtual_time %10.1fs  accuracy %.4f  loss %.4f  "
-      "updates %6d  updates/s %7.1f  wall %6.1fs", row["round"],
-      row["virtual_time_s"], row["test_accuracy"], row["test_loss"],
-      row["updates_applied"], row["client_updates_per_s"], row["wall_s"])
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """Registers every flag of launch.main on ``fv`` (``run`` does, on the
+  global flags; ``launch/flags_doc.py`` lists them in docs/flags.md)."""
+  flags_lib.define_config_flags(fv)
+  flags_lib.define_run_flags(fv)
+  flags_lib.define_download_flag(fv)
+  watch.define_flags(fv)
 
 
 class _QuietLibraries(logging.logging.Filter):
@@ -139,6 +143,7 @@ def main(argv: list[str]) -> None:
   logging.get_absl_logger().addFilter(_QuietLibraries())
   try:
     flags_lib.cpu_devices_count(FLAGS.cpu_devices)
+    watch.check_flags(FLAGS)
   except ValueError as e:
     flags_lib.fail(e)
   resolved = _resolved(argv)
@@ -365,6 +370,8 @@ def _run(exp, ckpt, state, history, workdir):
     checkpointing.write_text(metrics_path, "".join(
         json.dumps(r) + "\n" for r in history))
   rows = list(history)
+  watcher = watch.start(FLAGS, exp.config.rounds, history,
+                        0 if state is None else int(state.version), workdir)
   with open(metrics_path, "a") as metrics:
 
     def on_eval(state, row):
@@ -372,11 +379,17 @@ def _run(exp, ckpt, state, history, workdir):
       rows.append(row)
       metrics.write(json.dumps(checkpointing.to_jsonable(row)) + "\n")
       metrics.flush()
-      _log_row(row)
+      watcher.row(row)
 
-    state, history, timing = exp.run(
-        state, history, on_eval=on_eval,
-        on_step=lambda s: ckpt.maybe_save(s, rows))
+    def on_step(state):
+      ckpt.maybe_save(state, rows)
+      watcher.step(state)
+
+    try:
+      state, history, timing = exp.run(state, history, on_eval=on_eval,
+                                       on_step=on_step)
+    finally:
+      watcher.close()
   if ckpt.latest_step() != int(state.version):
     ckpt.save(state, rows)
   return state, history, timing
@@ -415,6 +428,7 @@ def run(extensions=None, name=None) -> None:
     raise ValueError("name: run(extensions=...) needs a name for the "
                      "extensions (config.json and the configuration hash)")
   _EXTENSIONS[:] = [extensions, name]
+  define_flags()
   try:
     app.run(main, flags_parser=flags_lib.parse_or_exit)
     code = 0

@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from experiments.benchmarks import vs_fedjax
 
 REPO = vs_fedjax.REPO
@@ -30,6 +32,7 @@ def test_flops_per_update_counts_three_passes_of_the_macs():
   assert vs_fedjax.macs_per_example("lenet5") == 693_000
 
 
+@pytest.mark.slow
 def test_ftte_side_tiny_writes_steady_and_end_to_end(tmp_path):
   out = tmp_path / "vs"
   p = _script([
@@ -59,6 +62,7 @@ def test_ftte_side_tiny_writes_steady_and_end_to_end(tmp_path):
   assert "| mlp | ftte_jax |" in text and report["table"] in text
 
 
+@pytest.mark.slow
 def test_without_fedjax_prints_install_hint_and_exits_0(tmp_path):
   fake = tmp_path / "fake" / "fedjax"
   fake.mkdir(parents=True)

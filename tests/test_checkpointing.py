@@ -93,6 +93,7 @@ def _imports_orbax(code: str) -> bool:
   return out.stdout.split()[-1] == "True"
 
 
+@pytest.mark.slow
 def test_orbax_is_imported_at_first_use_or_by_preload():
   # The launcher's imports leave orbax (about 0.4 s) for later.
   assert not _imports_orbax("import sys, launch.main, ftte_jax.experiment, "

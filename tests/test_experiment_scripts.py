@@ -5,15 +5,12 @@ figures; the full-size runs are reported in the issue.
 """
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
+import pytest
 from absl import flags
 
+import forked
 from experiments import mnist_cnn, synthetic_heterogeneity
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def parse(script, *args):
@@ -116,13 +113,13 @@ def test_synthetic_default_config_is_fedprox_setting():
   assert "seed" not in fv and "dataset" not in fv and "rounds" in fv
 
 
+@pytest.mark.slow
 def test_script_bad_flag_exits_2_in_one_line():
-  proc = subprocess.run(
-      [sys.executable, "-m", "experiments.mnist_cnn", "--client_lr=-1"],
-      cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert proc.returncode == 2
-  assert "Traceback" not in proc.stderr
-  lines = [l for l in proc.stderr.splitlines() if "error:" in l]
+  code, _, stderr = forked.shared().run(["--client_lr=-1"], timeout=120,
+                                        module="experiments.mnist_cnn")
+  assert code == 2
+  assert "Traceback" not in stderr
+  lines = [l for l in stderr.splitlines() if "error:" in l]
   assert len(lines) == 1 and "--client_lr must be a positive" in lines[0]
 
 
@@ -137,7 +134,6 @@ def test_scaling_devices_changes_only_the_device_count():
   assert "--rounds=5" in a and "--rounds=300" not in a
   assert "--partition=sampled" in a and "--examples_per_client=32" in a
   # Fewer devices than tasks in flight is refused before any run.
-  import pytest
   with pytest.raises(ValueError, match="concurrency"):
     scaling_devices.study_args(given, 50)
   row = scaling_devices.rows_of({"rows": [

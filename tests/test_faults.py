@@ -132,6 +132,7 @@ def _unwritable_workdir(t):
 
 # End to end: exit 2, one error line naming the culprit, no traceback,
 # nothing written. One case per stage (flags, flagfile, workdir, build).
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [
     lambda t: (["--variance_beta=nan"], t / "w", "--variance_beta"),
     lambda t: ([f"--flagfile={_latin1(t / 'x.flags')}"], t / "w",
@@ -168,6 +169,7 @@ def test_huge_client_lr_under_ftte_is_refused_or_finite():
       all(np.isfinite(r["test_loss"]) for r in history))
 
 
+@pytest.mark.slow
 def test_diverging_server_stops_with_exit_3_after_the_summary(tmp_path):
   # skip goes on: test_divergence.test_skip_goes_on_and_counts_refused_steps.
   wd = tmp_path / "run"

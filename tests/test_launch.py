@@ -5,33 +5,50 @@ tiny (generated 8x8 images, an MLP, 16 clients) and few.
 """
 
 import json
+import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import forked
+
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "experiments" / "smoke.flags")
-# Long enough (about 8 s of steps) that a kill after the first checkpoint
-# lands mid-run.
-LONG = ["--rounds=1500", "--eval_every=100", "--checkpoint_every=100"]
+LONG = ["--rounds=60", "--eval_every=5", "--checkpoint_every=10"]
+# The killed run SIGKILLs itself at this round: after the checkpoint of
+# round 20 is on disk and five more steps and a metric row past it.
+KILL_AT = 25
+_KILLER = f"""
+import os, signal
+from ftte_jax import checkpointing
+_maybe_save = checkpointing.Checkpointer.maybe_save
+def maybe_save(self, state, history):
+  saved = _maybe_save(self, state, history)
+  if int(state.version) == {KILL_AT}:
+    self.manager.wait_until_finished()
+    os.kill(os.getpid(), signal.SIGKILL)
+  return saved
+checkpointing.Checkpointer.maybe_save = maybe_save
+"""
 
 
 def launch(*args, **kw):
+  """A launch.main subprocess of its own (another environment, a kill)."""
   return subprocess.Popen(
       [sys.executable, "-m", "launch.main", *args], cwd=REPO,
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
 def run(*args, timeout=300):
-  p = launch(*args)
-  out, err = p.communicate(timeout=timeout)
-  return p.returncode, out, err
+  """``(exit status, stdout, stderr)`` of a launch.main run, forked from a
+  process that imported the launcher once (tests/forked.py)."""
+  return forked.shared().run(args, timeout)
 
 
 def summary(workdir):
@@ -50,22 +67,29 @@ def finished_steps(workdir):
   return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_exact(tmp_path):
+  """A run SIGKILLed mid-run resumes from its last checkpoint and ends as
+  the uninterrupted run does, with the same metric rows. The kill comes
+  from inside the process at a fixed round (a sitecustomize wraps
+  Checkpointer.maybe_save), so the test needs no long run to land it."""
   ref_dir, dir_ = tmp_path / "reference", tmp_path / "killed"
   args = [f"--flagfile={SMOKE}", *LONG]
   # The uninterrupted reference runs alongside the run that gets killed.
   ref = launch(*args, f"--workdir={ref_dir}")
-  victim = launch(*args, f"--workdir={dir_}")
-  deadline = time.time() + 240
-  while not finished_steps(dir_) and victim.poll() is None:
-    assert time.time() < deadline, "no checkpoint appeared"
-    time.sleep(0.05)
-  assert victim.poll() is None, "run ended before it could be killed"
-  victim.send_signal(signal.SIGKILL)
-  victim.communicate()
+  site = tmp_path / "site"
+  site.mkdir()
+  (site / "sitecustomize.py").write_text(_KILLER)
+  victim = launch(*args, f"--workdir={dir_}", env=dict(
+      os.environ, PYTHONPATH=os.pathsep.join(
+          [str(site), str(REPO), os.environ.get("PYTHONPATH", "")])))
+  _, victim_err = victim.communicate(timeout=300)
+  assert victim.returncode == -signal.SIGKILL, victim_err
   assert not (dir_ / "summary.json").exists()
+  # Rows were logged past the checkpoint the run resumes from.
+  assert metrics(dir_)[-1]["round"] == KILL_AT
   killed_at = finished_steps(dir_)[-1]
-  assert killed_at < 1500
+  assert killed_at == 20
 
   code, out, err = run(*args, f"--workdir={dir_}")
   assert code == 0, err
@@ -87,7 +111,7 @@ def test_kill_and_resume_is_exact(tmp_path):
   assert strip(metrics(dir_)) == strip(metrics(ref_dir))
   rounds = [r["round"] for r in metrics(dir_)]
   # Every eval_every rows, plus the exact step where the target was reached.
-  assert [r for r in rounds if r % 100 == 0] == list(range(0, 1501, 100))
+  assert [r for r in rounds if r % 5 == 0] == list(range(0, 61, 5))
   assert [r["round"] for r in metrics(dir_) if r.get("crossing")] == [
       got["rounds_to_target"]]
 
@@ -97,8 +121,10 @@ def test_kill_and_resume_is_exact(tmp_path):
   assert want["params_sha256"] in out
 
 
+@pytest.mark.slow
 def test_outputs_mismatch_and_overwrite(tmp_path):
-  code, out, err = run(f"--flagfile={SMOKE}", f"--workdir={tmp_path}")
+  code, out, err = run(f"--flagfile={SMOKE}", f"--workdir={tmp_path}",
+                       "--metrics=tensorboard")
   assert code == 0, err
   config = json.loads((tmp_path / "config.json").read_text())
   assert config["experiment"]["engine"]["algorithm"] == "ftte"
@@ -133,6 +159,9 @@ def test_outputs_mismatch_and_overwrite(tmp_path):
               "bytes_up", "bytes_down", "wall_s"):
     assert key in rows[-1], key
   assert "accuracy" in err and "round    20" in err  # progress lines
+  _check_tensorboard_events(tmp_path / "tensorboard", rows)
+  ftte_run = tmp_path.parent / f"{tmp_path.name}-ftte"
+  shutil.copytree(tmp_path, ftte_run)
 
   code, out, err = run(f"--flagfile={SMOKE}", f"--workdir={tmp_path}",
                        "--buffer_size=2")
@@ -150,8 +179,36 @@ def test_outputs_mismatch_and_overwrite(tmp_path):
   assert s["algorithm"] == "fedbuff" and s["resumed_from_round"] is None
   assert json.loads((tmp_path / "config.json").read_text())[
       "experiment"]["engine"]["buffer_size"] == 2
+  assert not (tmp_path / "tensorboard").exists()  # --overwrite cleared it.
+
+  # launch.plot on the two smoke workdirs.
+  image = tmp_path.parent / "accuracy.png"
+  p = subprocess.run([sys.executable, "-m", "launch.plot", str(ftte_run),
+                      str(tmp_path), f"--out={image}"], cwd=REPO,
+                     capture_output=True, text=True, timeout=120)
+  assert p.returncode == 0, p.stderr
+  assert p.stdout.strip() == str(image)
+  assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert image.stat().st_size > 10_000  # three panels with two curves.
 
 
+def _check_tensorboard_events(logdir, rows):
+  """The run's TensorBoard events, read back as TensorBoard reads them,
+  hold metrics.jsonl's rows: step = round, one scalar per number."""
+  from tensorboard.backend.event_processing import event_accumulator
+  acc = event_accumulator.EventAccumulator(str(logdir))
+  acc.Reload()
+  tags = set(acc.Tags()["scalars"])
+  assert {"test_accuracy", "test_loss", "virtual_time_s", "bytes_up",
+          "updates_applied", "client_updates_per_s"} <= tags
+  for tag in ("test_accuracy", "virtual_time_s", "bytes_up"):
+    events = acc.Scalars(tag)
+    assert [e.step for e in events] == [r["round"] for r in rows]
+    np.testing.assert_array_equal([e.value for e in events],
+                                  np.float32([r[tag] for r in rows]))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("args, flag", [
     (["--algorithm=sgd"], "--algorithm"),
     (["--num_clients=-5"], "--num_clients"),
@@ -165,6 +222,7 @@ def test_outputs_mismatch_and_overwrite(tmp_path):
     (["--compilation_cache=false"], "--compilation_cache='false': not a"),
     (["--cpu_devices=0"], "--cpu_devices='0': valid: 'auto' or an integer"),
     (["--cpu_devices=two"], "--cpu_devices='two'"),
+    (["--metrics=csv"], "--metrics=csv: unknown writer 'csv'"),
     # Values valid in Python that float32/int32 storage would turn into inf
     # or wrap, refused as given or as derived.
     ([f"--flagfile={SMOKE}", "--rounds=100000000000000000000"],
@@ -206,6 +264,7 @@ def _help_blocks(text):
   return {k: " ".join(v.split()) for k, v in blocks.items()}
 
 
+@pytest.mark.slow
 def test_helpfull_lists_every_option_with_valid_values_and_default():
   from ftte_jax.core import options
   from launch import flags as flags_lib
@@ -228,6 +287,7 @@ def test_helpfull_lists_every_option_with_valid_values_and_default():
     assert name in blocks
 
 
+@pytest.mark.slow
 def test_damaged_latest_checkpoint_resumes_from_an_older_one(tmp_path):
   # The newest checkpoint's bytes are altered after the run: the rerun
   # warns, resumes from the previous step and ends with the same model.
@@ -250,6 +310,7 @@ def test_damaged_latest_checkpoint_resumes_from_an_older_one(tmp_path):
   assert [r["round"] for r in metrics(wd)] == [0, 2, 4, 6]
 
 
+@pytest.mark.slow
 def test_divergence_stops_with_exit_3_after_saving(tmp_path):
   wd = tmp_path / "run"
   rc, _, err = run(f"--flagfile={SMOKE}", "--algorithm=fedbuff",
@@ -262,6 +323,7 @@ def test_divergence_stops_with_exit_3_after_saving(tmp_path):
   assert (wd / "checkpoints" / str(s["rounds"])).is_dir()
 
 
+@pytest.mark.slow
 def test_unwritable_workdir_and_float32_trace_are_refused_first(tmp_path):
   # A workdir under a file fails before the build, naming the flag.
   blocker = tmp_path / "file"
@@ -281,6 +343,7 @@ def test_unwritable_workdir_and_float32_trace_are_refused_first(tmp_path):
   assert not wd.exists()
 
 
+@pytest.mark.slow
 def test_npz_dataset_from_the_command_line(tmp_path):
   rng = np.random.default_rng(0)
   path = tmp_path / "d.npz"
@@ -315,6 +378,7 @@ def _fresh_env(tmp_path, offline=True):
   return env
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, says", [
     (["--download=never"], "not found and --download=never"),
     ([], "could not be downloaded (network unreachable)"),
@@ -379,10 +443,12 @@ def test_cpu_devices_count_refuses_by_name(setting):
     flags_lib.cpu_devices_count(setting, cores=2)
 
 
+@pytest.mark.slow
 def test_cpu_devices_split_the_clients_and_agree_with_one(tmp_path):
   """--cpu_devices=2 puts the clients mesh on two CPU devices; the model
   ends within 1e-6 of a one-device run's (sums in another order), and a
-  warm second run loads the mesh's programs from the program cache."""
+  warm second run loads the mesh's programs from JAX's persistent
+  cache."""
   cache = tmp_path / "cache"
   runs = {}
   for name, devices in (("one", 1), ("two", 2), ("two_warm", 2)):
@@ -393,8 +459,8 @@ def test_cpu_devices_split_the_clients_and_agree_with_one(tmp_path):
     assert code == 0, err
     runs[name] = summary(tmp_path / name)
   assert runs["one"]["num_devices"] == 1 and runs["two"]["num_devices"] == 2
-  assert set(runs["two"]["program_cache"].values()) == {"miss"}
-  assert set(runs["two_warm"]["program_cache"].values()) == {"hit"}
+  assert set(runs["two"]["compilation_cache"].values()) == {"miss"}
+  assert set(runs["two_warm"]["compilation_cache"].values()) == {"hit"}
   assert runs["two_warm"]["params_sha256"] == runs["two"]["params_sha256"]
   assert runs["two"]["final_accuracy"] == pytest.approx(
       runs["one"]["final_accuracy"], abs=1e-3)
@@ -402,6 +468,7 @@ def test_cpu_devices_split_the_clients_and_agree_with_one(tmp_path):
     assert a["test_loss"] == pytest.approx(b["test_loss"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_on_another_device_count_warns(tmp_path):
   """config.json records the clients mesh's devices; a resume on another
   count says it will not be bit for bit, and still finishes close."""
@@ -415,7 +482,6 @@ def test_resume_on_another_device_count_warns(tmp_path):
   assert config["launch"]["mesh_devices"] == 1
   assert config["launch"]["cpu_devices"] == "1"
   want = summary(wd)
-  import shutil
   shutil.rmtree(wd / "checkpoints" / "6")
   (wd / "summary.json").unlink()
   code, _, err = run(*args, "--cpu_devices=2")

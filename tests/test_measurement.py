@@ -115,6 +115,7 @@ def test_refill_on_arrival_hand_traced_four_client_timeline():
   assert int(state.counters.downloads) == 4 + 3 * 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("eval_every", [7, 50])
 def test_time_to_target_does_not_depend_on_eval_every(eval_every):
   def run(every):

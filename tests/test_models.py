@@ -41,6 +41,7 @@ def test_logits_shape_and_params_only(inited, name):
   assert y.shape == (2, 7) and y.dtype == jnp.float32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mobilenetv2"])
 def test_forward_is_finite(name):
   model = M.get_model(name, 7)

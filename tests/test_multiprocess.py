@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from ftte_jax import checkpointing
 from ftte_jax import experiment
@@ -61,6 +62,7 @@ def _two_processes(workdir):
   return json.loads((workdir / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
   two = _two_processes(tmp_path / "two")
   # Both processes restore the checkpoint of round 10 and finish again.
@@ -86,6 +88,7 @@ def test_two_processes_equal_one(tmp_path):
                  got, _final_params(tmp_path / str(devices)))
 
 
+@pytest.mark.slow
 def test_distributed_flags_go_together(tmp_path):
   p = _launch([f"--workdir={tmp_path / 'w'}",
                "--coordinator_address=127.0.0.1:1"])

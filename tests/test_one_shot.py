@@ -18,9 +18,8 @@ from ftte_jax.core import one_shot
 from ftte_jax.experiment import run
 
 
-def _default_jit(fun, closure=None, name=None, **kwargs):
+def _default_jit(fun, **kwargs):
   """``jax.jit`` with XLA's default options, in one_shot.jit's place."""
-  del closure, name  # no program cache: these tests compare compiles.
   return jax.jit(fun, **kwargs)
 
 
@@ -66,8 +65,7 @@ def test_evaluation_with_the_one_shot_options(model):
   (``run.evaluate_compiler_options``); its accuracy and loss match the
   default options' (the dots run in the same library kernels)."""
   exp = experiment.build(helpers.tiny_config("fedavg", model=model))
-  assert exp.closure["evaluate_compiler_options"] == (
-      one_shot.compiler_options())
+  assert run.evaluate_compiler_options() == one_shot.compiler_options()
   params = exp.setup.model.params
   fast = exp.evaluate(params)
   default = jax.jit(exp.sim.evaluate)(params, exp.test)

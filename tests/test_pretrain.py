@@ -2,9 +2,6 @@
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -13,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+import forked
 from helpers import tiny_model
 from ftte_jax import checkpointing
 from ftte_jax import experiment
@@ -46,45 +44,6 @@ def test_proxy_set_is_disjoint_from_clients_and_test():
     datasets.load_federated("tiny", 8, "iid", num_proxy=384)
   with pytest.raises(ValueError, match="proxy_examples"):
     datasets.load_federated("synthetic", 8, num_proxy=4)
-
-
-def test_pretrain_through_the_program_cache_keeps_the_bits(tmp_path,
-                                                          monkeypatch):
-  """With a closure and a cache directory the pretraining program is
-  stored, then loaded by the next call: the same bits as a plain jit."""
-  from ftte_jax import program_cache
-  apply, params = tiny_model(dim=6)
-  rng = np.random.default_rng(1)
-  proxy = (rng.normal(size=(40, 6)).astype(np.float32),
-           rng.integers(0, 4, 40).astype(np.int32))
-  cfg = experiment.PretrainConfig(steps=7, lr=0.1, momentum=0.9,
-                                  batch_size=16)
-  key = jax.random.PRNGKey(5)
-  plain, plain_info = pretrain_lib.pretrain(apply, params, proxy, cfg, key,
-                                            closure={"module": "tiny"})
-  statuses = []
-  compile_all = program_cache.compile_all
-
-  def spy(*args, **kwargs):
-    out = compile_all(*args, **kwargs)
-    statuses.append(out[1]["pretrain"])
-    return out
-
-  monkeypatch.setattr(program_cache, "compile_all", spy)
-  monkeypatch.setattr(program_cache, "default_directory",
-                      lambda: str(tmp_path))
-  for want in ("miss", "hit"):
-    got, info = pretrain_lib.pretrain(apply, params, proxy, cfg, key,
-                                      closure={"module": "tiny"})
-    assert statuses[-1] == want
-    assert info == plain_info
-    jax.tree.map(np.testing.assert_array_equal, got, plain)
-  assert [f.split("-")[0] for f in os.listdir(tmp_path)] == ["pretrain"]
-  # Another learning rate is another program (closed over by the optimizer).
-  pretrain_lib.pretrain(apply, params, proxy,
-                        dataclasses.replace(cfg, lr=0.2), key,
-                        closure={"module": "tiny"})
-  assert statuses[-1] == "miss" and len(os.listdir(tmp_path)) == 2
 
 
 def test_pretrain_equals_a_python_loop_reference():
@@ -148,6 +107,7 @@ def _config(**top):
       model_options={"hidden": (32,)}, rounds=6, eval_every=3, **top)
 
 
+@pytest.mark.slow
 def test_run_from_checkpoint_equals_in_process_pretraining(tmp_path):
   pre = experiment.PretrainConfig(steps=30, batch_size=16)
   inline = experiment.build(_config(pretrain=pre))
@@ -198,6 +158,7 @@ def test_bad_pretrain_options(kwargs, option):
     experiment.validate(experiment.ExperimentConfig(**kwargs))
 
 
+@pytest.mark.slow
 def test_launch_pretrain_then_main(tmp_path):
   smoke = f"--flagfile={REPO / 'experiments' / 'smoke.flags'}"
   # smoke.flags trains from scratch; these runs hold a proxy set.
@@ -205,9 +166,7 @@ def test_launch_pretrain_then_main(tmp_path):
   out = tmp_path / "pre"
 
   def run(module, *args):
-    p = subprocess.run([sys.executable, "-m", module, smoke, *args],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
-    return p.returncode, p.stdout, p.stderr
+    return forked.shared().run([smoke, *args], module=module)
 
   rc, stdout, err = run("launch.pretrain", "--proxy_examples=64",
                         "--pretrain_steps=20",

@@ -94,7 +94,10 @@ def final_params(args):
   return state.params
 
 
-@pytest.mark.parametrize("name", sorted(RUNS))
+# The default runs (LeNet-5 on MNIST) take minutes: the slow tier.
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.slow) if "default" in n else n
+    for n in sorted(RUNS)])
 def test_final_parameters_pinned(name, mnist_available):
   if jax.default_backend() != "cpu":
     pytest.skip("pinned on the CPU backend")

@@ -193,6 +193,7 @@ def _run(algorithm, behavior, fraction=0.3, tiers=(0.6, 2.0), **engine_kw):
   return state, exp.summary(state, history, timing)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("behavior", adversary.BEHAVIORS)
 def test_every_behaviour_leaves_a_finite_model_under_a_robust_mean(behavior):
   # beta = 0.4 trims from 3 participants on (floor(0.4 * 3) = 1): with the
@@ -217,6 +218,7 @@ def test_every_behaviour_leaves_a_finite_model_under_a_robust_mean(behavior):
     assert summary["updates_clipped"] > 0
 
 
+@pytest.mark.slow
 def test_ftte_with_searched_masks_composes_with_a_median_and_clipping():
   # Tiers and masks at the aggregate: the per-coordinate reference above.
   state, summary = _run("ftte", "sign_flip", clip="fixed", clip_norm=0.01,
@@ -299,6 +301,7 @@ def test_epsilon_against_the_gaussian_rdp_closed_form():
   assert privacy.epsilon(z, 0, delta) == 0.0
 
 
+@pytest.mark.slow
 def test_dp_run_reports_epsilon():
   pytest.importorskip("dp_accounting")
   config = tiny_config("fedbuff", rounds=6, eval_every=3, engine_kw=dict(

@@ -154,6 +154,7 @@ def test_build_plan_min_policy():
       plan.masks, jax.tree.map(lambda p: jnp.zeros((1,) + p.shape), params))
 
 
+@pytest.mark.slow
 def test_build_plan_per_tier_is_monotone():
   info, spec, params, fisher = _mlp()
   full = memory.memory_from_sizes(info, spec, spec.sizes[:, -1], 8, ADAM)
@@ -229,6 +230,7 @@ def test_flash_budget_trains_more_and_reports_flash():
   assert reports["flash"]["memory"]["total"] <= budget[0]
 
 
+@pytest.mark.slow
 def test_joint_micro_batch_search_equals_brute_force():
   # Every (micro-batch count, level per tensor) pair enumerated with the
   # memory model itself; the joint exact search (integer byte costs,
@@ -264,6 +266,7 @@ def test_joint_micro_batch_search_equals_brute_force():
   assert max(chosen) > 1  # micro-batching wins somewhere.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["exact", "greedy"])
 def test_trained_parameter_cap_is_a_second_constraint(method):
   # With a cap on trained parameters (an upload budget) the choice never

@@ -34,6 +34,7 @@ def runs():
   return json.loads(line[len("RESULT "):])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_one_two_four_devices_agree(runs, case):
   by_devices = runs[case]

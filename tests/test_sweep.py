@@ -2,12 +2,11 @@
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+import forked
 from launch import sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,14 +47,13 @@ def test_average_over_seeds():
   assert row["time_to_target_s"] == 2.0 and row["reached_target"] == "1/2"
 
 
+@pytest.mark.slow
 def test_sweep_gathers_summaries(tmp_path):
-  proc = subprocess.run(
-      [sys.executable, "-m", "launch.sweep", f"--flagfile={SMOKE}",
-       "--rounds=5", "--grid=algorithm=ftte,fedbuff", "--seeds=3",
-       "--parallel=2", f"--sweep_dir={tmp_path}", "--checkpoint_every=2",
-       "--keep_checkpoints=1"],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr
+  code, stdout, stderr = forked.shared().run(
+      [f"--flagfile={SMOKE}", "--rounds=5", "--grid=algorithm=ftte,fedbuff",
+       "--seeds=3", "--parallel=2", f"--sweep_dir={tmp_path}",
+       "--checkpoint_every=2", "--keep_checkpoints=1"], module="launch.sweep")
+  assert code == 0, stderr
   rows = json.loads((tmp_path / "results.json").read_text())
   assert [(r["algorithm"], r["seed"], r["exit"]) for r in rows] == [
       ("ftte", "3", 0), ("fedbuff", "3", 0)]
@@ -72,17 +70,17 @@ def test_sweep_gathers_summaries(tmp_path):
     assert len(list(csv.DictReader(f))) == 2
   md = (tmp_path / "results.md").read_text()
   assert md.startswith("| run |") and "fedbuff" in md
-  assert "algorithm-fedbuff_seed-3" in proc.stdout
+  assert "algorithm-fedbuff_seed-3" in stdout
 
 
+@pytest.mark.slow
 def test_sweep_bad_grid_exits_2(tmp_path):
-  proc = subprocess.run(
-      [sys.executable, "-m", "launch.sweep", f"--flagfile={SMOKE}",
-       "--grid=algorithm=ftte,fedasync", f"--sweep_dir={tmp_path}"],
-      cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert proc.returncode == 2
-  assert "Traceback" not in proc.stderr
-  assert "algorithm-fedasync" in proc.stderr and "buffer_size" in proc.stderr
+  code, _, stderr = forked.shared().run(
+      [f"--flagfile={SMOKE}", "--grid=algorithm=ftte,fedasync",
+       f"--sweep_dir={tmp_path}"], timeout=120, module="launch.sweep")
+  assert code == 2
+  assert "Traceback" not in stderr
+  assert "algorithm-fedasync" in stderr and "buffer_size" in stderr
   assert not any(tmp_path.iterdir())
 
 

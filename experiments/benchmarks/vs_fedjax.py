@@ -506,8 +506,8 @@ def _e2e_once(side: str, phase: str, spec: dict, spec_path: str,
              "compile_s": s["compile_s"],
              "summary_updates_per_s": s["client_updates_per_s"],
              "final_accuracy": s["final_accuracy"],
-             "program_cache": ",".join(
-                 f"{k} {v}" for k, v in s["program_cache"].items())}
+             "compilation_cache": ",".join(
+                 f"{k} {v}" for k, v in s["compilation_cache"].items())}
     extra["other_s"] = wall - extra["build_s"] - extra["run_s"]
   else:
     wall, r, load = _worker(python, side, spec_path, False, cache)
@@ -575,8 +575,8 @@ def phases(results: list[dict]) -> str:
                        f"{walls})  {detail}  cache entries "
                        f"{e['cache_entries_before']}->"
                        f"{e['cache_entries_after']}  load1 {e['load1']:.1f}"
-                       + (f"  programs {e['program_cache']}"
-                          if "program_cache" in e else ""))
+                       + (f"  programs {e['compilation_cache']}"
+                          if "compilation_cache" in e else ""))
   return "\n".join(lines)
 
 

@@ -192,8 +192,7 @@ def make_environment(config: EngineConfig, data: ClientData, fleet: Fleet,
     nominal, _ = one_shot.jit(
         lambda f, p, s: nominal_duration(config.batch_size, f, p,
                                          jnp.arange(n), s,
-                                         _deployed(config, n)),
-        closure={"config": config, "n": n}, name="deadline")(
+                                         _deployed(config, n)))(
             fleet, plan, steps)
     deadline = config.deadline_factor * float(
         np.asarray(nominal)[eligible].max())

@@ -23,7 +23,6 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from ftte_jax import program_cache
 
 
 @functools.cache
@@ -40,8 +39,7 @@ def compiler_options() -> dict:
   return {**options, **emitters}
 
 
-def jit(fun: Callable[..., Any], *, closure: dict | None = None,
-        name: str | None = None, **kwargs) -> Callable[..., Any]:
+def jit(fun: Callable[..., Any], **kwargs) -> Callable[..., Any]:
   """``jax.jit`` with the one-shot compiler options.
 
   Called under a trace (``jax.eval_shape`` of a start-up function, or inside
@@ -50,10 +48,6 @@ def jit(fun: Callable[..., Any], *, closure: dict | None = None,
 
   Args:
     fun: the function.
-    closure: JSON-able statement of everything ``fun`` closes over; given,
-      top-level calls go through the program cache (``program_cache``), as
-      ``name``, when JAX's persistent cache is on.
-    name: the program's name in the cache (with ``closure``).
     **kwargs: ``jax.jit``'s.
   """
   nested = jax.jit(fun, **kwargs)
@@ -65,13 +59,6 @@ def jit(fun: Callable[..., Any], *, closure: dict | None = None,
       return nested(*args, **kw)
     if not top:
       top.append(jax.jit(fun, compiler_options=compiler_options(), **kwargs))
-    directory = program_cache.default_directory()
-    if closure is None or kw or directory is None:
-      return top[0](*args, **kw)
-    programs, _ = program_cache.compile_all(
-        [(name, top[0], args)],
-        {"closure": closure, "compiler_options": compiler_options(),
-         "jit": kwargs}, directory)
-    return programs[name](*args)
+    return top[0](*args, **kw)
 
   return call

@@ -141,8 +141,7 @@ def make_model(config: ExperimentConfig, input_shape, num_classes: int,
   module = check_model(config, input_shape, num_classes)
   # One jitted init: eager init compiles every initializer op on its own
   # (24 compilations, about 3 s for the MLP on the 2-core CPU).
-  params = one_shot.jit(module.init, closure={"module": repr(module)},
-                        name="model_init")(key, example)["params"]
+  params = one_shot.jit(module.init)(key, example)["params"]
   analysis = groups_lib.analyze(module, params,
                                 (e.batch_size,) + tuple(input_shape))
   spec = groups_lib.make_groups(analysis, config.search.channel_fractions)
@@ -240,8 +239,7 @@ def make_setup(config: ExperimentConfig) -> Setup:
                      keys.fold_in(root, KEY_PARAMS))
   params, init_report = pretrain_lib.initial_params(
       config, model.apply_fn, model.params, proxy,
-      keys.fold_in(root, KEY_PRETRAIN), meta,
-      closure={"module": repr(model.module)})
+      keys.fold_in(root, KEY_PRETRAIN), meta)
   model = dataclasses.replace(model, params=params)
   clock.lap("model_s")
   fleet, tiers = make_fleet(config, model.full_memory_bytes)

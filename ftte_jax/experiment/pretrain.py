@@ -21,7 +21,6 @@ import numpy as np
 import optax
 
 from ftte_jax import checkpointing
-from ftte_jax import program_cache
 from ftte_jax.core.client import cross_entropy
 from ftte_jax.core.typing import PyTree
 from ftte_jax.experiment.config import ExperimentConfig, PretrainConfig
@@ -29,16 +28,12 @@ from ftte_jax.experiment.config import ExperimentConfig, PretrainConfig
 
 def pretrain(apply_fn: Callable, params: PyTree,
              proxy: tuple[np.ndarray, np.ndarray], config: PretrainConfig,
-             key: jax.Array, closure: dict | None = None
-             ) -> tuple[PyTree, dict]:
+             key: jax.Array) -> tuple[PyTree, dict]:
   """``config.steps`` SGD-momentum steps on ``proxy``; one jitted scan.
 
   Batches walk a fresh permutation of the proxy set each epoch (every
   example once per epoch; a last partial batch wraps into the next epoch's
-  order). ``closure``: JSON-able description of ``apply_fn`` (the model's
-  module); given, the program goes through the program cache
-  (``program_cache``), so a warm process neither traces nor compiles it.
-  Returns the parameters and ``{'steps', 'final_loss', 'proxy_accuracy'}``.
+  order). Returns the parameters and ``{'steps', 'final_loss', 'proxy_accuracy'}``.
   """
   x = np.asarray(proxy[0], np.float32)
   y = np.asarray(proxy[1], np.int32)
@@ -69,17 +64,7 @@ def pretrain(apply_fn: Callable, params: PyTree,
     accuracy = jnp.mean(jnp.argmax(apply_fn(p, x), -1) == y)
     return p, losses[-1], accuracy
 
-  args = (params, x, y, key)
-  directory = program_cache.default_directory()
-  if closure is None or directory is None:
-    fn = jax.jit(run)
-  else:
-    described = {"closure": closure, "steps": config.steps, "lr": config.lr,
-                 "momentum": config.momentum, "batch_size": b}
-    programs, _ = program_cache.compile_all(
-        [("pretrain", jax.jit(run), args)], described, directory)
-    fn = programs["pretrain"]
-  params, last, accuracy = fn(*args)
+  params, last, accuracy = jax.jit(run)(params, x, y, key)
   return params, {"steps": int(config.steps), "final_loss": float(last),
                   "proxy_accuracy": float(accuracy)}
 
@@ -141,15 +126,14 @@ def check_checkpoint(config: ExperimentConfig) -> dict:
 
 def initial_params(config: ExperimentConfig, apply_fn: Callable,
                    params: PyTree, proxy, key: jax.Array,
-                   checkpoint_meta: dict | None = None,
-                   closure: dict | None = None
+                   checkpoint_meta: dict | None = None
                    ) -> tuple[PyTree, dict]:
   """A run's starting parameters and a report of where they came from.
 
   ``init_checkpoint`` if given (its hash checked), else ``params`` after
   ``pretrain.steps`` steps on ``proxy`` (none: ``params`` as they are).
   ``checkpoint_meta``: what an earlier ``check_checkpoint`` returned (not
-  checked again); None checks here. ``closure``: ``pretrain``'s.
+  checked again); None checks here.
   """
   if config.init_checkpoint:
     meta = checkpoint_meta or check_checkpoint(config)
@@ -159,7 +143,6 @@ def initial_params(config: ExperimentConfig, apply_fn: Callable,
                     "params_sha256": meta["params_sha256"],
                     "pretrain": meta.get("pretrain", {})}
   if config.pretrain.steps:
-    trained, info = pretrain(apply_fn, params, proxy, config.pretrain, key,
-                             closure)
+    trained, info = pretrain(apply_fn, params, proxy, config.pretrain, key)
     return trained, {"init": "pretrained", "pretrain": info}
   return params, {"init": "random"}

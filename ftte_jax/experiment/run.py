@@ -21,7 +21,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ftte_jax import program_cache
+from ftte_jax import compilation
 from ftte_jax.core import client
 from ftte_jax.core import engine
 from ftte_jax.core import extensions as extensions_lib
@@ -105,9 +105,6 @@ class Experiment:
   env: engine.Environment
   sim: engine.Simulator
   plan_report: dict  # the latest search's report (a re-search replaces it).
-  # Everything the simulator's functions close over, as keyed by the
-  # program cache (``build`` fills it; ``program_cache`` says why).
-  closure: dict = dataclasses.field(default_factory=dict)
   step_fn: Callable = dataclasses.field(init=False)
   steps_fn: Callable = dataclasses.field(init=False)
   eval_fn: Callable = dataclasses.field(init=False)
@@ -118,7 +115,7 @@ class Experiment:
   personal_fn: Callable | None = dataclasses.field(init=False, default=None)
   personal_args: tuple = dataclasses.field(init=False, default=())
   # ``compile``'s executables by name ("step" or "steps", "evaluate"), and
-  # each one's program-cache status (``program_cache.compile_all``).
+  # each one's persistent-cache status (``compilation.compile_all``).
   programs: dict = dataclasses.field(init=False, default_factory=dict)
   program_status: dict = dataclasses.field(init=False, default_factory=dict)
 
@@ -128,9 +125,6 @@ class Experiment:
     donate = () if self.config.max_virtual_time is not None else (1,)
     options = step_compiler_options()
     eval_options = evaluate_compiler_options()
-    self.closure = {**self.closure, "step_donates": donate,
-                    "step_compiler_options": options,
-                    "evaluate_compiler_options": eval_options}
     # With a clients mesh every array lives replicated on all its devices
     # (and processes); the step shards the K clients itself.
     self.env = self.place(self.env)
@@ -240,36 +234,24 @@ class Experiment:
         key, self.setup.model.params, self.setup.plan,
         engine.Start.of(clock=probe.time_s, bytes_up=probe.bytes_up,
                         bytes_down=probe.bytes_down)))
-    closure = None if self.sim.components.extensions.given else self.closure
-    return one_shot.jit(self.sim.init, closure=closure,
-                        name="round0_state")(key, self.env, params, plan,
-                                             start)
+    return one_shot.jit(self.sim.init)(key, self.env, params, plan, start)
 
   def evaluate(self, params) -> dict:
     out = self.programs.get("evaluate", self.eval_fn)(params, self.test)
     return {k: float(v) for k, v in jax.device_get(out).items()}
 
   def compile(self, state: engine.SimState) -> float:
-    """Compiles the step program the run uses and the evaluation (or loads
-    them from the program cache, when JAX's persistent cache is on and the
-    run has one device); returns the seconds it took."""
+    """Compiles the step program the run uses and the evaluation (JAX's
+    persistent cache, when on, supplies what it holds); returns the
+    seconds it took."""
     t0 = time.perf_counter()
     if self.config.steps_per_call == 1:
       step = ("step", self.step_fn, (self.env, state))
     else:
       step = ("steps", self.steps_fn, (self.env, state, 1, 1.0))
-    self.programs, self.program_status = program_cache.compile_all(
-        [step, ("evaluate", self.eval_fn, (state.params, self.test))],
-        self.closure, self._cache_directory())
+    self.programs, self.program_status = compilation.compile_all(
+        [step, ("evaluate", self.eval_fn, (state.params, self.test))])
     return time.perf_counter() - t0
-
-  def _cache_directory(self) -> str | None:
-    """The program cache's directory; None (no cache) when the run has
-    extensions: the cache keys by a description of what the program closes
-    over, and a user's callables have none."""
-    if self.sim.components.extensions.given:
-      return None
-    return program_cache.default_directory()
 
   def finished(self, state: engine.SimState) -> bool:
     """Whether ``rounds`` is reached (a budget stop is found by stepping)."""
@@ -416,7 +398,7 @@ class Experiment:
                backend=jax.default_backend(),
                startup_s={**self.setup.phases,
                           "compile_s": timing["compile_s"]},
-               program_cache=dict(self.program_status))
+               compilation_cache=dict(self.program_status))
     return out
 
 
@@ -476,9 +458,6 @@ def build(config: ExperimentConfig,
   # A plan that no re-search replaces is static: the client update can
   # skip what no mask trains (client.leaf_kinds).
   static = not config.search.research_every
-  # make_simulator's arguments, named for the program cache: the engine
-  # config, the model (its module; apply_fn applies it), the loop length,
-  # the client optimizer (made from the engine config) and the leaf kinds.
   max_steps = int(np.asarray(env.num_steps).max())
   kinds = client.leaf_kinds(setup.plan.masks) if static else None
   if callable(extensions):
@@ -492,13 +471,9 @@ def build(config: ExperimentConfig,
   extensions_lib.check(sim.components, setup.model.params, setup.plan.masks,
                        env.data, _first_batch(setup.test,
                                               e.eval_batch_size))
-  closure = {"config": e, "apply_fn": repr(setup.model.module),
-             "max_local_steps": max_steps,
-             "client_tx": planning.client_optimizer_options(config),
-             "kinds": kinds}
   setup.phases["engine_s"] = time.perf_counter() - t0
   return Experiment(setup=setup, env=env, sim=sim,
-                    plan_report=setup.plan_report, closure=closure)
+                    plan_report=setup.plan_report)
 
 
 def _first_batch(test: dict, size: int) -> dict:
