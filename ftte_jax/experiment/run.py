@@ -27,6 +27,7 @@ from ftte_jax.core import engine
 from ftte_jax.core import keys
 from ftte_jax.core import one_shot
 from ftte_jax.core import personal
+from ftte_jax.experiment import memory_plan
 from ftte_jax.experiment import planning
 from ftte_jax.experiment import report
 from ftte_jax.experiment.config import ExperimentConfig
@@ -107,6 +108,9 @@ class Experiment:
   # Everything the simulator's functions close over, as keyed by the
   # program cache (``build`` fills it; ``program_cache`` says why).
   closure: dict = dataclasses.field(default_factory=dict)
+  # How client_chunk=0 was resolved (memory_plan.Plan.as_dict); None when
+  # the chunk was given.
+  client_plan: dict | None = None
   step_fn: Callable = dataclasses.field(init=False)
   steps_fn: Callable = dataclasses.field(init=False)
   eval_fn: Callable = dataclasses.field(init=False)
@@ -184,7 +188,8 @@ class Experiment:
             "init": s.init_report,
             "full_model_memory_bytes": s.model.full_memory_bytes,
             "fleet_memory_tiers": list(s.fleet_memory_tiers),
-            "num_params": optax.tree_utils.tree_size(s.model.params)}
+            "num_params": optax.tree_utils.tree_size(s.model.params),
+            "client_plan": self.client_plan}
 
   def place(self, tree):
     """``tree`` replicated on the clients mesh (as it is without one).
@@ -387,6 +392,8 @@ class Experiment:
                startup_s={**self.setup.phases,
                           "compile_s": timing["compile_s"]},
                program_cache=dict(self.program_status))
+    if self.client_plan is not None:
+      out["client_plan"] = self.client_plan
     return out
 
 
@@ -440,6 +447,12 @@ def build(config: ExperimentConfig) -> Experiment:
   # the client optimizer (made from the engine config) and the leaf kinds.
   max_steps = int(np.asarray(env.num_steps).max())
   kinds = client.leaf_kinds(setup.plan.masks) if static else None
+  # client_chunk=0 (auto): the chunk whose step fits the devices' memory.
+  e, memory = memory_plan.plan_engine(
+      e, setup.model.apply_fn, env, setup.model.params, setup.plan,
+      max_steps, setup.model.tx, kinds, config.device_memory_budget,
+      donate=config.max_virtual_time is None,
+      compiler_options=step_compiler_options())
   sim = engine.make_simulator(e, setup.model.apply_fn, max_steps,
                               client_tx=setup.model.tx, kinds=kinds)
   closure = {"config": e, "apply_fn": repr(setup.model.module),
@@ -448,4 +461,5 @@ def build(config: ExperimentConfig) -> Experiment:
              "kinds": kinds}
   setup.phases["engine_s"] = time.perf_counter() - t0
   return Experiment(setup=setup, env=env, sim=sim,
-                    plan_report=setup.plan_report, closure=closure)
+                    plan_report=setup.plan_report, closure=closure,
+                    client_plan=memory and memory.as_dict())
