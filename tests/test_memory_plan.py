@@ -199,6 +199,10 @@ def test_auto_on_the_cpu_is_the_default_path_bit_for_bit():
   plan = runs[1][0].client_plan
   assert (plan["batching"], plan["chunk"], plan["measured"]) == (
       "stream", 1, [])
-  assert runs[1][0].summary(runs[1][1], *runs[1][0].run(runs[1][1])[1:]
-                            )["client_plan"] == plan
+  summary = runs[1][0].summary(runs[1][1], *runs[1][0].run(runs[1][1])[1:])
+  assert summary["client_plan"] == plan
+  # Every compiled run records its step's memory and XLA's FLOP count.
+  memory = summary["step_memory"]
+  assert memory["temp_bytes"] > 0 and memory["flops"] > 0
+  assert memory == runs[0][0].step_memory
   helpers.assert_bit_identical(runs[0][1].params, runs[1][1].params)

@@ -83,6 +83,15 @@ def program_memory(compiled: jax.stages.Compiled) -> ProgramMemory:
       code_bytes=int(m.generated_code_size_in_bytes), flops=flops)
 
 
+def memory_report(compiled) -> dict | None:
+  """``program_memory(compiled).as_dict()``, or None where the executable
+  has no analysis (one loaded from a serialized copy may not)."""
+  try:
+    return program_memory(compiled).as_dict()
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
 def device_memory(devices: Sequence[jax.Device] | None = None) -> int | None:
   """The smallest allocator limit among ``devices`` (default: the local
   ones), from ``Device.memory_stats()``; None where a device reports none
@@ -185,7 +194,6 @@ def choose_chunk(measure: Measure, batching: str, m: int, usable: float,
     take([1])
     if points[1] > usable:
       _too_big(batching, points[1], usable)
-    fits = [1]
   cs = sorted(points)
   a, b = _line((cs[0], points[cs[0]]), (cs[-1], points[cs[-1]]))
   for _ in range(MAX_CHECKS):

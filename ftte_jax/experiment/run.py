@@ -123,6 +123,9 @@ class Experiment:
   # each one's program-cache status (``program_cache.compile_all``).
   programs: dict = dataclasses.field(init=False, default_factory=dict)
   program_status: dict = dataclasses.field(init=False, default_factory=dict)
+  # The compiled step's memory and XLA's cost analysis
+  # (memory_plan.ProgramMemory.as_dict), once compiled.
+  step_memory: dict | None = dataclasses.field(init=False, default=None)
 
   def __post_init__(self):
     # With a virtual-time budget a step may have to be undone (exact
@@ -244,6 +247,7 @@ class Experiment:
     self.programs, self.program_status = program_cache.compile_all(
         [step, ("evaluate", self.eval_fn, (state.params, *self.test))],
         self.closure, program_cache.default_directory())
+    self.step_memory = memory_plan.memory_report(self.programs[step[0]])
     return time.perf_counter() - t0
 
   def finished(self, state: engine.SimState) -> bool:
@@ -394,6 +398,8 @@ class Experiment:
                program_cache=dict(self.program_status))
     if self.client_plan is not None:
       out["client_plan"] = self.client_plan
+    if self.step_memory is not None:
+      out["step_memory"] = self.step_memory
     return out
 
 
