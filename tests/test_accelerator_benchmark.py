@@ -101,3 +101,35 @@ def test_budget_stops_cleanly_and_still_writes(tmp_path):
   statuses = {r["status"] for r in report["rows"]}
   assert statuses <= {"skipped: time budget", acc.UNAVAILABLE_BF16}
   assert len(report["rows"]) == 5
+
+
+@pytest.mark.slow  # four compiles of the step
+def test_rows_take_the_accelerator_path(monkeypatch):
+  """Off the CPU (traced as on a GPU, with a device limit between a chunk
+  of 8 and all 16 clients at once): auto falls back from vmap to streamed
+  chunks, and the vmap row is skipped as over the device, not run."""
+  import dataclasses as dc
+  import types
+
+  import jax
+  from ftte_jax.experiment import memory_plan
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  bench = acc.Bench(types.SimpleNamespace(
+      pool=256, seed=0, local_steps=2, batch_size=8, client_lr=0.05,
+      server_lr=1.0, budget_s=1e9, row_reserve_s=0.0, steps=1))
+  bench.peaks, bench.matmul = {}, {"f32": 1e9, "bf16": 1e9}
+  config = bench.context("mlp", 64, 16)[0]
+  peak = lambda b, c: bench.compile("mlp", 64, 16, dc.replace(
+      config, client_batching=b, client_chunk=c))[0].peak_bytes
+  low, high = peak("stream", 8), peak("vmap", 1)
+  assert low < high
+  limit = (low + high) / 2
+  bench.budget = limit / memory_plan.USABLE_FRACTION
+  monkeypatch.setattr(memory_plan, "device_memory", lambda *a: limit)
+  auto = bench.row("mlp", 64, 16, "auto", "float32")
+  assert auto["status"] == "ok", auto
+  assert auto["batching"] == "stream" and 8 <= auto["chunk"] <= 16
+  assert auto["plan"]["measured"][0]["batching"] == "vmap"
+  vmap = bench.row("mlp", 64, 16, "vmap", "float32")
+  assert vmap["status"].startswith("skipped: needs"), vmap
