@@ -15,8 +15,10 @@ the largest chunk predicted to fit the budget and compiles that one to
 check it. The line can miss: the buffered path's [K, ...] update buffer is
 a fixed cost that the group's temporaries share space with, until they do
 not. A chunk measured over the budget is refitted through the points
-either side of it; the chunk returned was always measured to fit. Compiles
-are seconds each, so a plan is 3 to 6 of them, never a search over chunks.
+either side of it (at most ``MAX_CHECKS`` times); the chunk returned was
+always measured to fit. Compiles are seconds each, so a plan is 1 (vmap
+fits) to 7 of them, the two probes side by side, never a search over
+chunks.
 
 On the CPU, one client at a time is the measured fastest (docs/design.md,
 "Client training and batching"): auto takes chunk 1 there, compiling only
