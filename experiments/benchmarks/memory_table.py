@@ -28,16 +28,17 @@ import json
 import os
 import types
 
+import jax
+
 from experiments.benchmarks import accelerator
 from experiments.benchmarks.common import machine
+from ftte_jax.experiment import memory_plan
 
 GIB = 2 ** 30
 
 
 def plan_rows(model: str, n: int, k: int, budget: float, pool: int
               ) -> list[dict]:
-  import jax  # pylint: disable=import-outside-toplevel
-  from ftte_jax.experiment import memory_plan  # pylint: disable=g-import-not-at-top
   args = types.SimpleNamespace(pool=pool, seed=0, local_steps=5,
                                batch_size=32, client_lr=0.05, server_lr=1.0)
   bench = accelerator.Bench(args)
@@ -81,7 +82,7 @@ def markdown(rows: list[dict]) -> str:
            "temporaries GiB | peak GiB | within 90% of the budget | picked |",
            "|---|---|---|---:|---:|---:|---:|---|---|"]
   for r in rows:
-    usable = memory_plan_fraction() * r["budget_bytes"]
+    usable = memory_plan.USABLE_FRACTION * r["budget_bytes"]
     for m in r["plan"]["measured"]:
       picked = (r["status"] == "fits" and m["batching"] == r["batching"] and
                 m["chunk"] == r["chunk"])
@@ -96,11 +97,6 @@ def markdown(rows: list[dict]) -> str:
       lines.append(f"| {r['model']} | {r['weights']} | | | | | | | "
                    "nothing fits |")
   return "\n".join(lines)
-
-
-def memory_plan_fraction() -> float:
-  from ftte_jax.experiment import memory_plan  # pylint: disable=g-import-not-at-top
-  return memory_plan.USABLE_FRACTION
 
 
 def main():
@@ -120,7 +116,7 @@ def main():
   table = markdown(rows)
   text = (f"{machine()}\n\nK = {a.k:,}, N = {a.n:,}, budget "
           f"{a.budget / 1e9:.0f} GB per device (the plan uses "
-          f"{memory_plan_fraction():.0%}); XLA:CPU's memory_analysis of the "
+          f"{memory_plan.USABLE_FRACTION:.0%}); XLA:CPU's memory_analysis of the "
           "step, traced as on an accelerator.\n\n" + table + "\n")
   print("\n" + text)
   os.makedirs(os.path.dirname(a.out), exist_ok=True)
