@@ -241,6 +241,17 @@ KINDS: tuple[Kind, ...] = (
           Table("", _c("devices", "loop s/device=loop_s_per_device",
                        "loop fleet estimate (s)=loop_s_fleet_estimate"),
                 caption="The loop."))),
+    Kind("experiments/benchmarks/results/memory_plan_*.json",
+         "Step memory at K = 10,000 and the chunk the memory plan picks",
+         "experiments/benchmarks/memory_table.py: XLA's memory_analysis of "
+         "the step (N = 100,000, FedAvg, 5 local steps of batch 32), "
+         "traced as on an accelerator, and the client_chunk that "
+         "client_chunk=0 picks for a 16 GB device (90% of it usable).",
+         (Table("rows", _c("model", "weights", "status",
+                           "batching=batching?", "chunk=chunk?",
+                           "budget (bytes)=budget_bytes",
+                           "bytes per client=plan.bytes_per_client?",
+                           "fixed bytes=plan.fixed_bytes?")),)),
     Kind("experiments/benchmarks/results/scale*_cpu.json", "Scale "
          "({name})",
          "experiments/benchmarks/scale.py: build, compile and step time "
@@ -317,7 +328,18 @@ def _table(data: dict, table: Table) -> str:
       (k, k) for k, v in rows[0].items()
       if not isinstance(v, (dict, list)))
   return _markdown([h for h, _ in columns],
-                   [[_show(_get(r, p)) for _, p in columns] for r in rows])
+                   [[_cell(r, p) for _, p in columns] for r in rows])
+
+
+def _cell(row: dict, path: str) -> str:
+  """A row's value at ``path``; a path ending in "?" may be absent (an
+  empty cell), any other must be there."""
+  if path.endswith("?"):
+    try:
+      return _show(_get(row, path[:-1]))
+    except KeyError:
+      return ""
+  return _show(_get(row, path))
 
 
 def result_files(root: Path) -> list[str]:

@@ -62,7 +62,7 @@ def _build(model: str, extra: str):
 
 def _programs(exp, state):
   return (("step", exp.step_fn, (exp.env, state)),
-          ("evaluate", exp.eval_fn, (state.params, *exp.test)))
+          ("evaluate", exp.eval_fn, (state.params, exp.test)))
 
 
 def _text_key(lowered, args) -> str:
@@ -162,7 +162,7 @@ def worker(model: str, extra: str, way: str, cache_dir: str,
       status[name] = "loaded"
   programs_s = time.perf_counter() - t
   new_state, _ = programs["step"](exp.env, state)
-  out = programs["evaluate"](new_state.params, *exp.test)
+  out = programs["evaluate"](new_state.params, exp.test)
   jax.block_until_ready(out)
   print(json.dumps({
       "build_s": build_s, "programs_s": programs_s, "trace_lower_s": lower_s,

@@ -130,9 +130,12 @@ class EngineConfig:
       "auto (stream, or map with a variance weight, on CPU; vmap on "
       "accelerators; measured in experiments/benchmarks/throughput.py)")
   client_chunk: int = option(
-      1, low=1,
+      1, low=0,
       help="map and stream batching: clients trained together (vmapped) "
-      "per loop iteration; 1 trains them one at a time")
+      "per loop iteration; 1 trains them one at a time. 0 (auto, resolved "
+      "by experiment.build): the widest chunk whose step fits the device's "
+      "memory (device_memory_budget), keeping vmap where all K fit; on the "
+      "CPU, 1 (experiment/memory_plan.py)")
   mesh_devices: int = option(
       0, low=0,
       help="devices the K clients of a step are split across (a 1-D "

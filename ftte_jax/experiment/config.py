@@ -230,6 +230,12 @@ class ExperimentConfig:
       "steps. More saves host round trips (tiny steps, accelerators); on "
       "the 2-core CPU the loop around a LeNet-5 step measured ~15% slower, "
       "so the default is 1")
+  device_memory_budget: float | None = option(
+      None, low=0, low_inclusive=False,
+      help="bytes of memory per device the jitted step may plan for with "
+      "client_chunk=0 (auto; experiment/memory_plan.py takes 90% of it). "
+      "None: the allocator limit the devices report (memory_stats), none on "
+      "the CPU")
   target_accuracy: float | None = option(
       None, low=0, high=1, low_inclusive=False,
       help="accuracy whose first crossing defines time-to-target")
@@ -323,6 +329,10 @@ def validate(config: ExperimentConfig) -> None:
                      "exceeds the proxy set (proxy_examples="
                      f"{config.data.proxy_examples})")
   algorithms.validate(config.engine, config.data.num_clients)
+  if config.device_memory_budget is not None and config.engine.client_chunk:
+    raise ValueError("device_memory_budget plans the step's client chunk: "
+                     "it needs client_chunk=0 (auto), got client_chunk="
+                     f"{config.engine.client_chunk}")
   fleet_cfg = config.fleet
   if config.memory_tier_fractions is not None:
     fleet_cfg = dataclasses.replace(

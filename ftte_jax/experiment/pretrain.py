@@ -41,6 +41,28 @@ def pretrain(apply_fn: Callable, params: PyTree,
   if b > n:
     raise ValueError(f"pretrain_batch_size ({b}) exceeds the proxy set "
                      f"({n} examples)")
+  run = pretrain_program(apply_fn, config, n)
+  args = (params, x, y, key)
+  directory = program_cache.default_directory()
+  if closure is None or directory is None:
+    fn = jax.jit(run)
+  else:
+    described = {"closure": closure, "steps": config.steps, "lr": config.lr,
+                 "momentum": config.momentum, "batch_size": b}
+    programs, _ = program_cache.compile_all(
+        [("pretrain", jax.jit(run), args)], described, directory)
+    fn = programs["pretrain"]
+  params, last, accuracy = fn(*args)
+  return params, {"steps": int(config.steps), "final_loss": float(last),
+                  "proxy_accuracy": float(accuracy)}
+
+
+def pretrain_program(apply_fn: Callable, config: PretrainConfig, n: int
+                     ) -> Callable:
+  """The pure pretraining program ``run(params, x, y, key) -> (params,
+  last loss, proxy accuracy)`` over ``n`` proxy examples (jit it at the
+  call site; ``tests/test_lowering.py`` lowers it for accelerators)."""
+  b = int(config.batch_size)
   epochs = -(-config.steps * b // n)
   tx = optax.sgd(config.lr, momentum=config.momentum)
 
@@ -64,9 +86,7 @@ def pretrain(apply_fn: Callable, params: PyTree,
     accuracy = jnp.mean(jnp.argmax(apply_fn(p, x), -1) == y)
     return p, losses[-1], accuracy
 
-  params, last, accuracy = jax.jit(run)(params, x, y, key)
-  return params, {"steps": int(config.steps), "final_loss": float(last),
-                  "proxy_accuracy": float(accuracy)}
+  return run
 
 
 def split_of(config: ExperimentConfig) -> dict:

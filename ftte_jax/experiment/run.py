@@ -28,6 +28,7 @@ from ftte_jax.core import extensions as extensions_lib
 from ftte_jax.core import keys
 from ftte_jax.core import one_shot
 from ftte_jax.core import personal
+from ftte_jax.experiment import memory_plan
 from ftte_jax.experiment import planning
 from ftte_jax.experiment import report
 from ftte_jax.experiment.config import ExperimentConfig
@@ -105,6 +106,9 @@ class Experiment:
   env: engine.Environment
   sim: engine.Simulator
   plan_report: dict  # the latest search's report (a re-search replaces it).
+  # How client_chunk=0 was resolved (memory_plan.Plan.as_dict); None when
+  # the chunk was given.
+  client_plan: dict | None = None
   step_fn: Callable = dataclasses.field(init=False)
   steps_fn: Callable = dataclasses.field(init=False)
   eval_fn: Callable = dataclasses.field(init=False)
@@ -118,6 +122,9 @@ class Experiment:
   # each one's persistent-cache status (``compilation.compile_all``).
   programs: dict = dataclasses.field(init=False, default_factory=dict)
   program_status: dict = dataclasses.field(init=False, default_factory=dict)
+  # The compiled step's memory and XLA's cost analysis
+  # (memory_plan.ProgramMemory.as_dict), once compiled.
+  step_memory: dict | None = dataclasses.field(init=False, default=None)
 
   def __post_init__(self):
     # With a virtual-time budget a step may have to be undone (exact
@@ -183,7 +190,8 @@ class Experiment:
             "init": s.init_report,
             "full_model_memory_bytes": s.model.full_memory_bytes,
             "fleet_memory_tiers": list(s.fleet_memory_tiers),
-            "num_params": optax.tree_utils.tree_size(s.model.params)}
+            "num_params": optax.tree_utils.tree_size(s.model.params),
+            "client_plan": self.client_plan}
 
   def place(self, tree):
     """``tree`` replicated on the clients mesh (as it is without one).
@@ -251,6 +259,7 @@ class Experiment:
       step = ("steps", self.steps_fn, (self.env, state, 1, 1.0))
     self.programs, self.program_status = compilation.compile_all(
         [step, ("evaluate", self.eval_fn, (state.params, self.test))])
+    self.step_memory = memory_plan.memory_report(self.programs[step[0]])
     return time.perf_counter() - t0
 
   def finished(self, state: engine.SimState) -> bool:
@@ -399,6 +408,10 @@ class Experiment:
                startup_s={**self.setup.phases,
                           "compile_s": timing["compile_s"]},
                compilation_cache=dict(self.program_status))
+    if self.client_plan is not None:
+      out["client_plan"] = self.client_plan
+    if self.step_memory is not None:
+      out["step_memory"] = self.step_memory
     return out
 
 
@@ -465,6 +478,12 @@ def build(config: ExperimentConfig,
     if not isinstance(extensions, engine.Extensions):
       raise ValueError("extensions: the factory must return an Extensions, "
                        f"got {type(extensions).__name__}")
+  # client_chunk=0 (auto): the chunk whose step fits the devices' memory.
+  e, memory = memory_plan.plan_engine(
+      e, setup.model.apply_fn, env, setup.model.params, setup.plan,
+      max_steps, setup.model.tx, kinds, config.device_memory_budget,
+      donate=config.max_virtual_time is None,
+      compiler_options=step_compiler_options(), extensions=extensions)
   sim = engine.make_simulator(e, setup.model.apply_fn, max_steps,
                               client_tx=setup.model.tx, kinds=kinds,
                               extensions=extensions)
@@ -473,7 +492,8 @@ def build(config: ExperimentConfig,
                                               e.eval_batch_size))
   setup.phases["engine_s"] = time.perf_counter() - t0
   return Experiment(setup=setup, env=env, sim=sim,
-                    plan_report=setup.plan_report)
+                    plan_report=setup.plan_report,
+                    client_plan=memory and memory.as_dict())
 
 
 def _first_batch(test: dict, size: int) -> dict:
