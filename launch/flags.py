@@ -617,6 +617,7 @@ def _undecodable_flagfile(args: Sequence[str], error: UnicodeDecodeError
   return f"--flagfile: a flagfile is not UTF-8 text ({error.reason})"
 
 
+# pylint: disable=protected-access
 def _bom_tolerant(read):
   """absl's flagfile reader, accepting a UTF-8 byte-order mark.
 
@@ -633,9 +634,9 @@ def _bom_tolerant(read):
         line = line[1:].strip()
         if not line or line.startswith(("#", "//")):
           continue
-        if self._is_flag_file_directive(line):  # pylint: disable=protected-access
-          out.extend(read_lines(self, self._extract_filename(line),  # pylint: disable=protected-access
-                                parsed_file_stack))
+        if self._is_flag_file_directive(line):
+          nested = self._extract_filename(line)
+          out.extend(read_lines(self, nested, parsed_file_stack))
           continue
       out.append(line)
     return out
@@ -644,9 +645,10 @@ def _bom_tolerant(read):
   return read_lines
 
 
-if not getattr(flags.FlagValues._get_flag_file_lines, "bom_tolerant", False):  # pylint: disable=protected-access
-  flags.FlagValues._get_flag_file_lines = _bom_tolerant(  # pylint: disable=protected-access
-      flags.FlagValues._get_flag_file_lines)  # pylint: disable=protected-access
+_READ_FLAGFILE = flags.FlagValues._get_flag_file_lines
+if not getattr(_READ_FLAGFILE, "bom_tolerant", False):
+  flags.FlagValues._get_flag_file_lines = _bom_tolerant(_READ_FLAGFILE)
+# pylint: enable=protected-access
 
 
 def parse_or_exit(argv: list[str]) -> list[str]:

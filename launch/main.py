@@ -46,9 +46,9 @@ FLAGS = flags.FLAGS
 
 _OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "checkpoints")
 # Summary fields printed at the end (all of them go to summary.json).
-_SHOWN = ("algorithm", "stopped_by", "final_accuracy", "best_accuracy", "target_accuracy",
-          "time_to_target_s", "rounds", "virtual_time_s", "client_updates",
-          "client_updates_per_s", "wall_s", "compile_s",
+_SHOWN = ("algorithm", "stopped_by", "final_accuracy", "best_accuracy",
+          "target_accuracy", "time_to_target_s", "rounds", "virtual_time_s",
+          "client_updates", "client_updates_per_s", "wall_s", "compile_s",
           "peak_device_memory_bytes", "upload_bytes_per_update",
           "download_bytes_per_update", "mean_staleness", "params_sha256")
 
@@ -66,13 +66,17 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def _clear_workdir(workdir: str) -> None:
-  """Removes this launcher's outputs (only those) from ``workdir``."""
+  """Removes this launcher's outputs (only those) from ``workdir``; exit 2
+  naming what cannot be removed."""
   for name in _OUTPUTS:
     p = os.path.join(workdir, name)
-    if os.path.isdir(p) and not os.path.islink(p):
-      shutil.rmtree(p)
-    elif os.path.lexists(p):
-      os.remove(p)
+    try:
+      if os.path.isdir(p) and not os.path.islink(p):
+        shutil.rmtree(p)
+      elif os.path.lexists(p):
+        os.remove(p)
+    except OSError as e:
+      flags_lib.fail(f"--overwrite: cannot remove {p} ({e.strerror or e})")
 
 
 def _check_workdir(workdir: str, config_dict: dict, sha: str

@@ -16,6 +16,7 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding
@@ -162,10 +163,14 @@ def check_updates_can_arrive(config: ExperimentConfig,
     return  # a factor >= 1 leaves the slowest first task within it.
   n = config.data.num_clients
   # The shortest a task can take: on a device holding the model (its
-  # download is the mask's part only), at the most favourable jitter.
-  nominal, _ = engine.nominal_duration(
-      e.batch_size, env.fleet, setup.plan, np.arange(n), env.num_steps,
-      np.ones(n, bool))
+  # download is the mask's part only), at the most favourable jitter. One
+  # jitted call, as make_environment's deadline: eager, its dozen ops
+  # would each compile on their own.
+  nominal, _ = one_shot.jit(
+      lambda f, p, s: engine.nominal_duration(
+          e.batch_size, f, p, jnp.arange(n), s, jnp.ones(n, bool)),
+      closure={"config": e, "n": n}, name="fastest_task")(
+          env.fleet, setup.plan, env.num_steps)
   fastest = np.asarray(nominal, np.float64) * np.exp(
       -MAX_JITTER_Z * float(env.fleet.task_sigma))
   ok = eligible & (drop < 1)
