@@ -488,8 +488,9 @@ def load_params(directory: str | os.PathLike, like: PyTree) -> PyTree:
   """Restores parameters shaped like ``like`` and checks their SHA-256.
 
   Raises:
-    ValueError: the tree or a shape differs from ``like``, or the bytes do
-      not hash to the recorded digest (a damaged checkpoint).
+    ValueError: the tree or a shape differs from ``like``, or the files
+      cannot be read or their bytes do not hash to the recorded digest (a
+      damaged checkpoint).
   """
   directory = os.path.abspath(os.fspath(directory))
   meta = read_params_meta(directory)
@@ -502,8 +503,12 @@ def load_params(directory: str | os.PathLike, like: PyTree) -> PyTree:
   abstract = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(np.shape(a), np.float32), like)
   _quiet_orbax_leftovers(directory)
-  with _ocp().StandardCheckpointer() as ckptr:
-    params = ckptr.restore(os.path.join(directory, "params"), abstract)
+  try:
+    with _ocp().StandardCheckpointer() as ckptr:
+      params = ckptr.restore(os.path.join(directory, "params"), abstract)
+  except Exception as e:  # orbax raises many types for damaged files.
+    raise ValueError(f"{directory}: parameter files unreadable "
+                     f"({_brief(e)}); the checkpoint is damaged") from None
   digest = params_sha256(params)
   if digest != meta.get("params_sha256"):
     raise ValueError(f"{directory}: parameters hash to {digest[:12]}, the "

@@ -778,3 +778,15 @@ def test_failed_background_save_exits_2_without_hanging(tmp_path):
                   f"{wd / 'checkpoints'} failed")
   assert "No space left on device" in err and not (wd / ".lock").exists()
   assert not (wd / "summary.json").exists()
+
+
+def test_truncated_parameter_checkpoint_is_a_value_error_naming_it(tmp_path):
+  _, params = helpers.tiny_model()
+  path = tmp_path / "pre"
+  checkpointing.save_params(path, params, {"model": "tiny"})
+  for p in (path / "params").rglob("*"):
+    if p.is_file() and p.parent.name == "d":
+      p.write_bytes(p.read_bytes()[:10])
+  with pytest.raises(ValueError, match=rf"^{path}: parameter files unreadable "
+                     r"\(.*\); the checkpoint is damaged$"):
+    checkpointing.load_params(path, params)
