@@ -135,8 +135,9 @@ def run_jobs(jobs: Sequence[Job], parallel: int = 1,
              extra_args: Sequence[str] = (), poll_s: float = 0.2) -> None:
   """Runs ``python -m launch.main`` for each job, ``parallel`` at a time.
 
-  Each job's stdout and stderr go to ``<workdir>/run.log``; its exit status
-  is stored in ``job.returncode``.
+  Each job's stdout and stderr are appended to ``<workdir>/run.log``, after
+  a line with the time and the command; its exit status is stored in
+  ``job.returncode``.
   """
   pending = list(jobs)
   running: list[tuple[Job, subprocess.Popen, float, io.TextIOBase]] = []
@@ -144,9 +145,15 @@ def run_jobs(jobs: Sequence[Job], parallel: int = 1,
     while pending and len(running) < parallel:
       job = pending.pop(0)
       os.makedirs(job.workdir, exist_ok=True)
-      log = open(os.path.join(job.workdir, "run.log"), "w")
+      # Appended: a resumed sweep keeps the earlier attempts' logs, and a
+      # run refused because another holds its workdir (launch.main's lock)
+      # does not truncate the holder's log.
+      log = open(os.path.join(job.workdir, "run.log"), "a")
       cmd = [sys.executable, "-m", "launch.main", *job.args,
              f"--workdir={job.workdir}", *extra_args]
+      log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                f"{' '.join(cmd[1:])}\n")
+      log.flush()
       logging.info("start %s", job.name)
       proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                               cwd=_repo_root())

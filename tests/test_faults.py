@@ -41,7 +41,7 @@ from ftte_jax.core import client as client_lib
 from ftte_jax.search import plan as plan_lib
 from launch import flags as flags_lib
 from test_checkpointing import _flip_bytes, _three_steps
-from test_launch import REPO, SMOKE, launch, metrics, run, summary
+from test_launch import REPO, SMOKE, launch, metrics, run
 
 _OK = "1e9,1e6,1e6,1e12,0"
 _HEADER = "speed_flops,bw_up,bw_down,memory_bytes,dropout"
