@@ -108,38 +108,53 @@ def _same_updates(args: list[str], shared) -> list[str]:
 
 
 def run_algorithms(per_alg: dict[str, list[str]], out_dir: str
-                   ) -> tuple[dict[str, dict], dict[str, list[dict]]]:
+                   ) -> tuple[dict[str, dict], dict[str, list[dict]],
+                              dict[str, str]]:
   """Runs each algorithm's ``launch.main`` in ``<out_dir>/<algorithm>``
   (resuming what is there), one after another.
 
   Returns:
-    ``(summaries, metric rows)`` by algorithm, for the runs that finished;
-    a failed run is logged with its log file and left out.
+    ``(summaries, metric rows, failures)`` by algorithm: summaries and
+    curves of the runs that finished and trained; for each other run its
+    status (``sweep.run_status``, e.g. 'failed (no_updates)'), also logged
+    with its log file.
   """
   jobs = [sweep.Job(alg, {"algorithm": alg}, args,
                     workdir=os.path.abspath(os.path.join(out_dir, alg)))
           for alg, args in per_alg.items()]
   sweep.run_jobs(jobs, parallel=1,
                  extra_args=flags_lib.checkpoint_args(FLAGS))
-  summaries, curves = {}, {}
+  summaries, curves, failures = {}, {}, {}
   for job in jobs:
     s = sweep.read_summary(job.workdir)
-    if job.returncode != 0 or s is None:
-      logging.error("%s failed (exit %s): see %s", job.name, job.returncode,
+    status = sweep.run_status(job.returncode, s)
+    if status != "ok":
+      failures[job.name] = status
+      logging.error("%s %s: see %s", job.name, status,
                     os.path.join(job.workdir, "run.log"))
       continue
     summaries[job.name] = s
     with open(os.path.join(job.workdir, "metrics.jsonl")) as f:
       curves[job.name] = [json.loads(line) for line in f]
-  return summaries, curves
+  return summaries, curves, failures
 
 
 def _ratio(a, b):
   return a / b if isinstance(a, (int, float)) and b else None
 
 
-def comparison_rows(summaries: dict[str, dict]) -> list[dict]:
-  """One row per algorithm; speed-up and ratios are against FedAvg."""
+def comparison_rows(summaries: dict[str, dict],
+                    failures: dict[str, str] | None = None) -> list[dict]:
+  """One row per algorithm; speed-up and ratios are against FedAvg. An
+  algorithm in ``failures`` (name -> status) gets a row with that status
+  and no values: a run in which no update arrived is not a result."""
+  rows = _result_rows(summaries)
+  rows += [{"algorithm": alg, "status": status} for alg, status in
+           (failures or {}).items()]
+  return rows
+
+
+def _result_rows(summaries: dict[str, dict]) -> list[dict]:
   base = summaries.get(BASELINE) or {}
   t_base = base.get("time_to_target_s")
   h_base = base.get("time_to_target_sustained_s")
@@ -149,6 +164,7 @@ def comparison_rows(summaries: dict[str, dict]) -> list[dict]:
     h = s.get("time_to_target_sustained_s")
     rows.append({
         "algorithm": alg,
+        "status": "ok",
         "final_accuracy": s.get("final_accuracy"),
         "best_accuracy": s.get("best_accuracy"),
         "time_to_target_s": t,
@@ -212,8 +228,8 @@ def main(argv: list[str]) -> None:
     flags_lib.fail(e)
   out_dir = FLAGS.compare_dir or os.path.join(
       "runs", "compare-" + time.strftime("%Y%m%d-%H%M%S"))
-  summaries, curves = run_algorithms(per_alg, out_dir)
-  rows = comparison_rows(summaries)
+  summaries, curves, failures = run_algorithms(per_alg, out_dir)
+  rows = comparison_rows(summaries, failures)
   target = next((s.get("target_accuracy") for s in summaries.values()), None)
   note = (f"\nTarget accuracy: {target}. speedup_vs_fedavg = 1 - "
           "t_target/t_target(fedavg), in virtual time; ratios are to "
@@ -222,8 +238,12 @@ def main(argv: list[str]) -> None:
   if png is None:
     note += ("\nNo plot: matplotlib is not installed (pip install "
              "'ftte_jax[plot]').\n")
+  if failures:
+    note += ("\nFailed (no values; their run.log says why): " + "; ".join(
+        f"{alg} {status}" for alg, status in failures.items()) + ".\n")
   write_results(out_dir, "compare", sweep.markdown_table(rows) + note,
-                {"rows": rows, "args": per_alg, "summaries": summaries}, png,
+                {"rows": rows, "args": per_alg, "summaries": summaries,
+                 "failures": failures}, png,
                 failed=len(summaries) < len(per_alg))
 
 

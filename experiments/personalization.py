@@ -114,7 +114,7 @@ def main(argv: list[str]) -> None:
   except ValueError as e:
     flags_lib.fail(e)
   out_dir = FLAGS.out_dir
-  summaries, _ = compare.run_algorithms(per_alg, out_dir)
+  summaries, _, _ = compare.run_algorithms(per_alg, out_dir)
   rows, tiers = rows_of(summaries)
   md = (sweep.markdown_table(rows) + "\n\nPer memory tier:\n\n" +
         sweep.markdown_table(tiers))

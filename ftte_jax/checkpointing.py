@@ -42,6 +42,74 @@ class CorruptCheckpointError(ValueError):
   """A checkpoint's files are unreadable or its bytes fail their hash."""
 
 
+class CheckpointSaveError(RuntimeError):
+  """A save failed (in the background or not) or did not finish in time."""
+
+
+# A save (and the wait for it at close) that takes longer fails: a stuck
+# filesystem must not hang a run. Generous: a multi-GB state on a slow disk.
+SAVE_TIMEOUT_S = 900.0
+
+
+def _quiet_orbax_leftovers(directory: str) -> None:
+  """Silences what a failed read of ``directory`` leaves behind.
+
+  When orbax's restore fails on a damaged step it closes its event loop
+  while tensorstore still completes the step's other reads; each
+  completion then meets the closed loop ("RuntimeError: Event loop is
+  closed", printed as an unraisable exception) or a future nobody reads
+  (asyncio's "Future exception was never retrieved"): dozens of
+  tracebacks after an error that was handled (the step is skipped with a
+  warning naming it). Only those are dropped: the first by its exact
+  message, the second when it names a file under ``directory``.
+  """
+  _QUIET_DIRS.add(os.fspath(directory))
+  if _QUIET_HOOKS:
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  class Leftovers(logging.Filter):
+
+    def filter(self, record) -> bool:
+      text = record.getMessage()
+      return not ("exception was never retrieved" in text and any(
+          d in text for d in _QUIET_DIRS))
+
+  sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(Leftovers())
+  _QUIET_HOOKS.append(hook)
+
+
+_QUIET_DIRS: set[str] = set()
+_QUIET_HOOKS: list = []
+
+
+def _bounded(fn: Callable[[], Any], timeout_s: float, what: str) -> None:
+  """Runs ``fn`` on a daemon thread; raises CheckpointSaveError if it
+  raises or is still running after ``timeout_s`` seconds."""
+  error: list[BaseException] = []
+
+  def target():
+    try:
+      fn()
+    except BaseException as e:  # pylint: disable=broad-except
+      error.append(e)
+
+  t = threading.Thread(target=target, name="checkpoint-wait", daemon=True)
+  t.start()
+  t.join(timeout_s)
+  if t.is_alive():
+    raise CheckpointSaveError(f"{what} did not finish within {timeout_s:g} s")
+  if error:
+    raise CheckpointSaveError(f"{what} failed ({_brief(error[0])})") from None
+
+
 def _ocp():
   """``orbax.checkpoint``, imported at first use: the import takes about
   0.4 s on the 2-core CPU, which a run that saves only as it trains need
@@ -148,9 +216,14 @@ class Checkpointer:
   config_sha256: str
   every: int = 10
   max_to_keep: int = 3
+  # Seconds a save, or the wait for pending saves, may take (then
+  # CheckpointSaveError).
+  timeout_s: float = SAVE_TIMEOUT_S
   _manager: Any = dataclasses.field(init=False, default=None, repr=False)
   # Steps restore_latest skipped as damaged, newest first, with reasons.
   skipped: list[str] = dataclasses.field(init=False, default_factory=list)
+  # Damaged steps that could not be moved aside: not saved over.
+  in_the_way: set[int] = dataclasses.field(init=False, default_factory=set)
 
   def __post_init__(self):
     if self.every < 1:
@@ -183,6 +256,10 @@ class Checkpointer:
     The state is copied to host memory first: the server step donates its
     input buffers, so device arrays may be reused before an async save
     has read them.
+
+    Raises:
+      CheckpointSaveError: this save, or an earlier one still finishing in
+        the background, failed (or waited past ``timeout_s``).
     """
     step = int(state.version)
     host_state = jax.device_get(state)
@@ -191,14 +268,41 @@ class Checkpointer:
             "history": to_jsonable(history),
             "state_sha256": params_sha256(host_state)}
     ocp = _ocp()
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(host_state),
-        meta=ocp.args.JsonSave(meta)), force=True)
+    args = ocp.args.Composite(state=ocp.args.StandardSave(host_state),
+                              meta=ocp.args.JsonSave(meta))
+    # orbax would wait for the previous save unbounded: wait here first,
+    # bounded, which also raises that save's background failure.
+    self._wait()
+    try:
+      self.manager.save(step, args=args, force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointSaveError(
+          f"saving checkpoint step {step} in {self.directory} failed "
+          f"({_brief(e)})") from None
     return step
+
+  def _wait(self) -> None:
+    """Waits (at most ``timeout_s``) for the pending save; raises
+    CheckpointSaveError if it failed or is still running."""
+    manager = self._manager
+    if manager is None:
+      return
+
+    def wait():
+      manager.wait_until_finished()
+      manager.check_for_errors()
+
+    _bounded(wait, self.timeout_s, f"saving checkpoints in {self.directory}")
 
   def maybe_save(self, state: PyTree, history: list[dict]) -> bool:
     """Saves if ``state.version`` is a multiple of ``every``."""
-    if int(state.version) % self.every:
+    step = int(state.version)
+    if step % self.every:
+      return False
+    if step in self.in_the_way:
+      logging.warning("checkpoint step %d not saved: a damaged step %d that "
+                      "could not be moved aside is in %s", step, step,
+                      self.directory)
       return False
     self.save(state, history)
     return True
@@ -220,6 +324,7 @@ class Checkpointer:
         bytes do not hash to the digest written at save time.
     """
     ocp = _ocp()
+    _quiet_orbax_leftovers(self.directory)
     try:
       meta = self.manager.restore(step, args=ocp.args.Composite(
           meta=ocp.args.JsonRestore()))["meta"]
@@ -286,25 +391,48 @@ class Checkpointer:
     return None
 
   def _set_aside(self, step: int) -> None:
-    """Moves a damaged step out of the manager's directory (one process)."""
+    """Moves a damaged step out of the manager's directory (one process).
+
+    What cannot be moved (no permission, ``<directory>.damaged`` a file)
+    stays in place with a warning: the older steps are still tried, and
+    the run saves this step number again only after the damaged one is
+    gone (``maybe_save``).
+    """
     if jax.process_index() == 0:
       aside = f"{self.directory}.damaged"
-      os.makedirs(aside, exist_ok=True)
       src = os.path.join(self.directory, str(step))
-      if os.path.isdir(src):
-        dst = os.path.join(aside, str(step))
-        n = 1
-        while os.path.exists(dst):  # an earlier resume set one aside too.
-          dst, n = os.path.join(aside, f"{step}.{n}"), n + 1
-        os.replace(src, dst)
-    self.manager.reload()
+      try:
+        if os.path.isdir(src):
+          os.makedirs(aside, exist_ok=True)
+          dst = os.path.join(aside, str(step))
+          n = 1
+          while os.path.exists(dst):  # an earlier resume set one aside too.
+            dst, n = os.path.join(aside, f"{step}.{n}"), n + 1
+          os.replace(src, dst)
+      except OSError as e:
+        self.in_the_way.add(step)
+        logging.warning("damaged checkpoint step %d could not be moved to "
+                        "%s (%s); left in place", step, aside, _brief(e))
+    try:
+      self.manager.reload()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("checkpoint directory %s could not be re-read after "
+                      "setting step %d aside (%s)", self.directory, step,
+                      _brief(e))
 
   def close(self) -> None:
-    """Waits for pending saves to finish, then releases the manager."""
+    """Waits for pending saves to finish (at most ``timeout_s``), then
+    releases the manager.
+
+    Raises:
+      CheckpointSaveError: a pending save failed or did not finish in time.
+    """
     if self._manager is None:
       return
-    self._manager.wait_until_finished()
-    self._manager.close()
+    self._wait()
+    manager, self._manager = self._manager, None
+    _bounded(manager.close, self.timeout_s,
+             f"closing the checkpoints in {self.directory}")
 
 
 # ----------------------------------------------------------------------------
@@ -360,8 +488,9 @@ def load_params(directory: str | os.PathLike, like: PyTree) -> PyTree:
   """Restores parameters shaped like ``like`` and checks their SHA-256.
 
   Raises:
-    ValueError: the tree or a shape differs from ``like``, or the bytes do
-      not hash to the recorded digest (a damaged checkpoint).
+    ValueError: the tree or a shape differs from ``like``, or the files
+      cannot be read or their bytes do not hash to the recorded digest (a
+      damaged checkpoint).
   """
   directory = os.path.abspath(os.fspath(directory))
   meta = read_params_meta(directory)
@@ -373,8 +502,13 @@ def load_params(directory: str | os.PathLike, like: PyTree) -> PyTree:
                      f"not match the model's {want}")
   abstract = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(np.shape(a), np.float32), like)
-  with _ocp().StandardCheckpointer() as ckptr:
-    params = ckptr.restore(os.path.join(directory, "params"), abstract)
+  _quiet_orbax_leftovers(directory)
+  try:
+    with _ocp().StandardCheckpointer() as ckptr:
+      params = ckptr.restore(os.path.join(directory, "params"), abstract)
+  except Exception as e:  # orbax raises many types for damaged files.
+    raise ValueError(f"{directory}: parameter files unreadable "
+                     f"({_brief(e)}); the checkpoint is damaged") from None
   digest = params_sha256(params)
   if digest != meta.get("params_sha256"):
     raise ValueError(f"{directory}: parameters hash to {digest[:12]}, the "

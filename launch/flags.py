@@ -38,6 +38,10 @@ from ftte_jax.core import options
 
 EXIT_USAGE = 2  # exit status for bad command-line input.
 EXIT_DIVERGED = 3  # a run stopped by on_divergence=stop.
+EXIT_NO_UPDATES = 4  # no client update arrived (stopped_by "no_updates").
+# What each status of launch.main means, for the tables of sweep and compare.
+EXIT_MEANINGS = {0: "ok", 1: "crashed", 2: "refused", 3: "diverged",
+                 4: "no_updates"}
 PRESET_FLAG = "algorithm"  # names the preset; not an override.
 # The first version's setting, before the Tiny-Training-Engine defaults
 # (pretrained start on a proxy set, frozen weights in flash, micro-batches,
@@ -456,9 +460,44 @@ def resolve(fv: flags.FlagValues = flags.FLAGS) -> Resolved:
       search=experiment.SearchConfig(**parts["search"]),
       pretrain=experiment.PretrainConfig(**parts["pretrain"]), **parts[""])
   experiment.validate(config)
+  check_updates_can_arrive(config)
   if config.init_checkpoint:  # reads one small JSON file.
     experiment.check_checkpoint(config)
   return Resolved(config, given)
+
+
+def check_updates_can_arrive(config: experiment.ExperimentConfig) -> None:
+  """Refuses what the flags alone show can never deliver an update: every
+  task abandoned (``--dropout=1``, or a trace whose every device has
+  dropout 1). The build refuses the rest it can know (devices eligible for
+  their mask, the deadline: ``experiment.build``); a run that still gets
+  no update stops with ``stopped_by: "no_updates"``.
+
+  Raises:
+    ValueError: naming the flag or the trace file.
+  """
+  fleet = config.fleet
+  if fleet.trace_path is None:
+    if fleet.dropout >= 1:
+      raise ValueError(f"dropout={fleet.dropout:g}: every task is abandoned, "
+                       "so no update can ever arrive; valid: below 1")
+    return
+  drop = _trace_dropouts(fleet.trace_path)
+  if drop is not None and len(drop) and min(drop) >= 1:
+    raise ValueError(f"trace_path={fleet.trace_path}: every device has "
+                     "dropout 1 (abandons every task), so no update can "
+                     "ever arrive")
+
+
+def _trace_dropouts(path: str) -> list[float] | None:
+  """The trace's dropout column; None where it cannot be read as numbers
+  (the build then names the file and line)."""
+  import csv  # pylint: disable=g-import-not-at-top
+  try:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+      return [float(r["dropout"]) for r in csv.DictReader(f)]
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
 
 
 def given_args(fv: flags.FlagValues = flags.FLAGS) -> list[str]:
@@ -575,6 +614,40 @@ def _undecodable_flagfile(args: Sequence[str], error: UnicodeDecodeError
       except OSError:
         continue
   return f"--flagfile: a flagfile is not UTF-8 text ({error.reason})"
+
+
+# pylint: disable=protected-access
+def _bom_tolerant(read):
+  """absl's flagfile reader, accepting a UTF-8 byte-order mark.
+
+  absl reads a flagfile as text, so the mark some editors write first
+  sticks to the first line: that line becomes a positional argument, and a
+  comment or a nested --flagfile there is missed. A flag line never starts
+  with U+FEFF, so any that does is the start of a file, read again here.
+  """
+
+  def read_lines(self, filename, parsed_file_stack=None):
+    out = []
+    for line in read(self, filename, parsed_file_stack):
+      if line.startswith("\ufeff"):
+        line = line[1:].strip()
+        if not line or line.startswith(("#", "//")):
+          continue
+        if self._is_flag_file_directive(line):
+          nested = self._extract_filename(line)
+          out.extend(read_lines(self, nested, parsed_file_stack))
+          continue
+      out.append(line)
+    return out
+
+  read_lines.bom_tolerant = True
+  return read_lines
+
+
+_READ_FLAGFILE = flags.FlagValues._get_flag_file_lines
+if not getattr(_READ_FLAGFILE, "bom_tolerant", False):
+  flags.FlagValues._get_flag_file_lines = _bom_tolerant(_READ_FLAGFILE)
+# pylint: enable=protected-access
 
 
 def parse_or_exit(argv: list[str]) -> list[str]:

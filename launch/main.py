@@ -18,7 +18,13 @@ On a terminal a progress bar shows the run (--progress, ``launch/watch.py``);
 Running the same command again resumes from the latest checkpoint (and
 rewrites metrics.jsonl to the checkpoint's rows first, so no row is
 duplicated); a workdir holding a different configuration is refused unless
-``--overwrite``. Bad input exits with status 2 and one line naming the flag.
+``--overwrite``. A run holds an exclusive lock on its workdir
+(``launch/workdir_lock.py``) from before it reads or clears anything there.
+
+Exit statuses: 0 finished; 2 bad input, a workdir in use or unusable, or a
+checkpoint that could not be saved (one line naming the cause); 3 diverged
+(``--on_divergence=stop``); 4 no client update arrived (``stopped_by:
+"no_updates"``); 1 an unexpected error (a traceback).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 
 from absl import app
 from absl import flags
@@ -45,9 +52,9 @@ _EXTENSIONS: list = [None, None]
 _OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "checkpoints",
             watch.TENSORBOARD_DIR)
 # Summary fields printed at the end (all of them go to summary.json).
-_SHOWN = ("algorithm", "final_accuracy", "best_accuracy", "target_accuracy",
-          "time_to_target_s", "rounds", "virtual_time_s", "client_updates",
-          "client_updates_per_s", "wall_s", "compile_s",
+_SHOWN = ("algorithm", "stopped_by", "final_accuracy", "best_accuracy",
+          "target_accuracy", "time_to_target_s", "rounds", "virtual_time_s",
+          "client_updates", "client_updates_per_s", "wall_s", "compile_s",
           "peak_device_memory_bytes", "upload_bytes_per_update",
           "download_bytes_per_update", "mean_staleness", "params_sha256")
 
@@ -65,29 +72,44 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def _clear_workdir(workdir: str) -> None:
-  """Removes this launcher's outputs (only those) from ``workdir``."""
+  """Removes this launcher's outputs (only those) from ``workdir``; exit 2
+  naming what cannot be removed."""
   for name in _OUTPUTS:
     p = os.path.join(workdir, name)
-    if os.path.isdir(p):
-      shutil.rmtree(p)
-    elif os.path.exists(p):
-      os.remove(p)
+    try:
+      if os.path.isdir(p) and not os.path.islink(p):
+        shutil.rmtree(p)
+      elif os.path.lexists(p):
+        os.remove(p)
+    except OSError as e:
+      flags_lib.fail(f"--overwrite: cannot remove {p} ({e.strerror or e})")
 
 
 def _check_workdir(workdir: str, config_dict: dict, sha: str
                    ) -> dict | None:
-  """Refuses (exit 2) a workdir that holds another configuration's run;
-  returns its config.json (None: there is none)."""
+  """Refuses (exit 2) a workdir that holds another configuration's run, a
+  malformed config.json, or outputs of the wrong kind; returns its
+  config.json (None: there is none)."""
+  _check_outputs(workdir)
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
     try:
-      with open(path) as f:
+      with open(path, encoding="utf-8") as f:
         stored = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-      flags_lib.fail(f"--workdir={workdir}: unreadable config.json ({e}); "
+    except (OSError, ValueError) as e:
+      flags_lib.fail(f"--workdir={workdir}: unreadable {path} "
+                     f"({flags_lib.one_line(e)}); pass --overwrite to start "
+                     "fresh")
+    if not isinstance(stored, dict) or not isinstance(
+        stored.get("config_sha256"), str):
+      kind = "object" if isinstance(stored, dict) else {
+          list: "array", str: "string"}.get(type(stored), "value")
+      flags_lib.fail(f"--workdir={workdir}: {path} is not a run's "
+                     f"configuration (a JSON {kind} without config_sha256); "
                      "pass --overwrite to start fresh")
-    if stored.get("config_sha256") != sha:
-      diff = _diff(stored.get("experiment", {}), config_dict)
+    if stored["config_sha256"] != sha:
+      old = stored.get("experiment")
+      diff = _diff(old, config_dict) if isinstance(old, dict) else []
       flags_lib.fail(
           f"--workdir={workdir} holds a run with a different configuration "
           f"({'; '.join(diff[:3]) or 'hash differs'}"
@@ -99,6 +121,23 @@ def _check_workdir(workdir: str, config_dict: dict, sha: str
     flags_lib.fail(f"--workdir={workdir} holds checkpoints but no "
                    "config.json; pass --overwrite to discard them")
   return None
+
+
+def _check_outputs(workdir: str) -> None:
+  """Exit 2, before the build, for an output path of the wrong kind (a
+  ``checkpoints`` that is a file, a ``summary.json`` that is a directory)
+  or a checkpoints directory that cannot be written: otherwise the run
+  would train and then fail to save."""
+  for name in _OUTPUTS:
+    p = os.path.join(workdir, name)
+    want_dir = name == "checkpoints"
+    if os.path.lexists(p) and os.path.isdir(p) != want_dir:
+      flags_lib.fail(
+          f"--workdir={workdir}: {p} is {'not ' if want_dir else ''}a "
+          f"directory; remove it or pass --overwrite")
+  ckpt = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(ckpt):
+    _probe_dir(ckpt, f"--workdir={workdir}: {ckpt}")
 
 
 def _finished(config, state) -> bool:
@@ -117,9 +156,14 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
 
 
 class _QuietLibraries(logging.logging.Filter):
-  """Drops INFO chatter of orbax (per-save thread messages) from the log."""
+  """Drops INFO chatter of orbax (per-save thread messages) from the log,
+  and the tracebacks of its errors: a failed save is reported by the
+  launcher in one line (``checkpointing.CheckpointSaveError``), and
+  orbax's own line says where it failed."""
 
   def filter(self, record) -> bool:
+    if "orbax" in record.pathname and record.exc_info:
+      record.exc_info, record.exc_text = None, None
     return record.levelno >= logging.logging.WARNING or not any(
         lib in record.pathname for lib in ("orbax", "xla_bridge"))
 
@@ -163,7 +207,24 @@ def main(argv: list[str]) -> None:
 
   config_dict = checkpointing.to_jsonable(config.to_dict())
   sha = checkpointing.config_hash(_hashed(config_dict))
-  workdir, stored = _workdir(config, config_dict, sha)
+  workdir = _workdir_path(config, sha)
+  # Before anything in the workdir is read or cleared (--overwrite).
+  lock = _lock(workdir)
+  try:
+    _main_locked(resolved, config_dict, sha, workdir, primary, imports_s)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _main_locked(resolved, config_dict: dict, sha: str, workdir: str,
+                 primary: bool, imports_s: float) -> None:
+  """The run, with the workdir locked."""
+  from ftte_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  config = resolved.config
+  stored = None if FLAGS.overwrite else _check_workdir(workdir, config_dict,
+                                                        sha)
+  logging.info("workdir %s (config %s)", workdir, sha[:12])
   exp, build_s = _build(config)
   # Written only once the build succeeded: a failed start leaves nothing
   # that a corrected command would be refused for.
@@ -171,21 +232,22 @@ def main(argv: list[str]) -> None:
     _clear_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   # The clients mesh the run so far used (config.json records it).
-  devices_before = (stored or {}).get("launch", {}).get("mesh_devices")
+  devices_before = _stored(stored, "launch", "mesh_devices")
   if primary:
     _write_config(workdir, config, config_dict, sha, resolved.given,
                   exp.num_devices)
   ckpt, state, history = _restore(exp, workdir, sha)
   resumed_from = int(state.version) if state is not None else None
   summary_path = os.path.join(workdir, "summary.json")
-  if state is not None and _finished(config, state) and os.path.exists(
-      summary_path):
-    ckpt.close()
-    logging.info("run already complete at round %d; summary in %s",
-                 resumed_from, summary_path)
-    with open(summary_path) as f:
-      _print_summary(json.load(f), workdir)
-    return
+  if state is not None and _finished(config, state):
+    done = _complete_outputs(workdir, state, checkpointing)
+    if done is not None:
+      ckpt.close()
+      logging.info("run already complete at round %d; summary in %s",
+                   resumed_from, summary_path)
+      _print_summary(done, workdir)
+      _exit_status(done, workdir)
+      return
   if resumed_from is not None:
     logging.info("resuming from round %d (%d metric rows)", resumed_from,
                  len(history))
@@ -196,18 +258,25 @@ def main(argv: list[str]) -> None:
           "taken in another order, so it continues close to, not bit for "
           "bit like, an uninterrupted run", workdir, devices_before,
           exp.num_devices)
-  state, history, timing = _run(exp, ckpt, state, history,
-                                workdir if primary else None)
-  summary = exp.summary(state, history, timing)
+  try:
+    state, history, timing = _run(exp, ckpt, state, history,
+                                  workdir if primary else None)
+    summary = exp.summary(state, history, timing)
+    ckpt.close()
+  except checkpointing.CheckpointSaveError as e:
+    # orbax's threads of the failed save may never finish: no close().
+    flags_lib.fail(f"--workdir={workdir}: {e}")
   summary.update(config_sha256=sha, workdir=os.path.abspath(workdir),
                  build_s=build_s, resumed_from_round=resumed_from,
                  num_params=exp.info.get("num_params"))
   summary["startup_s"]["imports_s"] = imports_s
-  ckpt.close()
+  failure = _failure(summary, config)
+  if failure:
+    summary["failure"] = failure
   if primary:
     checkpointing.write_json(summary_path, summary)
     _print_summary(checkpointing.to_jsonable(summary), workdir)
-  _exit_if_diverged(summary, workdir)
+  _exit_status(summary, workdir)
 
 
 def _extensions_name() -> str | None:
@@ -225,28 +294,172 @@ def _hashed(config_dict: dict) -> dict:
                                            "extensions": name}
 
 
-def _exit_if_diverged(summary: dict, workdir: str) -> None:
-  """Exit 3 with one line when on_divergence=stop ended the run."""
-  if summary["stopped_by"] == "divergence":
+def _stored(stored: dict | None, section: str, key: str):
+  """``stored[section][key]`` of a config.json, None where any is missing
+  or of another type."""
+  part = stored.get(section) if isinstance(stored, dict) else None
+  return part.get(key) if isinstance(part, dict) else None
+
+
+def _failure(summary: dict, config) -> str | None:
+  """The summary's one-line ``failure`` for a run that could not train."""
+  if summary.get("stopped_by") != "no_updates":
+    return None
+  from ftte_jax.experiment import run as run_lib  # pylint: disable=g-import-not-at-top
+  n, rounds = summary.get("client_updates") or 0, summary.get("rounds")
+  what = (f"no client update arrived in {rounds} server steps" if not n
+          else f"no client update arrived in the last "
+          f"{run_lib.no_update_window(config)} or more server steps up to "
+          f"round {rounds} ({n} applied before)")
+  stale = summary.get("updates_stale")
+  return (f"{what}: every task was abandoned (--dropout, a trace's dropout "
+          "column) or missed its deadline (--deadline_s, --deadline_factor)"
+          f"{f' or came back too stale to count ({stale})' if stale else ''}"
+          f"; {summary.get('updates_dropped')} tasks dropped in "
+          f"{summary.get('virtual_time_s', 0.0):.6g} virtual seconds")
+
+
+def _exit_status(summary: dict, workdir: str) -> None:
+  """Exits 3 (diverged) or 4 (no update arrived) with one line when the
+  run ended that way; returns otherwise."""
+  if summary.get("stopped_by") == "divergence":
     print(f"main.py: diverged at round {summary['rounds']}: a step's result "
           "or the test loss was not finite; the last good state and the "
           f"summary are in {workdir} (--on_divergence=skip goes on)",
           file=sys.stderr, flush=True)
     sys.exit(flags_lib.EXIT_DIVERGED)
+  if summary.get("stopped_by") == "no_updates":
+    print(f"main.py: no update arrived, the model is untrained: "
+          f"{summary.get('failure') or 'stopped_by no_updates'}; summary in "
+          f"{workdir}", file=sys.stderr, flush=True)
+    sys.exit(flags_lib.EXIT_NO_UPDATES)
 
 
-def _workdir(config, config_dict, sha) -> tuple[str, dict | None]:
-  """The run's workdir, refused (exit 2) if it holds another run, and the
-  config.json it holds (None: none, or --overwrite)."""
+def _complete_outputs(workdir: str, state, checkpointing) -> dict | None:
+  """A finished run's summary, if it and metrics.jsonl are intact and the
+  summary describes the checkpoint's model; else None, with a warning (the
+  caller then rebuilds both from the checkpoint)."""
+  summary_path = os.path.join(workdir, "summary.json")
+  if not os.path.exists(summary_path):
+    return None
+  why = None
+  try:
+    with open(summary_path, encoding="utf-8") as f:
+      summary = json.load(f)
+    if not isinstance(summary, dict) or "params_sha256" not in summary:
+      why = "summary.json is not a run summary"
+    elif summary["params_sha256"] != checkpointing.params_sha256(
+        state.params):
+      why = "summary.json describes another model than the checkpoint's"
+  except (OSError, ValueError) as e:
+    why = f"summary.json is unreadable ({flags_lib.one_line(e)})"
+  if why is None:
+    why = _damaged_metrics(os.path.join(workdir, "metrics.jsonl"))
+  if why is None:
+    return summary
+  logging.warning("--workdir=%s: %s; rebuilding summary.json and "
+                  "metrics.jsonl from the checkpoint of round %d", workdir,
+                  why, int(state.version))
+  return None
+
+
+def _damaged_metrics(path: str) -> str | None:
+  """Why metrics.jsonl is damaged (missing, or a line that is not a JSON
+  row); None if intact."""
+  n = 0
+  try:
+    with open(path, encoding="utf-8") as f:
+      for n, line in enumerate(f, 1):
+        row = json.loads(line)
+        if not isinstance(row, dict) or "round" not in row:
+          return f"metrics.jsonl line {n} is not a metric row"
+  except FileNotFoundError:
+    return "metrics.jsonl is missing"
+  except (OSError, ValueError) as e:
+    return (f"metrics.jsonl line {n + 1 if isinstance(e, UnicodeError) else n}"
+            f" is unreadable ({flags_lib.one_line(e)})")
+  return None
+
+
+def _workdir_path(config, sha) -> str:
+  """The run's workdir, checked to be creatable and writable (exit 2)."""
   workdir = FLAGS.workdir or os.path.join(
       "runs", f"{config.engine.algorithm}-{sha[:8]}")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     flags_lib.fail(f"--workdir={workdir} exists and is not a directory")
+  _check_name_lengths(workdir)
   _probe_workdir(workdir)
-  stored = None if FLAGS.overwrite else _check_workdir(workdir, config_dict,
-                                                        sha)
-  logging.info("workdir %s (config %s)", workdir, sha[:12])
-  return workdir, stored
+  return workdir
+
+
+def _check_name_lengths(workdir: str) -> None:
+  """Exit 2 for a path or a name in it longer than the filesystem allows
+  (``os.mkdir`` would fail only after the build)."""
+  path = os.path.abspath(workdir)
+  parent = path
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  try:
+    name_max = os.pathconf(parent, "PC_NAME_MAX")
+    path_max = os.pathconf(parent, "PC_PATH_MAX")
+  except (OSError, ValueError):
+    name_max, path_max = 255, 4096
+  # Room for the longest name written inside: checkpoints.damaged/<step>.n
+  # and orbax's temporary step directories.
+  room = 64
+  for name in path.split(os.sep):
+    if len(name.encode()) > name_max:
+      flags_lib.fail(f"--workdir={workdir}: the name {name[:40]}... is "
+                     f"{len(name.encode())} bytes, longer than this "
+                     f"filesystem allows ({name_max})")
+  if len(path.encode()) + room > path_max:
+    flags_lib.fail(f"--workdir={workdir}: the path is {len(path.encode())} "
+                   f"bytes; with the files written inside it would pass this "
+                   f"filesystem's limit ({path_max})")
+
+
+def _lock(workdir: str):
+  """Takes the workdir's lock (process 0 of a jax.distributed run); exit 2,
+  on every process, naming the holder when another run has it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from launch import workdir_lock  # pylint: disable=g-import-not-at-top
+  lock = refusal = None
+  if jax.process_index() == 0:
+    try:
+      lock = workdir_lock.acquire(workdir)
+    except workdir_lock.WorkdirBusyError as e:
+      refusal = str(e)
+    except OSError as e:
+      refusal = (f"--workdir={workdir} cannot be created or locked "
+                 f"({e.strerror or e})")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    refused = int(multihost_utils.broadcast_one_to_all(
+        np.int32(refusal is not None)))
+    if refused and refusal is None:
+      refusal = (f"--workdir={workdir}: process 0 could not lock it (its "
+                 "log says why)")
+  if refusal is not None:
+    flags_lib.fail(refusal)
+  if lock is not None and lock.stale:
+    logging.warning("%s", lock.stale)
+  if lock is not None and lock.advisory:
+    logging.warning("--workdir=%s: this filesystem refuses file locks; the "
+                    "lock is only a record of this process", workdir)
+  return lock
+
+
+def _probe_dir(path: str, what: str) -> None:
+  """Exit 2 if the existing directory ``path`` cannot be written (a probe
+  file is created and removed)."""
+  probe = os.path.join(path, f".probe{os.getpid()}")
+  try:
+    with open(probe, "w") as f:
+      f.write("probe")
+    os.remove(probe)
+  except OSError as e:
+    flags_lib.fail(f"{what} is not writable ({e.strerror})")
 
 
 def _probe_workdir(workdir: str) -> None:
@@ -257,13 +470,7 @@ def _probe_workdir(workdir: str) -> None:
   left behind either way.
   """
   if os.path.isdir(workdir):
-    probe = os.path.join(workdir, f".probe{os.getpid()}")
-    try:
-      with open(probe, "w") as f:
-        f.write("probe")
-      os.remove(probe)
-    except OSError as e:
-      flags_lib.fail(f"--workdir={workdir} is not writable ({e.strerror})")
+    _probe_dir(workdir, f"--workdir={workdir}")
     return
   parent = os.path.dirname(os.path.abspath(workdir))
   while not os.path.exists(parent):
@@ -390,7 +597,8 @@ def _run(exp, ckpt, state, history, workdir):
                                        on_step=on_step)
     finally:
       watcher.close()
-  if ckpt.latest_step() != int(state.version):
+  if (ckpt.latest_step() != int(state.version) and
+      int(state.version) not in ckpt.in_the_way):
     ckpt.save(state, rows)
   return state, history, timing
 
@@ -398,6 +606,9 @@ def _run(exp, ckpt, state, history, workdir):
 def _print_summary(summary: dict, workdir: str) -> None:
   width = max(len(k) for k in _SHOWN)
   lines = [f"summary ({os.path.join(workdir, 'summary.json')}):"]
+  if summary.get("failure"):
+    lines.append(f"  FAILED ({summary.get('stopped_by')}): "
+                 f"{summary['failure']}")
   for k in _SHOWN:
     v = summary.get(k)
     text = f"{v:.6g}" if isinstance(v, float) else str(v)
@@ -420,9 +631,10 @@ def run(extensions=None, name=None) -> None:
   Tearing down the modules and the XLA client after a run took about 0.5 s
   on the 2-core CPU, a tenth of a warm run of the FedJAX workload. By then
   every file is written and closed and the checkpointer has finished, so
-  the atexit handlers run and the process exits directly. An exception
-  other than ``SystemExit`` still takes the normal path (traceback, exit
-  1).
+  the atexit handlers run and the process exits directly. An unexpected
+  exception prints its traceback and exits 1 the same way: a normal
+  interpreter exit would wait forever on the threads of an orbax save that
+  failed (they wait for a signal that never comes).
   """
   if extensions is not None and name is None:
     raise ValueError("name: run(extensions=...) needs a name for the "
@@ -434,6 +646,12 @@ def run(extensions=None, name=None) -> None:
     code = 0
   except SystemExit as e:
     code = e.code
+  except KeyboardInterrupt:
+    print("main.py: interrupted", file=sys.stderr)
+    code = 130
+  except BaseException:  # pylint: disable=broad-except
+    traceback.print_exc()
+    code = 1
   if code is not None and not isinstance(code, int):
     print(code, file=sys.stderr)  # what SystemExit would have printed.
     code = 1

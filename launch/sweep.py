@@ -13,7 +13,10 @@ its own workdir under ``--sweep_dir`` (named after its values), its own log
 Re-running the same sweep resumes unfinished runs from their checkpoints and
 skips finished ones. At the end every ``summary.json`` is gathered into
 ``results.{md,csv,json}`` in ``--sweep_dir`` (plus a mean/std table over
-seeds when there is more than one).
+seeds when there is more than one). A run that failed (any exit status but
+0, or a summary with ``stopped_by`` "no_updates" or "divergence") is
+listed with ``status`` "failed (...)" and no result values, is left out of
+the means (``failed`` counts it), and makes the sweep exit 1.
 """
 
 from __future__ import annotations
@@ -132,8 +135,9 @@ def run_jobs(jobs: Sequence[Job], parallel: int = 1,
              extra_args: Sequence[str] = (), poll_s: float = 0.2) -> None:
   """Runs ``python -m launch.main`` for each job, ``parallel`` at a time.
 
-  Each job's stdout and stderr go to ``<workdir>/run.log``; its exit status
-  is stored in ``job.returncode``.
+  Each job's stdout and stderr are appended to ``<workdir>/run.log``, after
+  a line with the time and the command; its exit status is stored in
+  ``job.returncode``.
   """
   pending = list(jobs)
   running: list[tuple[Job, subprocess.Popen, float, io.TextIOBase]] = []
@@ -141,9 +145,15 @@ def run_jobs(jobs: Sequence[Job], parallel: int = 1,
     while pending and len(running) < parallel:
       job = pending.pop(0)
       os.makedirs(job.workdir, exist_ok=True)
-      log = open(os.path.join(job.workdir, "run.log"), "w")
+      # Appended: a resumed sweep keeps the earlier attempts' logs, and a
+      # run refused because another holds its workdir (launch.main's lock)
+      # does not truncate the holder's log.
+      log = open(os.path.join(job.workdir, "run.log"), "a")
       cmd = [sys.executable, "-m", "launch.main", *job.args,
              f"--workdir={job.workdir}", *extra_args]
+      log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                f"{' '.join(cmd[1:])}\n")
+      log.flush()
       logging.info("start %s", job.name)
       proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                               cwd=_repo_root())
@@ -166,20 +176,47 @@ def _repo_root() -> str:
 
 
 def read_summary(workdir: str) -> dict | None:
+  """A run's summary.json; None if missing or not a JSON object."""
   path = os.path.join(workdir, "summary.json")
-  if not os.path.exists(path):
+  try:
+    with open(path, encoding="utf-8") as f:
+      summary = json.load(f)
+  except (OSError, ValueError):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return summary if isinstance(summary, dict) else None
+
+
+def run_status(returncode: int | None, summary: dict | None) -> str:
+  """'ok' for a run that finished and trained; else 'failed (why)', why
+  being launch.main's exit status by name (``flags.EXIT_MEANINGS``), e.g.
+  'failed (no_updates)' for a run in which no client update arrived."""
+  stopped = (summary or {}).get("stopped_by")
+  if returncode == 0 and summary is not None and stopped not in (
+      "no_updates", "divergence"):
+    return "ok"
+  if stopped in ("no_updates", "divergence"):
+    return f"failed ({stopped})"
+  if returncode is None:
+    return "failed (not run)"
+  if returncode < 0:
+    return f"failed (signal {-returncode})"
+  return (f"failed ({flags_lib.EXIT_MEANINGS.get(returncode, 'exit')}, exit "
+          f"{returncode})" if returncode else "failed (no summary)")
 
 
 def gather(jobs: Sequence[Job]) -> list[dict]:
-  """One row per job: its grid values, exit status and summary fields."""
+  """One row per job: its grid values, status, exit status and summary
+  fields. A failed run's result fields are left empty: the untrained model
+  of a run in which no update arrived is not a result."""
   rows = []
   for job in jobs:
-    s = read_summary(job.workdir) or {}
-    row = {"run": job.name, **job.values, "exit": job.returncode}
-    row.update({k: s.get(k) for k in COLUMNS})
+    s = read_summary(job.workdir)
+    status = run_status(job.returncode, s)
+    row = {"run": job.name, **job.values, "status": status,
+           "exit": job.returncode, "stopped_by": (s or {}).get("stopped_by")}
+    ok = status == "ok"
+    row.update({k: (s or {}).get(k) if ok or k == "algorithm" else None
+                for k in COLUMNS})
     rows.append(row)
   return rows
 
@@ -193,6 +230,7 @@ def average_over_seeds(rows: list[dict], axes: Sequence[str]) -> list[dict]:
   for key, members in groups.items():
     row = dict(zip(axes, key))
     row["seeds"] = len(members)
+    row["failed"] = sum(m.get("status", "ok") != "ok" for m in members)
     for col in AVERAGED:
       vals = [m[col] for m in members if isinstance(m.get(col), (int, float))]
       # time_to_target is None when a seed never reached it: say how many did.
@@ -279,11 +317,11 @@ def main(argv: list[str]) -> None:
     write_tables(sweep_dir, "results_mean", means)
     extra_md = "\nMean (std) over seeds:\n\n" + markdown_table(means)
   write_tables(sweep_dir, "results", rows, extra_md)
-  print(markdown_table(rows, ["run", "exit", "final_accuracy",
+  print(markdown_table(rows, ["run", "status", "final_accuracy",
                               "time_to_target_s", "client_updates_per_s",
                               "wall_s"]) + extra_md, flush=True)
   print(f"tables: {os.path.join(sweep_dir, 'results.{md,csv,json}')}")
-  failed = [j.name for j in jobs if j.returncode != 0]
+  failed = [r["run"] for r in rows if r["status"] != "ok"]
   if failed:
     logging.error("%d run(s) failed: %s", len(failed), ", ".join(failed))
     sys.exit(1)

@@ -8,8 +8,10 @@ from ftte_jax.core import algorithms
 @pytest.mark.parametrize("name, overrides, pins", [
     ("fedasync", {}, {"buffer_size": 1}),
     ("fedasync", {"buffer_size": 4, "concurrency": 8}, {"buffer_size": 1}),
-    ("fedavg", {}, {"concurrency": algorithms.EngineConfig.buffer_size}),
-    ("fedavg", {"buffer_size": 4, "concurrency": 8}, {"concurrency": 4}),
+    ("fedavg", {}, {"concurrency": algorithms.EngineConfig.buffer_size,
+                    "refill": "step"}),
+    ("fedavg", {"buffer_size": 4, "concurrency": 8},
+     {"concurrency": 4, "refill": "step"}),
     ("fedbuff", {"buffer_size": 4}, {}),
     ("ftte", {"buffer_size": 4}, {}),
 ])
@@ -45,8 +47,15 @@ def test_preset_applies_and_enforces_pins():
                      "got buffer_size=4"):
     algorithms.preset("fedasync", buffer_size=4)
   with pytest.raises(ValueError, match=r"^fedavg is synchronous: concurrency "
-                     r"must equal buffer_size \(4\), got concurrency=8"):
+                     r"must equal buffer_size \(4\) and refill must be "
+                     r"'step', got concurrency=8"):
     algorithms.preset("fedavg", buffer_size=4, concurrency=8)
+  # Synchronous rounds refill together: arrival refill would run it
+  # asynchronously under FedAvg's name.
+  assert algorithms.preset("fedavg").refill == "step"
+  with pytest.raises(ValueError, match=r"^fedavg is synchronous: .* refill "
+                     r"must be 'step', got refill='arrival'"):
+    algorithms.preset("fedavg", refill="arrival")
 
 
 def test_preset_ring_size_follows_c_over_k():

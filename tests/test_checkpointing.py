@@ -5,6 +5,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import types
 
 import jax
 import numpy as np
@@ -177,3 +179,98 @@ def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(exp, tmp_path):
                      match="no intact checkpoint.*overwrite"):
     ckpt.restore_latest(jax.eval_shape(exp.init_state))
   ckpt.close()
+
+
+@pytest.mark.parametrize("blocker", ["permission", "aside_is_a_file"])
+def test_damaged_step_that_cannot_be_moved_is_left_with_a_warning(
+    exp, tmp_path, blocker, monkeypatch, caplog):
+  states = _three_steps(exp, tmp_path)
+  _flip_bytes(tmp_path / "3")
+  if blocker == "permission":  # what a step owned by another user gives.
+    def denied(src, dst):
+      raise PermissionError(13, "Permission denied", src)
+    monkeypatch.setattr(checkpointing.os, "replace", denied)
+  else:
+    (tmp_path.parent / f"{tmp_path.name}.damaged").write_text("x")
+  ckpt = checkpointing.Checkpointer(tmp_path, "h", every=1)
+  with caplog.at_level("WARNING"):
+    state, rows = ckpt.restore_latest(jax.eval_shape(exp.init_state))
+  assert rows == [{"round": 2}]
+  helpers.assert_bit_identical(state, states[2])
+  assert (tmp_path / "3").is_dir() and ckpt.in_the_way == {3}
+  assert any("step 3 could not be moved" in r.getMessage() and
+             "left in place" in r.getMessage() for r in caplog.records)
+  # The run goes on; it does not save over the damaged step.
+  state3, _ = exp.step_fn(exp.env, jax.tree.map(np.asarray, state))
+  with caplog.at_level("WARNING"):
+    assert not ckpt.maybe_save(state3, [])
+  assert any("step 3 not saved" in r.getMessage() for r in caplog.records)
+  ckpt.close()
+
+
+class _StuckManager:
+  """An orbax manager whose pending save never finishes (a hung disk)."""
+
+  def __init__(self, error=None):
+    self.error = error
+
+  def wait_until_finished(self):
+    if self.error:
+      raise self.error
+    threading.Event().wait(60)
+
+  def check_for_errors(self):
+    pass
+
+  def close(self):
+    pass
+
+
+def test_a_pending_save_is_bounded_and_its_error_surfaced(tmp_path):
+  import time
+  ckpt = checkpointing.Checkpointer(tmp_path, "h", timeout_s=0.3)
+  ckpt._manager = _StuckManager()
+  t0 = time.perf_counter()
+  with pytest.raises(checkpointing.CheckpointSaveError,
+                     match=r"did not finish within 0.3 s"):
+    ckpt.close()
+  assert time.perf_counter() - t0 < 10
+  ckpt = checkpointing.Checkpointer(tmp_path, "h")
+  ckpt._manager = _StuckManager(NotADirectoryError(20, "Not a directory"))
+  with pytest.raises(checkpointing.CheckpointSaveError,
+                     match=r"saving checkpoints in .* failed \(.*Not a dir"):
+    ckpt.close()
+
+
+def test_orbax_leftovers_after_a_failed_read_are_silenced(tmp_path,
+                                                          monkeypatch):
+  # What tensorstore's late read completions raise once orbax's restore
+  # has closed its event loop; the hook is installed by the first restore.
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+  monkeypatch.setattr(checkpointing, "_QUIET_HOOKS", [])
+  checkpointing._quiet_orbax_leftovers(str(tmp_path))
+
+  def unraisable(e):
+    return types.SimpleNamespace(exc_type=type(e), exc_value=e,
+                                 exc_traceback=None, err_msg=None, object=None)
+
+  sys.unraisablehook(unraisable(RuntimeError("Event loop is closed")))
+  assert seen == []
+  other = unraisable(RuntimeError("something else"))
+  sys.unraisablehook(other)
+  assert seen == [other]
+  import logging
+  records = []
+  handler = logging.Handler()
+  handler.emit = records.append
+  asyncio_log = logging.getLogger("asyncio")
+  asyncio_log.addHandler(handler)
+  try:
+    asyncio_log.error("Future exception was never retrieved\nfuture: "
+                      f"<Future exception=ValueError('{tmp_path}/6/state')>")
+    asyncio_log.error("Future exception was never retrieved\nfuture: "
+                      "<Future exception=ValueError('elsewhere')>")
+  finally:
+    asyncio_log.removeHandler(handler)
+  assert [r.getMessage().endswith("'elsewhere')>") for r in records] == [True]

@@ -92,7 +92,8 @@ def test_compare_arguments_and_rows():
       ["fedavg:--local_steps=3"])
   assert "--buffer_size=1" in args["fedasync"]
   assert "--rounds=40" in args["fedasync"]  # K=4 times the shared rounds
-  assert args["fedavg"][-2:] == ["--concurrency=4", "--local_steps=3"]
+  assert args["fedavg"][-3:] == ["--concurrency=4", "--refill=step",
+                                 "--local_steps=3"]
   with pytest.raises(ValueError, match="ALG:--flag"):
     compare.algorithm_args([], ["ftte"], ["ftte:rounds=3"])
   rows = compare.comparison_rows({
@@ -111,8 +112,8 @@ def test_compare_same_updates_for_any_buffer_size():
   # fedavg with its own K=2 against the shared K=4: twice the steps.
   args = compare.algorithm_args([f"--flagfile={SMOKE}"], ["fedavg"],
                                 ["fedavg:--buffer_size=2"])["fedavg"]
-  assert args[-4:] == ["--concurrency=2", "--buffer_size=2", "--rounds=40",
-                       "--eval_every=10"]
+  assert args[-5:] == ["--concurrency=2", "--refill=step", "--buffer_size=2",
+                       "--rounds=40", "--eval_every=10"]
   # Its own --rounds wins: nothing is scaled.
   args = compare.algorithm_args([f"--flagfile={SMOKE}"], ["fedasync"],
                                 ["fedasync:--rounds=7"])["fedasync"]
@@ -129,12 +130,18 @@ def test_for_algorithm_replaces_what_the_preset_pins():
   assert (config.engine.buffer_size, config.engine.concurrency) == (1, 8)
   # The algorithm's own flags are kept, and win, even against a pin.
   args = flags_lib.for_algorithm(base, "fedavg", ["--buffer_size=2"])
-  assert args[-3:] == ["--algorithm=fedavg", "--concurrency=2",
-                       "--buffer_size=2"]
+  assert args[-4:] == ["--algorithm=fedavg", "--concurrency=2",
+                       "--refill=step", "--buffer_size=2"]
   args = flags_lib.for_algorithm(base, "fedavg", ["--concurrency=8"])
-  assert args[-2:] == ["--algorithm=fedavg", "--concurrency=8"]
-  with pytest.raises(ValueError, match=r"buffer_size \(4\), got concurrency=8"):
+  assert args[-3:] == ["--algorithm=fedavg", "--refill=step",
+                       "--concurrency=8"]
+  with pytest.raises(ValueError, match=r"buffer_size \(4\) and refill must "
+                     r"be 'step', got concurrency=8"):
     flags_lib.resolve_args(args)
+  # A shared --refill=arrival (for the asynchronous presets) gives way to
+  # fedavg's synchronous refill.
+  args = flags_lib.for_algorithm([*base, "--refill=arrival"], "fedavg")
+  assert "--refill=arrival" not in args and "--refill=step" in args
   assert flags_lib.for_algorithm(base, "ftte")[-1] == "--algorithm=ftte"
 
 

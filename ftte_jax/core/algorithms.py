@@ -226,8 +226,10 @@ _PRESET_DEFAULTS = {
 _PINS = {
     "fedasync": (lambda kw: {"buffer_size": 1},
                  "applies every update alone: buffer_size must be 1"),
-    "fedavg": (lambda kw: {"concurrency": kw["buffer_size"]},
-               "is synchronous: concurrency must equal buffer_size ({})"),
+    "fedavg": (lambda kw: {"concurrency": kw["buffer_size"],
+                           "refill": "step"},
+               "is synchronous: concurrency must equal buffer_size "
+               "({concurrency}) and refill must be 'step'"),
 }
 
 
@@ -235,7 +237,8 @@ def pinned(name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
   """The engine options preset ``name`` fixes, given the other overrides.
 
   ``fedasync`` always has buffer_size 1; ``fedavg`` (a synchronous round)
-  has concurrency equal to its buffer size. A launcher running several
+  has concurrency equal to its buffer size and refills its slots together
+  (refill 'step'). A launcher running several
   presets on shared overrides sets these values for each; ``preset``
   refuses an override that contradicts them.
 
@@ -273,7 +276,7 @@ def preset(name: str, **overrides) -> EngineConfig:
   kw["algorithm"] = name
   for key, value in pins.items():
     if key in overrides and overrides[key] != value:
-      raise ValueError(f"{name} {_PINS[name][1].format(value)}, got "
+      raise ValueError(f"{name} {_PINS[name][1].format(**pins)}, got "
                        f"{key}={overrides[key]!r}")
     kw[key] = value
   if "ring_size" not in overrides:

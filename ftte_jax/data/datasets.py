@@ -381,9 +381,38 @@ def load_idx_pair(images_path: str | os.PathLike,
 
 def _check_labels(y: np.ndarray, num_classes: int, where: Any) -> None:
   if y.size and (y.min() < 0 or y.max() >= num_classes):
-    bad = int(y[(y < 0) | (y >= num_classes)][0])
-    raise DatasetFormatError(f"{where}: label {bad} out of range [0, "
-                             f"{num_classes})")
+    i = int(np.argmax((y < 0) | (y >= num_classes)))
+    raise DatasetFormatError(f"{where}: label {int(y[i])} out of range [0, "
+                             f"{num_classes}) at index {i}")
+
+
+# float32's largest finite value: features beyond it would become inf.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_features(x: np.ndarray, where: str) -> None:
+  """Features must be finite and within float32's range, where they are
+  stored: a float64 1e300 would become inf, and a client holding it would
+  send non-finite updates (weight 0) every step.
+
+  Raises:
+    DatasetFormatError: naming ``where``, the first bad index and value.
+  """
+  if np.issubdtype(x.dtype, np.complexfloating):
+    raise DatasetFormatError(f"{where}: complex features ({x.dtype}); "
+                             "features must be real numbers")
+  if not np.issubdtype(x.dtype, np.floating):
+    return  # integers fit float32's range.
+  bad = ~np.isfinite(x)
+  if x.dtype.itemsize > 4:
+    bad |= np.abs(x) > _FLOAT32_MAX
+  if bad.any():
+    idx = np.unravel_index(int(np.argmax(bad)), x.shape)
+    at = ", ".join(str(int(i)) for i in idx)
+    raise DatasetFormatError(
+        f"{where}[{at}] = {float(x[idx])!r}: "
+        f"features must be finite and within float32's range "
+        f"(|x| <= {_FLOAT32_MAX:.4g}); {int(bad.sum())} value(s) are not")
 
 
 def load_mnist(data_dir: str | os.PathLike | None = None, split: str = "test",
@@ -538,7 +567,9 @@ def load_npz(path: str | os.PathLike, num_classes: int | None = None
   """Loads ``x_train, y_train, x_test, y_test`` from an ``.npz`` (no pickles).
 
   Images of shape [N, H, W] get a channel axis; integer images are scaled by
-  1/255 when their range fits uint8.
+  1/255 when their range fits uint8. Both sets must be non-empty, features
+  finite and within float32's range, labels in ``[0, num_classes)``; an
+  error names the file, the array and the first offending index.
 
   Args:
     path: the .npz file.
@@ -575,6 +606,10 @@ def load_npz(path: str | os.PathLike, num_classes: int | None = None
     if len(x) != len(y):
       raise DatasetFormatError(f"{path}: x_{split} has {len(x)} examples but "
                                f"y_{split} has {len(y)}")
+    if not len(x):
+      raise DatasetFormatError(f"{path}: x_{split} has no examples; an npz "
+                               "dataset needs non-empty train and test sets")
+    _check_features(x, f"{path}: x_{split}")
     out.append((x, y))
   (xtr, ytr), (xte, yte) = out
   if xtr.shape[1:] != xte.shape[1:]:

@@ -16,6 +16,7 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding
@@ -96,6 +97,94 @@ def evaluate_compiler_options() -> dict:
   (``experiments/benchmarks/startup.py``; docs/design.md, "Jit boundary").
   """
   return one_shot.compiler_options()
+
+
+# A run in which no update arrives over this many task outcomes stops with
+# stopped_by "no_updates" (``no_update_window``). At dropout 0.99 an honest
+# run has 1000 failures in a row with probability 4e-5.
+NO_UPDATE_TASKS = 1000
+# engine.collect_arrivals' cap on the events of a step (refill='arrival'):
+# 64 K; a step in which no update arrives saw that many failed tasks.
+EVENTS_PER_UPDATE = 64
+# A task's duration is its nominal time times exp(task_sigma * z), z a
+# draws.normal value, which lies in (-5.5, 5.5) (tests/test_faults.py).
+MAX_JITTER_Z = 6.0
+
+
+def no_update_window(config: ExperimentConfig) -> int:
+  """Server steps in which no update arrives after which ``run`` stops
+  (``stopped_by: "no_updates"``): enough steps for ``NO_UPDATE_TASKS``
+  tasks to have ended, at K a step (refill 'step', or ``count_timeouts``)
+  or 64 K (refill 'arrival': a step that receives nothing took the
+  engine's 64 K events)."""
+  e = config.engine
+  per_step = e.buffer_size * (
+      1 if e.refill == "step" or e.count_timeouts else EVENTS_PER_UPDATE)
+  return max(1, -(-NO_UPDATE_TASKS // per_step))
+
+
+def _arrived(row: dict) -> int | None:
+  """Updates that arrived by ``row``: applied, or refused as non-finite
+  (what ``on_divergence`` governs); None for rows without counters."""
+  if "updates_applied" not in row:
+    return None
+  return row["updates_applied"] + row.get("updates_nonfinite", 0)
+
+
+def _stalled(history: list[dict], window: int) -> bool:
+  """Whether the logged rows show ``window`` or more server steps in which
+  no update arrived. Read from the rows (checkpointed with the state), so
+  a resumed run stops where an uninterrupted one does."""
+  arrived = _arrived(history[-1])
+  if arrived is None:  # rows given by a caller, without counters.
+    return False
+  since = next(r for r in history if _arrived(r) == arrived)
+  return history[-1]["round"] - since["round"] >= window
+
+
+def check_updates_can_arrive(config: ExperimentConfig,
+                             env: engine.Environment, setup) -> None:
+  """Refuses a run in which no update can ever arrive: every eligible
+  device abandons every task, or (without re-search, which may change the
+  masks) the deadline is shorter than any eligible device's fastest task.
+
+  Raises:
+    ValueError: naming the flag or the trace file.
+  """
+  eligible = np.asarray(env.eligible)
+  drop = np.asarray(env.fleet.dropout)
+  trace = config.fleet.trace_path
+  source = (f"trace_path={trace}: every eligible device has dropout 1" if
+            trace else f"dropout={config.fleet.dropout:g}: every task is "
+            "abandoned")
+  if not (eligible & (drop < 1)).any():
+    raise ValueError(f"{source}, so no update can ever arrive")
+  e = config.engine
+  if config.search.research_every or (e.deadline_s is None and
+                                      e.deadline_factor >= 1):
+    return  # a factor >= 1 leaves the slowest first task within it.
+  n = config.data.num_clients
+  # The shortest a task can take: on a device holding the model (its
+  # download is the mask's part only), at the most favourable jitter. One
+  # jitted call, as make_environment's deadline: eager, its dozen ops
+  # would each compile on their own.
+  nominal, _ = one_shot.jit(
+      lambda f, p, s: engine.nominal_duration(
+          e.batch_size, f, p, jnp.arange(n), s, jnp.ones(n, bool)),
+      closure={"config": e, "n": n}, name="fastest_task")(
+          env.fleet, setup.plan, env.num_steps)
+  fastest = np.asarray(nominal, np.float64) * np.exp(
+      -MAX_JITTER_Z * float(env.fleet.task_sigma))
+  ok = eligible & (drop < 1)
+  deadline = float(env.deadline)
+  if not (fastest[ok] <= deadline).any():
+    flag = (f"deadline_s={e.deadline_s:g}" if e.deadline_s is not None else
+            f"deadline_factor={e.deadline_factor:g} (a deadline of "
+            f"{deadline:.3g} s)")
+    raise ValueError(f"{flag} is shorter than any task can take (the "
+                     f"fastest eligible device needs at least "
+                     f"{fastest[ok].min():.3g} s), so no update can ever "
+                     "arrive")
 
 
 @dataclasses.dataclass
@@ -294,7 +383,9 @@ class Experiment:
 
     Returns:
       (final state, metric rows, timing dict with wall_s, compile_s, steps
-      and stopped_by: rounds, max_virtual_time, divergence, fleet_depleted).
+      and stopped_by: rounds, max_virtual_time, divergence, fleet_depleted,
+      or no_updates: ``no_update_window`` steps in which no update arrived,
+      or all ``rounds`` steps without one).
     """
     cfg = self.config
     sync = sync_every or (1 if on_step else cfg.rounds)
@@ -306,7 +397,11 @@ class Experiment:
       log(state)
     stopped_by = "rounds"
     refused = int(state.counters.steps_refused)
+    window = no_update_window(cfg)
     while not self.finished(state):
+      if _stalled(log.history, window):
+        stopped_by = "no_updates"
+        break
       tracking = (cfg.target_accuracy is not None and
                   log.history[-1]["test_accuracy"] < cfg.target_accuracy)
       state, over = self._advance(state, log, tracking, sync)
@@ -323,6 +418,10 @@ class Experiment:
         break
     if log.history[-1]["round"] != int(state.version):
       log(state)  # stopped by the budget between evaluations
+    if stopped_by == "rounds" and _arrived(log.history[-1]) == 0:
+      # Every step ran, every task of them failed: nothing was trained. (A
+      # budget that ends a run before its first arrival is a result.)
+      stopped_by = "no_updates"
     return state, log.history, {
         "wall_s": time.perf_counter() - log.t_start, "compile_s": compile_s,
         "steps": log.steps, "stopped_by": stopped_by}
@@ -468,6 +567,7 @@ def build(config: ExperimentConfig,
   t0 = time.perf_counter()
   e = config.engine
   env = engine.make_environment(e, setup.data, setup.fleet, setup.plan)
+  check_updates_can_arrive(config, env, setup)
   # A plan that no re-search replaces is static: the client update can
   # skip what no mask trains (client.leaf_kinds).
   static = not config.search.research_every

@@ -8,7 +8,7 @@ memory into the ``MaskPlan`` the engine consumes, solving one knapsack
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +56,34 @@ def assign_tiers(device_memory_bytes: Sequence[float],
                        f"ids {used.tolist()}")
     tiers = tiers.astype(np.int32)
   return tiers, [float(mem[tiers == j].min()) for j in range(tiers.max() + 1)]
+
+
+def check_importance_tree(params: PyTree, importance: PyTree) -> None:
+  """An importance tree must have the parameters' structure and shapes
+  (either may be bare or flax variables): ``group_importance`` would read
+  a wrong-shaped leaf's channels silently, and a missing one crash.
+
+  Raises:
+    ValueError: naming the first missing, extra or misshapen leaf.
+  """
+  if not isinstance(importance, Mapping):
+    raise ValueError("importance must be a tree shaped like the parameters "
+                     "(a nested dict of arrays) or group scores [tensors, "
+                     f"levels], got a {type(importance).__name__}")
+  got = groups_lib.flat_params(importance)
+  want = groups_lib.flat_params(params)
+  for path in want:
+    if path not in got:
+      raise ValueError(f"importance has no leaf {'/'.join(path)} (the "
+                       "parameters' tree has it)")
+    shape, need = np.shape(got[path]), np.shape(want[path])
+    if shape != need:
+      raise ValueError(f"importance leaf {'/'.join(path)} has shape {shape}, "
+                       f"the parameter's is {need}")
+  extra = [p for p in got if p not in want]
+  if extra:
+    raise ValueError(f"importance has a leaf {'/'.join(extra[0])} that the "
+                     "parameters do not")
 
 
 def group_values(spec: groups_lib.GroupSpec, importance: Any) -> jnp.ndarray:
@@ -203,7 +231,9 @@ def build_plan(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
     ``micro_batch_choices``, ``full_model_memory``.
 
   Raises:
-    ValueError: on a bad option or a budget below the minimum feasible memory.
+    ValueError: on a bad option, an importance tree whose structure or
+      shapes differ from ``params``, or a budget below the minimum feasible
+      memory.
   """
   knapsack.check_method(method)
   tiers, budgets = assign_tiers(device_memory_bytes, tier_of_client, policy)
@@ -211,6 +241,8 @@ def build_plan(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
                                            frozen_weights, int(m),
                                            max_trained_params)
               for m in micro_batches}
+  if not isinstance(importance, (np.ndarray, jnp.ndarray)):
+    check_importance_tree(params, importance)
   values = group_values(spec, importance)
   floors = {m: knapsack.min_feasible(p) for m, p in problems.items()}
   floor_bytes = _check_floor(floors, spec, min(budgets), policy, batch_size)
