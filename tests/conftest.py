@@ -4,15 +4,7 @@ import os
 
 import pytest
 
-import forked
 import helpers
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _forked_launcher():
-  """Stops the session's launch server (tests/forked.py), if one started."""
-  yield
-  forked.close_shared()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import json
 import pytest
 from absl import flags
 
-import forked
+import cli
 from experiments import mnist_cnn, synthetic_heterogeneity
 
 
@@ -115,8 +115,8 @@ def test_synthetic_default_config_is_fedprox_setting():
 
 @pytest.mark.slow
 def test_script_bad_flag_exits_2_in_one_line():
-  code, _, stderr = forked.shared().run(["--client_lr=-1"], timeout=120,
-                                        module="experiments.mnist_cnn")
+  code, _, stderr = cli.run(["--client_lr=-1"], timeout=120,
+                            module="experiments.mnist_cnn")
   assert code == 2
   assert "Traceback" not in stderr
   lines = [l for l in stderr.splitlines() if "error:" in l]

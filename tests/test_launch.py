@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import forked
+import cli
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "experiments" / "smoke.flags")
@@ -46,9 +46,8 @@ def launch(*args, **kw):
 
 
 def run(*args, timeout=300):
-  """``(exit status, stdout, stderr)`` of a launch.main run, forked from a
-  process that imported the launcher once (tests/forked.py)."""
-  return forked.shared().run(args, timeout)
+  """``(exit status, stdout, stderr)`` of a launch.main run."""
+  return cli.run(args, timeout)
 
 
 def summary(workdir):

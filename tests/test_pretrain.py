@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-import forked
+import cli
 from helpers import tiny_model
 from ftte_jax import checkpointing
 from ftte_jax import experiment
@@ -166,7 +166,7 @@ def test_launch_pretrain_then_main(tmp_path):
   out = tmp_path / "pre"
 
   def run(module, *args):
-    return forked.shared().run([smoke, *args], module=module)
+    return cli.run([smoke, *args], module=module)
 
   rc, stdout, err = run("launch.pretrain", "--proxy_examples=64",
                         "--pretrain_steps=20",

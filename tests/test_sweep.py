@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import forked
+import cli
 from launch import sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def test_average_over_seeds():
 
 @pytest.mark.slow
 def test_sweep_gathers_summaries(tmp_path):
-  code, stdout, stderr = forked.shared().run(
+  code, stdout, stderr = cli.run(
       [f"--flagfile={SMOKE}", "--rounds=5", "--grid=algorithm=ftte,fedbuff",
        "--seeds=3", "--parallel=2", f"--sweep_dir={tmp_path}",
        "--checkpoint_every=2", "--keep_checkpoints=1"], module="launch.sweep")
@@ -75,7 +75,7 @@ def test_sweep_gathers_summaries(tmp_path):
 
 @pytest.mark.slow
 def test_sweep_bad_grid_exits_2(tmp_path):
-  code, _, stderr = forked.shared().run(
+  code, _, stderr = cli.run(
       [f"--flagfile={SMOKE}", "--grid=algorithm=ftte,fedasync",
        f"--sweep_dir={tmp_path}"], timeout=120, module="launch.sweep")
   assert code == 2
