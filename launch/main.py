@@ -130,7 +130,7 @@ def _check_outputs(workdir: str) -> None:
   would train and then fail to save."""
   for name in _OUTPUTS:
     p = os.path.join(workdir, name)
-    want_dir = name == "checkpoints"
+    want_dir = name in ("checkpoints", watch.TENSORBOARD_DIR)
     if os.path.lexists(p) and os.path.isdir(p) != want_dir:
       flags_lib.fail(
           f"--workdir={workdir}: {p} is {'not ' if want_dir else ''}a "

@@ -170,9 +170,8 @@ def check_updates_can_arrive(config: ExperimentConfig,
   # would each compile on their own.
   nominal, _ = one_shot.jit(
       lambda f, p, s: engine.nominal_duration(
-          e.batch_size, f, p, jnp.arange(n), s, jnp.ones(n, bool)),
-      closure={"config": e, "n": n}, name="fastest_task")(
-          env.fleet, setup.plan, env.num_steps)
+          e.batch_size, f, p, jnp.arange(n), s, jnp.ones(n, bool)))(
+              env.fleet, setup.plan, env.num_steps)
   fastest = np.asarray(nominal, np.float64) * np.exp(
       -MAX_JITTER_Z * float(env.fleet.task_sigma))
   ok = eligible & (drop < 1)
