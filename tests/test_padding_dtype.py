@@ -1,8 +1,5 @@
-"""Issue 32's two engine items, written against their public behaviour
-before the engine has them (the integrator adds them after issue 28's
-refactor; notes/i32.md has the proposal). Skipped until then: remove the
-``SKIP`` marks when the engine pads K to the mesh and has
-``compute_dtype``.
+"""Issue 32's two engine items: a step's clients padded to the mesh, and
+mixed precision.
 
 * Padding: with 8 devices and K = 10 the auto mesh takes all 8 devices; a
   step's K clients are padded to 16 with zero-weight slots that train
@@ -31,9 +28,6 @@ from launch import flags as flags_lib
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
-SKIP = pytest.mark.skip(
-    reason="needs engine padding/compute_dtype (issue 32, integrator)")
-
 # Tolerances of bf16 against float32 on the smoke setup.
 ACCURACY_TOLERANCE = 0.05
 LOSS_RELATIVE_TOLERANCE = 0.10
@@ -87,7 +81,6 @@ def padded_runs():
   return json.loads(line[len("RESULT "):])
 
 
-@SKIP
 @pytest.mark.slow  # a subprocess with 8 forced host devices
 @pytest.mark.parametrize("case", CASES)
 def test_k10_uses_all_8_devices_and_equals_one_device(padded_runs, case):
@@ -121,7 +114,6 @@ def precision_runs():
   return out
 
 
-@SKIP
 def test_bf16_tracks_float32_on_the_smoke_setup(precision_runs):
   (s32, r32), (s16, r16) = precision_runs["float32"], precision_runs[
       "bfloat16"]
@@ -134,7 +126,6 @@ def test_bf16_tracks_float32_on_the_smoke_setup(precision_runs):
       jax.tree.leaves(s16.params), jax.tree.leaves(s32.params)))
 
 
-@SKIP
 def test_bf16_never_goes_non_finite_and_keeps_float32_masters(
     precision_runs):
   state, row = precision_runs["bfloat16"]
@@ -147,7 +138,6 @@ def test_bf16_never_goes_non_finite_and_keeps_float32_masters(
     assert leaf.dtype == np.float32
 
 
-@SKIP
 def test_compute_dtype_is_an_option_with_float32_default():
   assert _smoke().engine.compute_dtype == "float32"
   with pytest.raises(ValueError, match="compute_dtype"):

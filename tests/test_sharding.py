@@ -50,7 +50,13 @@ def test_one_two_four_devices_agree(runs, case):
       assert r["state_shards"] == int(d)
 
 
-def test_mesh_devices_must_divide_k():
-  with pytest.raises(ValueError, match="mesh_devices=3: must divide"):
+def test_mesh_devices_at_most_the_devices_there_are():
+  with pytest.raises(ValueError, match="mesh_devices=3: at most the 1"):
     engine.client_mesh(3, buffer_size=4)
   assert engine.client_mesh(0, buffer_size=4) is None  # one CPU device here
+
+
+def test_padding_report_by_hand():
+  assert engine.padding_report(None, 10) == {
+      "buffer_size": 10, "padded_size": 10, "devices": 1,
+      "padding_fraction": 0.0}

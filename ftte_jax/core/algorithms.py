@@ -38,6 +38,7 @@ SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
 MASK_POLICIES = ("full", "last_n", "search")
 MEMORY_POLICIES = ("exclude", "ignore")
 CLIENT_BATCHING = ("vmap", "map", "stream", "auto")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 UPDATE_RULES = ("delta", "mixing")
 REFILLS = ("arrival", "step")
 FIRST_DOWNLOADS = ("whole", "deployed")
@@ -139,10 +140,16 @@ class EngineConfig:
   mesh_devices: int = option(
       0, low=0,
       help="devices the K clients of a step are split across (a 1-D "
-      "'clients' mesh; each device trains K/D clients, the aggregate is a "
-      "cross-device sum); must divide K. 0 (auto): the largest count of the "
-      "devices JAX sees (every process's, under jax.distributed) that "
-      "divides K")
+      "'clients' mesh; each device trains ceil(K/D) clients, the aggregate "
+      "is a cross-device sum). When D does not divide K the step pads its "
+      "clients with slots that train nothing and count nowhere "
+      "(summary.json client_padding). 0 (auto): every device JAX sees "
+      "(every process's, under jax.distributed), at most K")
+  compute_dtype: str = option(
+      "float32", choices=COMPUTE_DTYPES,
+      help="the clients' forward and backward passes: float32, or bfloat16 "
+      "(parameters, optimizer, aggregate and evaluation stay float32; "
+      "bf16 has float32's exponent range, so no loss scaling is needed)")
   unroll_local_steps: bool = option(
       False, help="fully unroll the local-step loop (up to 64 steps) instead "
       "of a rolled loop; the rolled loop compiles faster and, on the 2-core "

@@ -182,7 +182,8 @@ def _split(base: PyTree, mask: PyTree, kinds: PyTree | None):
 
 def sgd(loss_fn: LossFn, batch_size: int, tx: optax.GradientTransformation,
         max_steps: int | None = None, unroll: int | bool = 1,
-        kinds: PyTree | None = None) -> ClientUpdate:
+        kinds: PyTree | None = None,
+        compute_dtype: str = "float32") -> ClientUpdate:
   """The default client update: local steps of ``tx`` on ``loss_fn``.
 
   Args:
@@ -202,10 +203,24 @@ def sgd(loss_fn: LossFn, batch_size: int, tx: optax.GradientTransformation,
       see. Leaves that no mask trains are then not differentiated (XLA
       drops the backward pass below the earliest trained layer), and leaves
       that every mask trains skip the mask product. Same results as without.
+    compute_dtype: ``bfloat16`` runs the loss's forward and backward passes
+      on bf16 copies of the parameters and the batch's float arrays; the
+      parameters the optimizer updates (the masters) and the gradients
+      stay float32. bf16 keeps float32's exponent range, so gradients
+      neither underflow nor overflow where float32's would not: no loss
+      scaling. Its 8-bit mantissa rounds each step's gradient; the
+      float32 masters keep updates smaller than a bf16 ulp of the weights.
 
   Returns:
     A ``ClientUpdate``; it passes any per-device state through unchanged.
   """
+  low = jnp.dtype(compute_dtype)
+  if low == jnp.float32:
+    cast = lambda tree: tree
+  else:
+    cast = lambda tree: jax.tree.map(
+        lambda a: a.astype(low) if jnp.issubdtype(a.dtype, jnp.floating)
+        else a, tree)
   if max_steps is None or (unroll is True and max_steps > MAX_UNROLL):
     unroll = 1
 
@@ -214,7 +229,8 @@ def sgd(loss_fn: LossFn, batch_size: int, tx: optax.GradientTransformation,
     walk = make_walk(key, data.count, batch_size)
     kind, trained, mask_leaves, merge = _split(params, mask, kinds)
     grad_fn = jax.value_and_grad(
-        lambda sub, batch: loss_fn(merge(sub), batch)[0])
+        lambda sub, batch: loss_fn(cast(merge(sub)), cast(batch))[0].astype(
+            jnp.float32))
 
     def body(i, carry):
       sub, opt_state, loss_sum, r = carry

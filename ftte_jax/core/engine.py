@@ -582,11 +582,12 @@ def train_buffer(comp: Components, env: Environment, plan: MaskPlan,
     return jax.lax.map(one, args, batch_size=chunk if chunk > 1 else None)
 
   own, fleet_mean = device if device is not None else (None, None)
-  args = _client_args(env, plan, ring, keys, arrivals, own)
+  args, _ = _pad_clients(comp.mesh, _client_args(env, plan, ring, keys,
+                                                 arrivals, own))
   k = arrivals.clients.shape[0]
-  delta, loss, state = _over_clients(
+  delta, loss, state = jax.tree.map(lambda x: x[:k], _over_clients(
       comp.mesh, local, (env, plan, ring, mix_into, fleet_mean), args,
-      (P(CLIENT_AXIS),) * 3)
+      (P(CLIENT_AXIS),) * 3))
   finite = _finite_rows(delta)
   delta = jax.lax.cond(
       jnp.all(finite), lambda d: d,
@@ -652,10 +653,13 @@ def train_and_sum(comp: Components, env: Environment, plan: MaskPlan,
 
   mesh = comp.mesh
   own, fleet_mean = device if device is not None else (None, None)
-  args = _client_args(env, plan, ring, keys, arrivals, own)
-  total, (loss, finite, state) = _over_clients(
+  args, weights = _pad_clients(
+      mesh, _client_args(env, plan, ring, keys, arrivals, own), weights)
+  k = arrivals.clients.shape[0]
+  total, rest = _over_clients(
       mesh, local, (env, plan, ring, mix_into, fleet_mean), (weights, args),
       (P(), (P(CLIENT_AXIS),) * 3))
+  loss, finite, state = jax.tree.map(lambda x: x[:k], rest)
   return total, loss, finite, state
 
 
@@ -681,29 +685,56 @@ def client_mesh(devices: int, buffer_size: int) -> Mesh | None:
   """The 1-D ``clients`` mesh a step's K clients are split across.
 
   Args:
-    devices: how many devices; 0 (auto) takes the largest number of local
-      devices that divides K.
+    devices: how many devices; 0 (auto) takes every device JAX sees, at
+      most K (a device beyond K would only train padding).
     buffer_size: K.
 
   Returns:
     None for one device (no sharding), else a Mesh over the first devices.
 
   Raises:
-    ValueError: more devices than there are, or a count that does not
-      divide K (the error names mesh_devices).
+    ValueError: more devices than there are (the error names mesh_devices).
   """
   available = jax.devices()
   if devices == 0:
-    devices = max(d for d in range(1, len(available) + 1)
-                  if buffer_size % d == 0)
-  if devices > len(available) or buffer_size % devices:
+    devices = min(len(available), buffer_size)
+  if devices > len(available):
     raise ValueError(
-        f"mesh_devices={devices}: must divide buffer_size (K={buffer_size}) "
-        f"and be at most the {len(available)} devices JAX sees; 0 chooses "
-        "the largest such count")
+        f"mesh_devices={devices}: at most the {len(available)} devices JAX "
+        "sees; 0 takes all of them")
   if devices == 1:
     return None
   return Mesh(np.asarray(available[:devices]), (CLIENT_AXIS,))
+
+
+def padding_report(mesh: Mesh | None, buffer_size: int) -> dict:
+  """How a step's K clients are padded to a multiple of the mesh's devices:
+  K, the padded size, the devices and the fraction of slots that pad."""
+  d = 1 if mesh is None else int(mesh.devices.size)
+  padded = -(-buffer_size // d) * d
+  return {"buffer_size": buffer_size, "padded_size": padded, "devices": d,
+          "padding_fraction": (padded - buffer_size) / padded}
+
+
+def _pad_clients(mesh: Mesh | None, args: dict,
+                 weights: jnp.ndarray | None = None):
+  """``args`` (leading axis K) padded to a multiple of the mesh's devices
+  with slots that train nothing: copies of the first client's arguments
+  with no local step (and weight 0). The callers slice every output back
+  to K, so a padding slot counts nowhere, whatever it computed."""
+  k = args["key"].shape[0]
+  pad = padding_report(mesh, k)["padded_size"] - k
+  if not pad:
+    return args, weights
+  fill = lambda x: jnp.concatenate(
+      [x, jnp.broadcast_to(x[:1], (pad,) + x.shape[1:])])
+  args = jax.tree.map(fill, args)
+  args["steps"] = args["steps"].at[k:].set(0)
+  if "bad" in args:  # a padding slot is nobody's, an attacker's least.
+    args["bad"] = args["bad"].at[k:].set(False)
+  if weights is not None:
+    weights = jnp.concatenate([weights, jnp.zeros((pad,), weights.dtype)])
+  return args, weights
 
 
 def _over_clients(mesh: Mesh | None, local: Callable, replicated: tuple,

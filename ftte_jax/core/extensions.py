@@ -184,7 +184,8 @@ def bind(config: algorithms.EngineConfig, apply_fn: Callable | None,
                      "from; pass apply_fn or a metrics_fn")
   client_update = ext.client_update or client_lib.sgd(
       loss_fn, config.batch_size, client_tx, max_local_steps,
-      unroll=True if config.unroll_local_steps else 1, kinds=kinds)
+      unroll=True if config.unroll_local_steps else 1, kinds=kinds,
+      compute_dtype=config.compute_dtype)
   agg = ext.aggregator or algorithms.aggregator_from_config(
       config, ext.staleness_fn)
   server_opt = ext.server_optimizer or algorithms.server_optimizer(config)

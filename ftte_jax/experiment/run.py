@@ -279,7 +279,10 @@ class Experiment:
             "full_model_memory_bytes": s.model.full_memory_bytes,
             "fleet_memory_tiers": list(s.fleet_memory_tiers),
             "num_params": optax.tree_utils.tree_size(s.model.params),
-            "client_plan": self.client_plan}
+            "client_plan": self.client_plan,
+            # How the step's K clients fill the clients mesh.
+            "client_padding": engine.padding_report(
+                self.sim.mesh, self.config.engine.buffer_size)}
 
   def place(self, tree):
     """``tree`` replicated on the clients mesh (as it is without one).
@@ -501,6 +504,7 @@ class Experiment:
     out = report.summary(self.config, self.setup, self.env, self.info, state,
                          history, timing)
     out.update(num_devices=self.num_devices,
+               client_padding=self.info["client_padding"],
                num_processes=jax.process_count(),
                backend=jax.default_backend(),
                startup_s={**self.setup.phases,
