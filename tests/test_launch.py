@@ -139,11 +139,13 @@ def test_outputs_mismatch_and_overwrite(tmp_path):
               "upload_bytes_per_update", "download_bytes_per_update",
               "params_sha256", "num_devices", "num_processes"):
     assert key in s, key
-  # --cpu_devices=auto: a CPU device per core; the mesh takes the most of
-  # them that divide K = 4.
+  # --cpu_devices=auto: a CPU device per core; the mesh takes all of them,
+  # at most K = 4 (padding K to a multiple of the devices).
   from launch import flags as flags_lib
   cpus = flags_lib.cpu_devices_count("auto") or 1
-  assert s["num_devices"] == max(d for d in range(1, cpus + 1) if 4 % d == 0)
+  assert s["num_devices"] == min(cpus, 4)
+  assert s["client_padding"]["padded_size"] == -(-4 // min(cpus, 4)) * min(
+      cpus, 4)
   assert s["num_processes"] == 1
   assert config["launch"]["mesh_devices"] == s["num_devices"]
   phases = s["startup_s"]
