@@ -42,17 +42,7 @@ def pretrain(apply_fn: Callable, params: PyTree,
     raise ValueError(f"pretrain_batch_size ({b}) exceeds the proxy set "
                      f"({n} examples)")
   run = pretrain_program(apply_fn, config, n)
-  args = (params, x, y, key)
-  directory = program_cache.default_directory()
-  if closure is None or directory is None:
-    fn = jax.jit(run)
-  else:
-    described = {"closure": closure, "steps": config.steps, "lr": config.lr,
-                 "momentum": config.momentum, "batch_size": b}
-    programs, _ = program_cache.compile_all(
-        [("pretrain", jax.jit(run), args)], described, directory)
-    fn = programs["pretrain"]
-  params, last, accuracy = fn(*args)
+  params, last, accuracy = jax.jit(run)(params, x, y, key)
   return params, {"steps": int(config.steps), "final_loss": float(last),
                   "proxy_accuracy": float(accuracy)}
 
