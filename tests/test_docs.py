@@ -122,7 +122,8 @@ def _exists(path):
 
 
 @pytest.mark.parametrize("doc", ["README.md", "docs/design.md",
-                                 "docs/flags.md", "docs/results.md"])
+                                 "docs/performance.md", "docs/flags.md",
+                                 "docs/results.md"])
 def test_cited_paths_exist(doc):
   missing = {p for p in _cited(doc) if not _exists(p)}
   assert missing == KNOWN_STALE.get(doc, set()), (
