@@ -23,9 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 # test fails when one of these exists again or the document stops citing
 # it, so the list cannot outlive its cases.
 KNOWN_STALE = {
-    "docs/design.md": {"ftte_jax/search/solver.py",
-                       "ftte_jax/program_cache.py",
-                       "tests/test_program_cache.py"},
     "README.md": {"ftte_jax/program_cache.py", "tests/test_program_cache.py"},
 }
 # A backticked path under one of the repository's top directories, or a
@@ -125,7 +122,8 @@ def _exists(path):
 
 
 @pytest.mark.parametrize("doc", ["README.md", "docs/design.md",
-                                 "docs/flags.md", "docs/results.md"])
+                                 "docs/performance.md", "docs/flags.md",
+                                 "docs/results.md"])
 def test_cited_paths_exist(doc):
   missing = {p for p in _cited(doc) if not _exists(p)}
   assert missing == KNOWN_STALE.get(doc, set()), (
