@@ -19,7 +19,7 @@ from ftte_jax.data import datasets
 from ftte_jax.data.config import DataConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
-import natural_files  # pylint: disable=g-import-not-at-top,wrong-import-position
+import natural_files  # noqa: E402  (tests/ on the path)
 
 IDENTITY = lambda params, x: x  # x are the logits.
 LN2, LN3 = math.log(2), math.log(3)

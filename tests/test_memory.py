@@ -293,8 +293,8 @@ def test_femnist_cnn_memory_hand_computed():
 
 def test_char_lstm_memory_close_to_xla():
   model = models.get_model("char_lstm", 84, hidden=64)
-  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 80),
-                                                            jnp.int32))["params"]
+  tokens = jnp.zeros((1, 80), jnp.int32)
+  params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
   info = groups.analyze(model, params, jax.ShapeDtypeStruct((16, 80),
                                                             jnp.int32))
   spec = groups.make_groups(info)

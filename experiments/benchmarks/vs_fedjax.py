@@ -156,7 +156,7 @@ def _read_idx(path: str, header: int) -> np.ndarray:
 def load_split(spec: dict):
   """ftte_jax's MNIST 'pool' split and Dirichlet partition, in numpy.
 
-  Mirrors ``datasets.load_federated('mnist', ...)``: t10k file, hold out
+  Mirrors ``datasets.load_federated`` of mnist: t10k file, hold out
   ``num_test`` images by ``default_rng(seed).permutation``, then
   ``partition.dirichlet`` with seed + 7919 and its empty-client fill.
   """
@@ -352,7 +352,7 @@ def workload_spec(model: str) -> dict:
              for i in range(data.num_clients)]
   spec["eligible"] = [int(i) for i in np.flatnonzero(
       np.asarray(exp.env.eligible))]
-  spec["split_digest"] = split_digest(clients, np.asarray(exp.setup.test[1]))
+  spec["split_digest"] = split_digest(clients, np.asarray(exp.setup.test["y"]))
   return spec
 
 

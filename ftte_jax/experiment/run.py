@@ -132,7 +132,9 @@ class Experiment:
     # With a clients mesh every array lives replicated on all its devices
     # (and processes); the step shards the K clients itself.
     self.env = self.place(self.env)
-    self.test = self.place(tuple(self.setup.test))
+    # The classification evaluation's (x, y); Setup.test is the batch dict
+    # {"x", "y", **extras} a MetricsFn evaluation takes.
+    self.test = self.place((self.setup.test["x"], self.setup.test["y"]))
     self.step_fn = jax.jit(self.sim.step, donate_argnums=donate,
                            compiler_options=options)
     # Chunks undo a step past the budget themselves: always donated.
