@@ -149,7 +149,7 @@ def run_all(fv: flags.FlagValues = flags.FLAGS) -> dict:
         "mean_staleness": s["mean_staleness"],
         "updates_dropped": s["updates_dropped"],
         "wall_s": time.perf_counter() - t0, "compile_s": s["compile_s"],
-        "data": {k: v for k, v in exp.info["data"].items()
+        "data": {k: v for k, v in exp.info["data"].to_dict().items()
                  if k != "layout"},
         "history": [{k: r[k] for k in ("round", "virtual_time_s",
                                        "test_accuracy", "test_loss")}

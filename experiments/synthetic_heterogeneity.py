@@ -120,11 +120,13 @@ def run_one(cfg: experiment.ExperimentConfig,
             central_steps: int) -> tuple[list[dict], dict]:
   """One run on Synthetic(alpha, beta); returns its evaluation rows."""
   seed = cfg.seed
-  data, (x_test, y_test), info = planning.load_data(cfg)
-  model = models_lib.get_model(cfg.model, info["num_classes"],
+  fed = planning.load_data(cfg)
+  data, info = fed.train, fed.info
+  x_test, y_test = fed.test["x"], fed.test["y"]
+  model = models_lib.get_model(cfg.model, info.num_classes,
                                **cfg.model_options)
   params = model.init(jax.random.PRNGKey(seed),
-                      jnp.zeros((1,) + info["input_shape"]))["params"]
+                      jnp.zeros((1,) + info.input_shape))["params"]
   apply_fn = lambda p, x: model.apply({"params": p}, x)
   fleet = fleet_lib.make_fleet(cfg.fleet, data.num_clients, seed)
   plan = masks_lib.full_plan(params, data.num_clients)
@@ -172,7 +174,7 @@ def run_one(cfg: experiment.ExperimentConfig,
     if r % cfg.eval_every == 0 or r == cfg.rounds:
       log(state)
   return rows, {"central_train_loss": central,
-                "num_train": info["num_train"], "num_test": info["num_test"],
+                "num_train": info.num_train, "num_test": info.num_test,
                 "client_sizes": [int(c) for c in np.asarray(data.counts)]}
 
 

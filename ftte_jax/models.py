@@ -1,12 +1,16 @@
-"""Model zoo for edge devices: MLP, LeNet-5, ResNet-8/20, MobileNetV2 (flax linen).
+"""Model zoo for edge devices (flax linen): MLP, LeNet-5, ResNet-8/20,
+MobileNetV2, LEAF's FEMNIST CNN and a character-level LSTM (LEAF's
+Shakespeare model).
 
 Constraints shared by every model, because the engine vmaps clients over their
 own weights and the memory model walks layers:
   * params only: no BatchNorm or other mutable collections (GroupNorm, the
     federated-learning standard, where a norm is wanted);
   * input NHWC float32 (the MLP flattens whatever it gets), output logits
-    [B, num_classes];
-  * only standard flax layers (nn.Dense, nn.Conv, nn.GroupNorm), so
+    [B, num_classes]; the character model takes int32 tokens [B, T] and
+    gives logits [B, T, num_classes];
+  * only layers the memory model knows (nn.Dense, nn.Conv, nn.GroupNorm,
+    nn.Embed, and ``LSTM`` below, a whole recurrent layer in one call), so
     ``nn.intercept_methods`` sees every layer;
   * submodules are named ``layerNN_<kind>`` in forward order, so the
     (alphabetical) flattening order of the params dict is forward order.
@@ -30,7 +34,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-MODELS = ("mlp", "lenet5", "resnet8", "resnet20", "mobilenetv2")
+MODELS = ("mlp", "lenet5", "resnet8", "resnet20", "mobilenetv2",
+          "femnist_cnn", "char_lstm")
 CONV_IMPLS = ("auto", "xla", "im2col")
 
 
@@ -259,12 +264,106 @@ class MobileNetV2(nn.Module):
     return nn.Dense(self.num_classes, name=name("dense"))(x)
 
 
+class FemnistCNN(nn.Module):
+  """LEAF's FEMNIST CNN (models/femnist/cnn.py): conv 5x5 32 - pool -
+  conv 5x5 64 - pool - dense 2048 - classes; 'SAME' convs, ReLU, 2x2 max
+  pools (stride 2). 6,603,710 parameters for 62 classes on 28x28x1."""
+
+  num_classes: int = 62
+  dense: int = 2048
+  conv_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x):
+    name = _Namer()
+    x = nn.relu(_conv(name, self.conv_impl, 32, 5)(x))
+    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = nn.relu(_conv(name, self.conv_impl, 64, 5)(x))
+    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(self.dense, name=name("dense"))(x))
+    return nn.Dense(self.num_classes, name=name("dense"))(x)
+
+
+def _lstm_bias(key, shape, dtype=jnp.float32):
+  """Zeros, with the forget gate's quarter at 1 (TF's BasicLSTMCell, which
+  LEAF's model uses, adds forget_bias=1 to the forget gate)."""
+  del key
+  h = shape[0] // 4
+  return jnp.zeros(shape, dtype).at[h:2 * h].set(1.0)
+
+
+class LSTM(nn.Module):
+  """One LSTM layer over a whole sequence: [B, T, D] -> [B, T, H].
+
+  Gates ``[i, f, g, o] = x_t W_i + h_{t-1} W_h + b`` (``kernel_i`` [D, 4H],
+  ``kernel_h`` [H, 4H], ``bias`` [4H]); ``c_t = s(f) c_{t-1} + s(i)
+  tanh(g)``, ``h_t = s(o) tanh(c_t)``, from zero state. The time loop is a
+  ``lax.scan`` inside this one module call, so the memory model sees the
+  layer as a unit (``search.groups`` kind 'recurrent').
+  """
+
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    h = self.features
+    kernel_i = self.param("kernel_i", nn.initializers.lecun_normal(),
+                          (x.shape[-1], 4 * h))
+    kernel_h = self.param("kernel_h", nn.initializers.orthogonal(),
+                          (h, 4 * h))
+    bias = self.param("bias", _lstm_bias, (4 * h,))
+    z_in = jnp.dot(x, kernel_i) + bias  # [B, T, 4H], all steps at once.
+
+    def step(carry, z_t):
+      c, prev = carry
+      i, f, g, o = jnp.split(z_t + jnp.dot(prev, kernel_h), 4, axis=-1)
+      c = nn.sigmoid(f) * c + nn.sigmoid(i) * jnp.tanh(g)
+      out = nn.sigmoid(o) * jnp.tanh(c)
+      return (c, out), out
+
+    zero = jnp.zeros(x.shape[:1] + (h,), z_in.dtype)
+    _, outs = lax.scan(step, (zero, zero), jnp.swapaxes(z_in, 0, 1))
+    return jnp.swapaxes(outs, 0, 1)
+
+
+class CharLSTM(nn.Module):
+  """Character-level language model (LEAF's Shakespeare model, McMahan et
+  al. 2017): embedding 8, ``layers`` LSTMs of ``hidden`` units, a dense
+  layer to the vocabulary at every position. Tokens [B, T] int32 in
+  [0, vocab_size) -> logits [B, T, num_classes]; the vocabulary is the
+  classes unless ``vocab_size`` is given. 818,932 parameters for 84
+  classes with the defaults."""
+
+  num_classes: int = 84
+  embed_dim: int = 8
+  hidden: int = 256
+  layers: int = 2
+  vocab_size: int | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+      raise ValueError(f"char_lstm takes integer tokens [B, T], got "
+                       f"{x.dtype} of shape {x.shape}")
+    if x.ndim != 2:
+      raise ValueError(f"char_lstm takes tokens [B, T], got shape {x.shape}")
+    name = _Namer()
+    x = nn.Embed(self.vocab_size or self.num_classes, self.embed_dim,
+                 name=name("embed"))(x)
+    for _ in range(self.layers):
+      x = LSTM(self.hidden, name=name("lstm"))(x)
+    return nn.Dense(self.num_classes, name=name("dense"))(x)
+
+
 _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "mlp": (MLP, {}),
     "lenet5": (LeNet5, {}),
     "resnet8": (ResNet, {"depth": 8}),
     "resnet20": (ResNet, {"depth": 20}),
     "mobilenetv2": (MobileNetV2, {}),
+    "femnist_cnn": (FemnistCNN, {}),
+    "char_lstm": (CharLSTM, {}),
 }
 
 
@@ -273,13 +372,15 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
 
   Args:
     name: one of MODELS ('mlp', 'lenet5', 'resnet8', 'resnet20',
-      'mobilenetv2').
+      'mobilenetv2', 'femnist_cnn', 'char_lstm').
     num_classes: output logits.
-    **kwargs: fields of the model class (e.g. ``hidden`` for mlp,
-      ``conv_impl`` / ``norm`` for the CNNs, ``width_mult`` for mobilenetv2).
+    **kwargs: fields of the model class (e.g. ``hidden`` for mlp and
+      char_lstm, ``conv_impl`` / ``norm`` for the CNNs, ``width_mult`` for
+      mobilenetv2, ``embed_dim`` / ``layers`` for char_lstm).
 
   Returns:
-    An unbound flax module mapping [B, H, W, C] float32 to [B, num_classes].
+    An unbound flax module mapping [B, H, W, C] float32 to [B, num_classes]
+    (char_lstm: [B, T] int32 tokens to [B, T, num_classes]).
   """
   if name not in _REGISTRY:
     raise ValueError(f"model: unknown {name!r}; valid: {list(MODELS)}")

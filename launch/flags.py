@@ -150,6 +150,8 @@ def define_config_flags(fv: flags.FlagValues = flags.FLAGS,
     kw = dict(help=_help(spec, default), flag_values=fv)
     if opt.choices is not None:
       flags.DEFINE_enum(name, default, list(opt.choices), **kw)
+    elif opt.auto:  # a number or 'auto': parsed by _convert.
+      flags.DEFINE_string(name, default, **kw)
     elif spec.kind == "bool":
       flags.DEFINE_bool(name, default, **kw)
     elif spec.kind == "int":
@@ -346,11 +348,11 @@ def define_download_flag(fv: flags.FlagValues = flags.FLAGS) -> None:
   """Registers --download, beside the data flags (--dataset, --data_dir)."""
   flags.DEFINE_enum(
       "download", "auto", ["auto", "never"], "what to do when the files of "
-      "--dataset (mnist, fashion_mnist, cifar10) are missing from the data "
-      "directory (--data_dir, else $FTTE_DATA_DIR, else ~/.cache/ftte_jax): "
-      "'auto' downloads them there, SHA-256 checked, before anything else "
-      "is written; 'never' exits 2 saying what to fetch and where",
-      flag_values=fv)
+      "--dataset (mnist, fashion_mnist, cifar10; femnist and shakespeare in "
+      "TFF's format) are missing from the data directory (--data_dir, else "
+      "$FTTE_DATA_DIR, else ~/.cache/ftte_jax): 'auto' downloads them "
+      "there, SHA-256 checked, before anything else is written; 'never' "
+      "exits 2 saying what to fetch and where", flag_values=fv)
 
 
 def ensure_data(config, mode: str) -> None:
@@ -359,11 +361,16 @@ def ensure_data(config, mode: str) -> None:
   no files."""
   from ftte_jax.data import datasets  # pylint: disable=g-import-not-at-top
   name, data_dir = config.data.dataset, config.data.data_dir
-  missing = datasets.missing_files(name, data_dir)
+  missing = datasets.missing_files(name, data_dir, config.data.source)
   if not missing:
     return
   root = datasets.default_data_dir(data_dir)
   no_files = "; --dataset=synthetic and --dataset=tiny need no files"
+  natural = name in datasets.NATURAL_FILES
+  if natural:
+    problem = datasets.natural_problem(name, root, config.data.source, mode)
+    if problem:
+      fail(f"--dataset={name}: {problem}{no_files}")
   if mode == "never":
     fail(f"--dataset={name}: {missing[0]} not found and --download=never; "
          f"{datasets.fetch_hint(name, root)}{no_files}")
@@ -371,7 +378,9 @@ def ensure_data(config, mode: str) -> None:
     # MNIST's default pool split reads only the test files.
     datasets.download(name, root, split="test" if name == "mnist" else None)
   except datasets.DatasetNotFoundError as e:
-    fail(f"--dataset={e.short}{no_files}")
+    leaf = (f"; or {datasets.natural.how_to_get(root, name)}" if natural
+            else "")
+    fail(f"--dataset={e.short}{leaf}{no_files}")
   except datasets.DatasetFormatError as e:
     fail(f"--dataset={name}: download refused and deleted: {e}")
   except OSError as e:
@@ -397,6 +406,14 @@ def checkpoint_args(fv: flags.FlagValues = flags.FLAGS) -> list[str]:
 
 
 def _convert(spec: FlagSpec, value) -> Any:
+  if spec.option.auto and isinstance(value, str):
+    if value == options.AUTO:
+      return value
+    try:
+      return int(value) if spec.kind == "int" else float(value)
+    except ValueError:
+      raise ValueError(f"{spec.flag} must be {options.describe(spec.option)}"
+                       f", got {value!r}") from None
   if spec.kind == "json":
     try:
       out = json.loads(value)
@@ -460,6 +477,9 @@ def resolve(fv: flags.FlagValues = flags.FLAGS) -> Resolved:
       search=experiment.SearchConfig(**parts["search"]),
       pretrain=experiment.PretrainConfig(**parts["pretrain"]), **parts[""])
   experiment.validate(config)
+  # 'auto' options take their dataset's values here, so config.json (and
+  # the workdir's hash) holds the values the run uses.
+  config = experiment.resolve(config)
   check_updates_can_arrive(config)
   if config.init_checkpoint:  # reads one small JSON file.
     experiment.check_checkpoint(config)

@@ -3,7 +3,7 @@ r"""Central pretraining on the server's proxy set, saved for ``--init_checkpoint
   python -m launch.pretrain --out=/tmp/lenet5_pretrained \
       --proxy_examples=300 --pretrain_steps=100
   python -m launch.main --init_checkpoint=/tmp/lenet5_pretrained \
-      --proxy_examples=300 --pretrain_steps=0 --algorithm=fedbuff
+      --proxy_examples=300 --algorithm=fedbuff
 
 Takes the same config flags as ``launch.main`` (dataset, split, model and
 the ``--pretrain_*`` options; the engine's are ignored). The proxy set is
@@ -40,13 +40,14 @@ def _check(fv: flags.FlagValues):
   config = flags_lib.resolve(fv).config
   if os.path.exists(fv.out):
     raise ValueError(f"out: {fv.out} exists; choose a new directory")
-  if not config.data.proxy_examples or not config.pretrain.steps:
-    raise ValueError("proxy_examples and pretrain_steps must both be > 0 "
-                     f"(got {config.data.proxy_examples} and "
-                     f"{config.pretrain.steps})")
   if config.init_checkpoint:
     raise ValueError("init_checkpoint: launch.pretrain starts from the "
                      "seeded random initialization; drop the flag")
+  if not config.data.proxy_examples or not config.pretrain.steps:
+    raise ValueError("proxy_examples and pretrain_steps must both be > 0 "
+                     f"(got {config.data.proxy_examples} and "
+                     f"{config.pretrain.steps} for --dataset="
+                     f"{config.data.dataset})")
   return config
 
 
@@ -62,18 +63,16 @@ def _run(fv: flags.FlagValues) -> None:
   from ftte_jax.experiment import planning
   from ftte_jax.experiment import pretrain as pretrain_lib
   # pylint: enable=g-import-not-at-top
-  _, (x_test, y_test), info = planning.load_data(config)
-  proxy = info.pop("proxy")
+  fed = planning.load_data(config)
   root = keys.root(config.seed)
-  model = planning.make_model(config, info["input_shape"],
-                              info["num_classes"],
+  model = planning.make_model(config, fed.info,
                               keys.fold_in(root, planning.KEY_PARAMS))
   params, init = pretrain_lib.initial_params(
-      config, model.apply_fn, model.params, proxy,
+      config, model.apply_fn, model.params, fed.proxy,
       keys.fold_in(root, planning.KEY_PRETRAIN))
-  logits = jax.jit(model.apply_fn)(params, jnp.asarray(x_test, jnp.float32))
+  logits = jax.jit(model.apply_fn)(params, jnp.asarray(fed.test["x"]))
   result = dict(init["pretrain"], test_accuracy=float(
-      jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(y_test))),
+      jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(fed.test["y"]))),
                 wall_s=time.perf_counter() - t0)
   digest = checkpointing.save_params(
       fv.out, params, pretrain_lib.checkpoint_meta(config, result))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from ftte_jax.data import client_data as cdl
+from ftte_jax.data.config import DataConfig
 from ftte_jax.data import datasets as D
 
 MNIST_DIR = D.default_data_dir()
@@ -380,63 +381,82 @@ def test_digits_optional_dependency():
 # ------------------------------------------------------------------ federated
 
 
+def _load(dataset, num_clients, partition=None, seed=0, **kw):
+  return D.load_federated(DataConfig(dataset=dataset, num_clients=num_clients,
+                                     partition=partition, **kw), seed=seed)
+
+
 def test_load_federated_tiny_and_synthetic():
-  cd, (xte, yte), info = D.load_federated("tiny", 6, "dirichlet", seed=1,
-                                          alpha=0.5)
+  fed = _load("tiny", 6, "dirichlet", seed=1, dirichlet_alpha=0.5)
+  cd, info = fed.train, fed.info
   assert isinstance(cd, cdl.ClientData) and cd.num_clients == 6
-  assert info["input_shape"] == (8, 8, 1) and info["num_classes"] == 4
-  assert info["num_train"] == int(cd.counts.sum()) == 384 and len(xte) == 128
-  cd2, _, info2 = D.load_federated("synthetic", 4, seed=0, alpha=0.5,
-                                   beta=0.5, max_samples_per_client=200)
-  assert info2["input_shape"] == (60,) and info2["partition"] == "natural"
-  assert cd2.num_clients == 4
+  assert isinstance(info, D.DatasetInfo) and fed.proxy is None
+  assert info.input_shape == (8, 8, 1) and info.num_classes == 4
+  assert info.task == "classification" and info.input_dtype == "float32"
+  assert info.num_train == int(cd.counts.sum()) == 384
+  assert len(fed.test["x"]) == 128 and set(fed.test) == {"x", "y"}
+  fed2 = _load("synthetic", 4, synthetic_alpha=0.5, synthetic_beta=0.5,
+               max_examples_per_client=200)
+  assert fed2.info.input_shape == (60,) and fed2.info.partition == "natural"
+  assert fed2.train.num_clients == 4
 
 
 @pytest.mark.skipif(not HAVE_MNIST, reason="MNIST test split absent from FTTE_DATA_DIR")
 def test_load_federated_mnist_pool_deterministic():
-  cd, (xte, yte), info = D.load_federated("mnist", 10, "iid", seed=0)
-  assert info["num_train"] == 8000 and xte.shape == (2000, 28, 28, 1)
-  cd_b, (xte_b, _), _ = D.load_federated("mnist", 10, "iid", seed=0)
-  np.testing.assert_array_equal(cd.offsets, cd_b.offsets)
-  np.testing.assert_array_equal(cd.x, cd_b.x)
-  np.testing.assert_array_equal(xte, xte_b)
+  fed = _load("mnist", 10, "iid", proxy_examples=0)
+  xte = fed.test["x"]
+  assert fed.info.num_train == 8000 and xte.shape == (2000, 28, 28, 1)
+  again = _load("mnist", 10, "iid", proxy_examples=0)
+  np.testing.assert_array_equal(fed.train.offsets, again.train.offsets)
+  np.testing.assert_array_equal(fed.train.x, again.train.x)
+  np.testing.assert_array_equal(xte, again.test["x"])
 
 
 def test_load_federated_npz(tmp_path):
   rng = np.random.default_rng(0)
-  np.savez(tmp_path / "d.npz", x_train=rng.normal(size=(30, 3)).astype(
-      np.float32), y_train=np.arange(30) % 2, x_test=np.zeros((4, 3)),
+  np.savez(tmp_path / "d.npz", x_train=rng.normal(size=(31, 3)).astype(
+      np.float32), y_train=np.arange(31) % 2, x_test=np.zeros((4, 3)),
            y_test=np.arange(4) % 2)
-  cd, (xte, _), info = D.load_federated("npz", 3, "shards", seed=0,
-                                        path=tmp_path / "d.npz",
-                                        shards_per_client=2)
-  assert info["num_classes"] == 2 and cd.num_clients == 3
+  fed = _load("npz", 3, "shards", npz_path=str(tmp_path / "d.npz"),
+              shards_per_client=2, allow_uneven=True)
+  # proxy_examples=auto holds none out of an npz (its size is the user's).
+  assert fed.info.num_classes == 2 and fed.train.num_clients == 3
+  assert fed.info.num_proxy == 0 and fed.info.num_train == 31
 
 
-@pytest.mark.parametrize("args,kw,match", [
-    (("imagenet", 4), {}, r"dataset: unknown 'imagenet'; valid: \['mnist'"),
-    (("tiny", 4, "dirichlet"), {"alpha": 0.0}, "alpha must be"),
-    (("tiny", 4, "iid"), {"num_test": 600}, "num_test"),
-    (("tiny", 400, "iid"), {}, r"num_clients=400 .* \[1, 384\]"),
-    (("tiny", 4, "bogus"), {}, r"partition: 'bogus' .* valid: \['iid'"),
-    (("tiny", 5, "shards"), {"shards_per_client": 5}, "do not divide"),
-    (("synthetic", 4, "iid"), {}, r"valid: \['natural'\]"),
-    (("tiny", 4), {"colour": 1}, r"unknown options \['colour'\]"),
-    (("npz", 4), {}, "needs path="),
+@pytest.mark.parametrize("kw,match", [
+    (dict(dataset="imagenet"), r"dataset must be one of \('mnist'"),
+    (dict(dataset="tiny", partition="dirichlet", dirichlet_alpha=0.0),
+     "dirichlet_alpha must be"),
+    (dict(dataset="tiny", partition="iid", num_test=600), "num_test"),
+    (dict(dataset="tiny", num_clients=400, partition="iid"),
+     r"num_clients=400 .* \[1, 384\]"),
+    (dict(dataset="tiny", partition="bogus"), r"partition must be one of"),
+    (dict(dataset="tiny", num_clients=5, partition="shards",
+          shards_per_client=5), "do not divide"),
+    (dict(dataset="synthetic", partition="iid"), r"partition: synthetic's"),
+    (dict(dataset="tiny", partition="natural"), r"partition: 'natural'"),
+    (dict(dataset="npz"), "npz_path"),
+    (dict(dataset="femnist", num_test=10), "num_test: femnist takes"),
+    (dict(dataset="tiny", split="pool"), "split: only mnist"),
+    (dict(dataset="mnist", split="standard", num_test=10),
+     "num_test: mnist with split=standard"),
+    (dict(dataset="shakespeare", proxy_examples=3), "proxy_examples: "),
+    (dict(dataset="tiny", source="leaf"), "source: only femnist"),
 ])
-def test_load_federated_bad_options(args, kw, match):
+def test_load_federated_bad_options(kw, match):
+  kw.setdefault("num_clients", 4)
   with pytest.raises(ValueError, match=match):
-    D.load_federated(*args, **kw)
+    D.load_federated(DataConfig(**kw))
 
 
 def test_synthetic_samples_per_client_gives_equal_clients():
-  cd, (xte, yte), info = D.load_federated("synthetic", 50, seed=3,
-                                          samples_per_client=10)
+  fed = _load("synthetic", 50, seed=3, synthetic_samples_per_client=10)
+  cd, xte = fed.train, fed.test["x"]
   np.testing.assert_array_equal(cd.counts, np.full(50, 9))  # one held out
-  assert xte.shape == (50, 60) and info["layout"]["num_examples"] == 450
+  assert xte.shape == (50, 60) and fed.info.layout["num_examples"] == 450
   assert len(np.unique(np.asarray(cd.y))) > 5  # every class can occur
-  again, _, _ = D.load_federated("synthetic", 50, seed=3,
-                                 samples_per_client=10)
-  np.testing.assert_array_equal(cd.x, again.x)
+  again = _load("synthetic", 50, seed=3, synthetic_samples_per_client=10)
+  np.testing.assert_array_equal(cd.x, again.train.x)
   with pytest.raises(ValueError, match="samples_per_client must be >= 2"):
     D.synthetic_fedprox(1.0, 1.0, 4, samples_per_client=1)

@@ -76,7 +76,8 @@ def test_mnist_cnn_default_configs_are_the_scripts_setting():
   shared = dict(buffer_size=10, local_steps=10, batch_size=32,
                 client_lr=0.1, client_momentum=0.0)
   for alg, part, cfg in configs:
-    assert cfg == experiment.ExperimentConfig(
+    # As the launcher resolves it ('auto' options take the dataset's values).
+    assert cfg == experiment.resolve(experiment.ExperimentConfig(
         engine=algorithms.preset(
             alg, **shared, **({} if alg == "fedavg" else {"concurrency": 20})),
         data=experiment.DataConfig(dataset="mnist", num_clients=100,
@@ -88,7 +89,7 @@ def test_mnist_cnn_default_configs_are_the_scripts_setting():
         fleet=fleet.FleetConfig(speed_sigma=0.5, straggler_fraction=0.1,
                                 straggler_slowdown=5.0, task_sigma=0.1),
         memory_tier_fractions=None, model="lenet5", rounds=100,
-        eval_every=10, target_accuracy=0.95, seed=0)
+        eval_every=10, target_accuracy=0.95, seed=0))
   # A preset's pins replace the shared values (fedasync: K = 1).
   (_, _, cfg), = mnist_cnn.make_configs(parse(
       mnist_cnn, "--algorithms=fedasync", "--partitions=iid"))

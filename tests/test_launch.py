@@ -238,6 +238,11 @@ def _check_tensorboard_events(logdir, rows):
     ([f"--flagfile={SMOKE}", '--model_options={"hidden": [0]}'],
      "--model: 'mlp' with model_options"),
     ([f"--flagfile={SMOKE}", "--dataset=npz"], "--npz_path"),
+    # A natural dataset takes no partitioner (smoke.flags gives iid).
+    ([f"--flagfile={SMOKE}", "--dataset=femnist"],
+     "--partition: femnist's clients are given by the data"),
+    (["--proxy_examples=some"], "--proxy_examples must be an integer >= 0 "
+     "or 'auto'"),
     ([f"--flagfile={SMOKE}", "--dataset=npz", "--npz_path=/no/such.npz"],
      "--npz_path: no such file"),
 ])
@@ -283,6 +288,9 @@ def test_helpfull_lists_every_option_with_valid_values_and_default():
     else:
       assert "default: " in text, text
   assert "default: 0.2,1.1,2)" in blocks["memory_tier_fractions"]
+  for name in ("femnist", "shakespeare", "synthetic", "cifar10"):
+    assert name in blocks["dataset"]
+  assert "or 'auto'; default: auto)" in blocks["proxy_examples"]
   assert "(valid: an integer >= 1; default: 100)" in blocks["num_clients"]
   for name in ("workdir", "checkpoint_every", "keep_checkpoints", "overwrite"):
     assert name in blocks
@@ -395,6 +403,36 @@ def test_missing_dataset_offline_exits_2_in_one_line(tmp_path, args, says):
   assert f"https://storage.googleapis.com/cvdf-datasets/mnist/ into {cache}" \
       in line and "--dataset=synthetic and --dataset=tiny" in line
   assert not wd.exists() and not cache.exists()
+
+
+@pytest.mark.slow
+def test_natural_dataset_missing_or_damaged_exits_2_naming_files(tmp_path):
+  sys.path.insert(0, str(Path(__file__).parent))
+  import natural_files as nf  # pylint: disable=import-outside-toplevel
+  data = tmp_path / "data"
+  data.mkdir()
+  env = _fresh_env(tmp_path)
+  base = ["--dataset=femnist", "--model=femnist_cnn", f"--data_dir={data}",
+          "--num_clients=2", "--concurrency=2", "--buffer_size=2",
+          f"--workdir={tmp_path / 'w'}"]
+  p = launch(*base, "--download=never", env=env)
+  _, err = p.communicate(timeout=120)
+  assert p.returncode == 2 and "Traceback" not in err
+  (line,) = err.splitlines()
+  assert line.startswith("main.py: error: --dataset=femnist: ")
+  assert str(data / "femnist" / "train") in line
+  assert "./preprocess.sh -s niid --sf 1.0 -k 0 -t sample" in line
+  assert "fed_emnist.tar.bz2" in line
+  paths, _ = nf.write_leaf_dataset(data, "femnist",
+                                   nf.femnist_users(2, 4, seed=0))
+  raw = Path(paths[0]).read_bytes()
+  Path(paths[0]).write_bytes(raw[:len(raw) // 2])  # truncated.
+  p = launch(*base, env=env)
+  _, err = p.communicate(timeout=300)
+  assert p.returncode == 2 and "Traceback" not in err, err
+  (line,) = [l for l in err.splitlines() if "error:" in l]
+  assert f"{paths[0]}: not valid JSON, corrupt or truncated" in line
+  assert not (tmp_path / "w").exists()
 
 
 def test_ensure_data_downloads_into_the_user_cache(tmp_path, monkeypatch,

@@ -186,3 +186,121 @@ def test_full_model_memory_close_to_xla():
                                (1, 784), 32, ADAM)
   print(f"analytic {ours:.0f} B, XLA {xla:.0f} B, ratio {ratio:.3f}")
   assert 0.25 < ratio < 4
+
+
+class _Char(nn.Module):
+  """Embed(5 -> 2), LSTM(3), Dense(5) on T=4 tokens: 10 + 72 + 20 params."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Embed(5, 2)(x)
+    x = models.LSTM(3)(x)
+    return nn.Dense(5)(x)
+
+
+def _char():
+  shape = jax.ShapeDtypeStruct((1, 4), jnp.int32)
+  params = jax.eval_shape(_Char().init, jax.random.key(0), shape)["params"]
+  info = groups.analyze(_Char(), params, jax.ShapeDtypeStruct((2, 4),
+                                                              jnp.int32))
+  return params, info, groups.make_groups(info)
+
+
+def test_embedding_and_lstm_layers_recorded():
+  _, info, spec = _char()
+  assert [l.kind for l in info.layers] == ["embed", "recurrent", "linear"]
+  # Embed: 4 ids -> 4x2; LSTM: 4x2 -> 4x3, MACs 4 steps x (2*12 + 3*12),
+  # state 6*3*4, gate buffer 4*3*4; Dense: 4x3 -> 4x5, MACs 4 x 15.
+  assert [(l.in_size, l.out_size, l.macs, l.internal, l.transient, l.steps)
+          for l in info.layers] == [(4, 8, 0, 0, 0, 1),
+                                    (8, 12, 240, 72, 48, 4),
+                                    (12, 20, 60, 0, 0, 4)]
+  assert info.num_params == 102
+  # Gradients that need the layer's input: the embedding (token ids) and
+  # the LSTM's input kernel; not its recurrent kernel or bias.
+  needs = dict(zip(spec.paths, spec.needs_input))
+  assert needs[("Embed_0", "embedding")] and needs[("LSTM_0", "kernel_i")]
+  assert not needs[("LSTM_0", "kernel_h")] and not needs[("LSTM_0", "bias")]
+
+
+def test_lstm_memory_hand_computed():
+  # Per example: stored if layer e is the earliest = sum_{l>e} (a_l + s_l)
+  # + s_e + logits 20 with a_1 = 8, s_1 = 72, a_2 = 12: e=0 112, e=1 104,
+  # e=2 20. Pairs in+out(+gates): 12, 68, 32; batch 2: workspace e<=1
+  # 2*68 = 136, e=2 max(68, 2*32) = 68. Weights 4*102 = 408, SGD.
+  params, info, spec = _char()
+  np.testing.assert_array_equal(memory.stored_after(info), [112, 104, 20])
+  np.testing.assert_array_equal(memory.workspace_after(info, 2),
+                                [136, 136, 68, 68])
+  mem = lambda m: memory.training_memory(info, spec, params, m, 2, SGD)
+  ones = jax.tree.map(lambda p: np.ones(p.shape), params)
+  # All: grads 408; stored 112 + token ids 4 -> 4*2*116 = 928; 4*136.
+  assert mem(ones) == {"weights": 408.0, "gradients": 408.0,
+                       "optimizer_state": 0.0, "gradient_accumulator": 0.0,
+                       "activations_stored": 928.0, "workspace": 544.0,
+                       "activations": 1472.0, "total": 2288.0, "flash": 0.0}
+  # The LSTM's bias alone still backpropagates through time: its state.
+  m = mem(_mask(spec, params, LSTM_0__bias=1))
+  assert (m["gradients"], m["activations_stored"], m["total"]) == (
+      48.0, 832.0, 1832.0)
+  # Input kernel: + the layer's input (8 per example).
+  m = mem(_mask(spec, params, LSTM_0__kernel_i=1))
+  assert (m["gradients"], m["activations_stored"], m["total"]) == (
+      96.0, 896.0, 1944.0)
+  # Recurrent kernel: its input h_{t-1} is the stored output, no more.
+  m = mem(_mask(spec, params, LSTM_0__kernel_h=1))
+  assert (m["gradients"], m["activations_stored"], m["total"]) == (
+      144.0, 832.0, 1928.0)
+  # Dense kernel only: stored 20 + its input 12; workspace 4*68.
+  m = mem(_mask(spec, params, Dense_0__kernel=1))
+  assert (m["gradients"], m["activations_stored"], m["workspace"],
+          m["total"]) == (60.0, 256.0, 272.0, 996.0)
+
+  flops = lambda m: memory.training_flops(info, spec, params, m)
+  # Forward: LSTM 2*240 + 4 steps * 12 biases, dense 2*60 + 4*5: 668.
+  assert flops(_mask(spec, params)) == 668.0
+  # All: + input grads of LSTM and dense (480 + 120) + weight grads:
+  # embedding 8, kernel_i 2*4*24, kernel_h 2*4*36, bias 4*12, dense
+  # 2*4*15 + 4*5.
+  assert flops(ones) == 668.0 + 600.0 + 8 + 192 + 288 + 48 + 120 + 20
+  assert flops(_mask(spec, params, LSTM_0__bias=1)) == 668.0 + 120 + 48
+
+
+def test_femnist_cnn_memory_hand_computed():
+  # LEAF's FEMNIST CNN on 28x28x1, batch 10, SGD. Per example in/out:
+  # conv0 784/25088, conv1 6272/12544, dense2 3136/2048, dense3 2048/62.
+  # Stored if e = 0: a_1 = 25088 + 6272 (pooled input), a_2 = 12544 + 3136,
+  # a_3 = 2048, logits 62: 49150, + the image 784 for conv0's kernel.
+  model = models.get_model("femnist_cnn", 62)
+  params, info, spec = _setup(model, (1, 28, 28, 1))
+  assert [l.macs for l in info.layers] == [627_200, 10_035_200, 6_422_528,
+                                           126_976]
+  assert info.num_params == 6_603_710
+  ones = jax.tree.map(lambda p: np.ones(p.shape), params)
+  m = memory.training_memory(info, spec, params, ones, 10, SGD)
+  # weights = grads = 4*6,603,710; stored 4*10*49,934; workspace
+  # 4*10*(784 + 25,088).
+  assert (m["weights"], m["activations_stored"], m["workspace"],
+          m["total"]) == (26_414_840.0, 1_997_360.0, 1_034_880.0,
+                          55_861_920.0)
+  # The last layer only: 127,038 params; stored 62 + its input 2048;
+  # workspace max(25,872, 10*2110).
+  m = memory.training_memory(info, spec, params, _mask(
+      spec, params, layer03_dense__kernel=1, layer03_dense__bias=1), 10, SGD)
+  assert (m["gradients"], m["activations_stored"], m["workspace"],
+          m["total"]) == (508_152.0, 84_400.0, 103_488.0, 27_110_880.0)
+
+
+def test_char_lstm_memory_close_to_xla():
+  model = models.get_model("char_lstm", 84, hidden=64)
+  tokens = jnp.zeros((1, 80), jnp.int32)
+  params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
+  info = groups.analyze(model, params, jax.ShapeDtypeStruct((16, 80),
+                                                            jnp.int32))
+  spec = groups.make_groups(info)
+  ours = memory.memory_from_sizes(info, spec, spec.sizes[:, -1], 16,
+                                  SGD)["total"]
+  xla = memory.xla_training_memory(model, params, (16, 80), SGD,
+                                   input_dtype=np.int32, label_shape=(16, 80))
+  print(f"analytic {ours:.0f} B, XLA {xla:.0f} B, ratio {ours / xla:.3f}")
+  assert 0.25 < ours / xla < 4

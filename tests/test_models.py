@@ -12,7 +12,10 @@ from ftte_jax import models as M
 
 SHAPES = {"mlp": (2, 28, 28, 1), "lenet5": (2, 28, 28, 1),
           "resnet8": (2, 16, 16, 3), "resnet20": (2, 16, 16, 3),
-          "mobilenetv2": (2, 16, 16, 3)}
+          "mobilenetv2": (2, 16, 16, 3), "femnist_cnn": (2, 28, 28, 1),
+          "char_lstm": (2, 12)}
+# Models that take int32 tokens [B, T] and give logits [B, T, classes].
+SEQUENCE = ("char_lstm",)
 
 
 def _flat(variables):
@@ -27,7 +30,8 @@ def inited():
   out = {}
   for name, shape in SHAPES.items():
     model = M.get_model(name, 7)
-    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    x = jax.ShapeDtypeStruct(shape, jnp.int32 if name in SEQUENCE else
+                             jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.key(0), x)
     out[name] = (model, variables, x)
   return out
@@ -38,7 +42,8 @@ def test_logits_shape_and_params_only(inited, name):
   model, variables, x = inited[name]
   assert set(variables) == {"params"}  # no batch_stats / mutable state.
   y = jax.eval_shape(model.apply, variables, x)
-  assert y.shape == (2, 7) and y.dtype == jnp.float32
+  want = (2, 12, 7) if name in SEQUENCE else (2, 7)
+  assert y.shape == want and y.dtype == jnp.float32
 
 
 @pytest.mark.slow
@@ -145,3 +150,56 @@ def test_bad_options(call, match):
 def test_resnet_depth_checked():
   with pytest.raises(ValueError, match="6n \\+ 2"):
     M.ResNet(depth=9).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+
+
+def _count(variables):
+  return sum(a.size for a in jax.tree.leaves(variables))
+
+
+def test_femnist_cnn_is_leafs():
+  # LEAF models/femnist/cnn.py: conv5x5 1->32 (800 + 32), conv5x5 32->64
+  # (51,200 + 64), dense 7*7*64 -> 2048 (6,422,528 + 2,048), dense 2048 ->
+  # 62 (126,976 + 62): 6,603,710 parameters.
+  v = jax.eval_shape(M.get_model("femnist_cnn", 62).init, jax.random.key(0),
+                     jnp.zeros((1, 28, 28, 1)))
+  shapes = {k: a.shape for k, a in _flat(v).items()}
+  assert shapes == {"layer00_conv/bias": (32,),
+                    "layer00_conv/kernel": (5, 5, 1, 32),
+                    "layer01_conv/bias": (64,),
+                    "layer01_conv/kernel": (5, 5, 32, 64),
+                    "layer02_dense/bias": (2048,),
+                    "layer02_dense/kernel": (3136, 2048),
+                    "layer03_dense/bias": (62,),
+                    "layer03_dense/kernel": (2048, 62)}
+  assert _count(v) == 6_603_710
+
+
+def test_char_lstm_shapes_and_size():
+  # Embedding 84x8 (672); LSTM 8->256: 8*1024 + 256*1024 + 1024 (271,360);
+  # LSTM 256->256: 2*262,144 + 1024 (525,312); dense 256->84 (21,588).
+  v = jax.eval_shape(M.get_model("char_lstm", 84).init, jax.random.key(0),
+                     jax.ShapeDtypeStruct((1, 80), jnp.int32))
+  assert _count(v) == 672 + 271_360 + 525_312 + 21_588 == 818_932
+  assert _flat(v)["layer01_lstm/kernel_i"].shape == (8, 1024)
+  with pytest.raises(ValueError, match="integer tokens"):
+    M.get_model("char_lstm", 84).init(jax.random.key(0), jnp.zeros((1, 4)))
+
+
+def test_lstm_matches_a_step_by_step_reference():
+  layer = M.LSTM(3)
+  x = np.random.default_rng(0).normal(size=(2, 5, 4)).astype(np.float32)
+  p = layer.init(jax.random.key(1), x)["params"]
+  # The forget gate's bias starts at 1 (TF's forget_bias), the rest at 0.
+  np.testing.assert_array_equal(p["bias"], [0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0,
+                                            0])
+  got = np.asarray(layer.apply({"params": p}, x))
+  wi, wh, b = (np.asarray(p[k], np.float64) for k in
+               ("kernel_i", "kernel_h", "bias"))
+  sig = lambda z: 1 / (1 + np.exp(-z))
+  h = c = np.zeros((2, 3))
+  for t in range(5):
+    z = x[:, t] @ wi + h @ wh + b
+    i, f, g, o = np.split(z, 4, axis=1)
+    c = sig(f) * c + sig(i) * np.tanh(g)
+    h = sig(o) * np.tanh(c)
+    np.testing.assert_allclose(got[:, t], h, rtol=1e-5, atol=1e-6)

@@ -83,6 +83,26 @@ def test_options_fill_in_name_kind_and_default():
   assert options.describe(by_field["fraction"]) == "a number in [0, 1)"
 
 
+@dataclasses.dataclass(frozen=True)
+class Auto:
+  """An option that also takes 'auto'."""
+
+  size: int | str = option("auto", low=0, auto=True, help="a size or auto")
+
+
+def test_auto_option_takes_auto_or_its_kind():
+  opt = options.options(Auto)[0]
+  assert opt.kind == "int" and opt.auto and opt.default == "auto"
+  assert options.describe(opt) == "an integer >= 0 or 'auto'"
+  for ok in ("auto", 0, 7):
+    options.check_fields(Auto(size=ok))
+  for bad in (-1, "Auto", "7", 2.5, None):
+    with pytest.raises(ValueError, match="^size must be an integer >= 0 or "
+                       "'auto', got"):
+      options.check_fields(Auto(size=bad))
+  assert options.is_auto(opt, "auto") and not options.is_auto(opt, 0)
+
+
 def test_undeclared_field_is_refused():
 
   @dataclasses.dataclass(frozen=True)

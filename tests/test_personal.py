@@ -34,16 +34,17 @@ def test_held_out_slices_never_train_even_with_repeated_examples():
 
 
 def test_loaded_holdout_shares_no_example_with_training():
-  cd, _, info = datasets.load_federated("tiny", 8, "sampled", seed=0,
-                                        alpha=0.5, examples_per_client=24,
-                                        holdout_fraction=0.2)
-  held = info["holdout"]
+  fed = datasets.load_federated(experiment.DataConfig(
+      dataset="tiny", num_clients=8, partition="sampled",
+      dirichlet_alpha=0.5, examples_per_client=24, holdout_fraction=0.2),
+                                seed=0)
+  cd, held, info = fed.train, fed.holdout, fed.info
   x, hx = np.asarray(cd.x), np.asarray(held.x)
   for i in range(8):
     train_rows = {x[r].tobytes() for r in cd.rows(i)}
     held_rows = {hx[r].tobytes() for r in held.rows(i)}
     assert held_rows and not train_rows & held_rows
-  assert info["num_holdout"] == int(np.asarray(held.counts).sum())
+  assert info.num_holdout == int(np.asarray(held.counts).sum())
 
 
 def _two_devices():

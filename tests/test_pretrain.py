@@ -27,23 +27,25 @@ def _rows(x):
 
 
 def test_proxy_set_is_disjoint_from_clients_and_test():
-  cd, (xte, _), info = datasets.load_federated(
-      "tiny", 8, "iid", seed=3, num_proxy=64)
-  px, py = info["proxy"]
-  assert info["num_proxy"] == 64 and px.shape[0] == py.shape[0] == 64
+  load = lambda seed=3, **kw: datasets.load_federated(experiment.DataConfig(
+      dataset="tiny", num_clients=8, partition="iid", **kw), seed=seed)
+  fed = load(proxy_examples=64)
+  cd, xte, info = fed.train, fed.test["x"], fed.info
+  px, py = fed.proxy["x"], fed.proxy["y"]
+  assert info.num_proxy == 64 and px.shape[0] == py.shape[0] == 64
   # 512 generated examples: 128 test, 64 proxy, 320 for the clients.
-  assert info["num_train"] == 320 and int(np.asarray(cd.counts).sum()) == 320
+  assert info.num_train == 320 and int(np.asarray(cd.counts).sum()) == 320
   clients, test, proxy = _rows(cd.x), _rows(xte), _rows(px)
   assert len(proxy) == 64
   assert not proxy & clients and not proxy & test and not clients & test
   # Another run seed with the same split seed: same test and proxy sets.
-  _, (xte2, _), info2 = datasets.load_federated(
-      "tiny", 8, "iid", seed=4, num_proxy=64, split_seed=3)
-  assert _rows(info2["proxy"][0]) == proxy and _rows(xte2) == test
+  fed2 = load(seed=4, proxy_examples=64, split_seed=3)
+  assert _rows(fed2.proxy["x"]) == proxy and _rows(fed2.test["x"]) == test
   with pytest.raises(ValueError, match="proxy_examples"):
-    datasets.load_federated("tiny", 8, "iid", num_proxy=384)
+    load(proxy_examples=384)
   with pytest.raises(ValueError, match="proxy_examples"):
-    datasets.load_federated("synthetic", 8, num_proxy=4)
+    datasets.load_federated(experiment.DataConfig(
+        dataset="synthetic", num_clients=8, proxy_examples=4))
 
 
 def test_pretrain_equals_a_python_loop_reference():
@@ -54,7 +56,7 @@ def test_pretrain_equals_a_python_loop_reference():
   cfg = experiment.PretrainConfig(steps=7, lr=0.1, momentum=0.9,
                                   batch_size=16)
   key = jax.random.PRNGKey(5)
-  got, info = pretrain_lib.pretrain(apply, params, (x, y), cfg, key)
+  got, info = pretrain_lib.pretrain(apply, params, {"x": x, "y": y}, cfg, key)
   # Reference: epochs of fresh permutations, batches read in order across
   # epoch boundaries, optax SGD with momentum step by step.
   order = np.concatenate([np.asarray(jax.random.permutation(
@@ -70,7 +72,7 @@ def test_pretrain_equals_a_python_loop_reference():
                got, p)
   assert info["steps"] == 7 and 0 <= info["proxy_accuracy"] <= 1
   with pytest.raises(ValueError, match="pretrain_batch_size"):
-    pretrain_lib.pretrain(apply, params, (x, y),
+    pretrain_lib.pretrain(apply, params, {"x": x, "y": y},
                           dataclasses.replace(cfg, batch_size=41), key)
 
 

@@ -97,7 +97,7 @@ def work(spec: dict) -> dict:
   k = config.engine.buffer_size
   out = dict(spec, build_s=build_s, compile_s=compile_s,
              s_per_step=per_step, updates_per_s=k / per_step,
-             examples=exp.setup.data_info["layout"]["num_examples"],
+             examples=exp.setup.data_info.layout["num_examples"],
              num_devices=exp.num_devices)
   if spec.get("full_run"):
     t = time.perf_counter()

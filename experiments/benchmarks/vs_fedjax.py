@@ -156,7 +156,7 @@ def _read_idx(path: str, header: int) -> np.ndarray:
 def load_split(spec: dict):
   """ftte_jax's MNIST 'pool' split and Dirichlet partition, in numpy.
 
-  Mirrors ``datasets.load_federated('mnist', ...)``: t10k file, hold out
+  Mirrors ``datasets.load_federated`` of mnist: t10k file, hold out
   ``num_test`` images by ``default_rng(seed).permutation``, then
   ``partition.dirichlet`` with seed + 7919 and its empty-client fill.
   """

@@ -49,6 +49,7 @@ from ftte_jax.core import adversary
 from ftte_jax.core import draws
 from ftte_jax.core import exact
 from ftte_jax.core import extensions as extensions_lib
+from ftte_jax.core import losses
 from ftte_jax.core import one_shot
 from ftte_jax.core import transforms
 from ftte_jax.core.algorithms import EngineConfig, validate
@@ -1153,7 +1154,8 @@ def make_simulator(config: EngineConfig, apply_fn: ApplyFn | None = None,
                    max_local_steps: int | None = None,
                    client_tx: optax.GradientTransformation | None = None,
                    kinds: PyTree | None = None,
-                   extensions: Extensions | None = None) -> Simulator:
+                   extensions: Extensions | None = None,
+                   task: losses.Task | None = None) -> Simulator:
   """Binds ``config`` and any extensions to the engine's pure functions.
 
   Args:
@@ -1170,6 +1172,8 @@ def make_simulator(config: EngineConfig, apply_fn: ApplyFn | None = None,
       it: the client update then differentiates only what a mask trains.
     extensions: the user's pieces (``extensions.Extensions``); every piece
       not given is built from ``config``.
+    task: the dataset's loss and metrics (``losses.Task``); None: the
+      classification task of ``apply_fn``.
 
   Returns:
     ``Simulator(init, step, evaluate, steps, mesh, components)`` with
@@ -1183,7 +1187,7 @@ def make_simulator(config: EngineConfig, apply_fn: ApplyFn | None = None,
   comp = extensions_lib.bind(
       config, apply_fn, max_local_steps or config.local_steps, client_tx,
       kinds, client_mesh(config.mesh_devices, config.buffer_size),
-      extensions)
+      extensions, task)
 
   def init(key, env, params, plan, start=None):
     extensions_lib.check(comp, params, plan.masks, env.data)

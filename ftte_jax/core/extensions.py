@@ -165,15 +165,18 @@ def resolve_batching(config: algorithms.EngineConfig,
 def bind(config: algorithms.EngineConfig, apply_fn: Callable | None,
          max_local_steps: int, client_tx: optax.GradientTransformation,
          kinds: PyTree | None, mesh: Mesh | None,
-         extensions: Extensions | None = None) -> Components:
+         extensions: Extensions | None = None,
+         task: losses.Task | None = None) -> Components:
   """Fills every piece ``extensions`` leaves out from ``config``.
 
-  ``apply_fn`` builds the default classification loss and metrics; it may
-  be None when ``extensions`` gives both (and, for training, a loss or a
-  client update).
+  The default loss and metrics are ``task``'s (the dataset's, e.g.
+  ``losses.sequence``), else the classification task of ``apply_fn``;
+  ``apply_fn`` may be None when ``extensions`` gives both (and, for
+  training, a loss or a client update).
   """
   ext = extensions or Extensions()
-  task = None if apply_fn is None else losses.classification(apply_fn)
+  if task is None and apply_fn is not None:
+    task = losses.classification(apply_fn)
   loss_fn = ext.loss_fn or (task.loss if task else None)
   metrics_fn = ext.metrics_fn or (task.metrics if task else None)
   if ext.client_update is None and loss_fn is None:

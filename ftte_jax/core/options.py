@@ -21,6 +21,9 @@ import typing
 from typing import Any
 
 _KEY = "ftte_option"  # dataclasses.Field.metadata key of an Option.
+# The value of an option declared with ``auto=True`` that a later step
+# resolves from other options (e.g. from the dataset); see ``is_auto``.
+AUTO = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +43,7 @@ class Option:
   finite: bool = True  # reject nan and +-inf (numbers only).
   nonempty: bool = False  # lists only.
   ascending: bool = False  # lists only: non-decreasing.
+  auto: bool = False  # the string 'auto' is valid too (resolved later).
   name: str = ""  # public name (flag, errors); the field's name if empty.
   # Filled by ``options(cls)``:
   field: str = ""  # dataclass field name.
@@ -55,7 +59,8 @@ def option(default: Any = dataclasses.MISSING, *, help: str,
            low: float | None = None, high: float | None = None,
            low_inclusive: bool = True, high_inclusive: bool = True,
            finite: bool = True, nonempty: bool = False,
-           ascending: bool = False, name: str = "") -> Any:
+           ascending: bool = False, auto: bool = False,
+           name: str = "") -> Any:
   """A dataclass field carrying its help text and valid values.
 
   Args:
@@ -71,6 +76,9 @@ def option(default: Any = dataclasses.MISSING, *, help: str,
     finite: reject nan and infinities.
     nonempty: a list needs at least one entry.
     ascending: a list must be non-decreasing.
+    auto: the string ``AUTO`` ('auto') is valid too: a value that a later
+      step resolves from other options (the field's type is then e.g.
+      ``int | str``, its kind that of the first type).
     name: public name when it differs from the field's (flag, errors).
 
   Returns:
@@ -79,7 +87,8 @@ def option(default: Any = dataclasses.MISSING, *, help: str,
   meta = Option(help=help, choices=None if choices is None else tuple(choices),
                 low=low, high=high, low_inclusive=low_inclusive,
                 high_inclusive=high_inclusive, finite=finite,
-                nonempty=nonempty, ascending=ascending, name=name)
+                nonempty=nonempty, ascending=ascending, auto=auto,
+                name=name)
   return dataclasses.field(default=default, default_factory=default_factory,
                            metadata={_KEY: meta})
 
@@ -147,8 +156,19 @@ def _range(opt: Option) -> str:
   return noun
 
 
+def is_auto(opt: Option, value) -> bool:
+  """Whether ``value`` is the 'auto' of an option that admits it."""
+  return opt.auto and isinstance(value, str) and value == AUTO
+
+
 def describe(opt: Option) -> str:
   """The valid values of ``opt`` in words, e.g. 'an integer >= 1'."""
+  if opt.auto:
+    return _describe(dataclasses.replace(opt, auto=False)) + f" or {AUTO!r}"
+  return _describe(opt)
+
+
+def _describe(opt: Option) -> str:
   if opt.choices is not None:
     return f"one of {opt.choices}"
   if opt.kind in ("int", "float"):
@@ -230,7 +250,7 @@ def _out_of_storage(opt: Option, value) -> str | None:
 
 def check(opt: Option, value) -> None:
   """Raises ValueError, starting with the option's name, if value is invalid."""
-  if value is None and opt.optional:
+  if (value is None and opt.optional) or is_auto(opt, value):
     return
   overflow = None if value is None else _out_of_storage(opt, value)
   if overflow:

@@ -32,12 +32,13 @@ MAX_CLIENT_EXAMPLES = 2 ** 30
 class ClientData:
   """Federated training data: examples ordered by client, plus offsets."""
 
-  x: jnp.ndarray  # [M, *example_shape] float32: client 0's rows, then 1's...
-  y: jnp.ndarray  # [M] int32: labels.
+  x: jnp.ndarray  # [M, *example_shape] float32 (int32 tokens [M, T]):
+  #   client 0's rows, then 1's...
+  y: jnp.ndarray  # [M] int32 labels ([M, T] for sequences).
   offsets: jnp.ndarray  # [N] int32: first row of each client.
   counts: jnp.ndarray  # [N] int32: rows of each client (>= 1).
-  # Further per-example arrays, name -> [M, ...] in the rows' order (e.g. a
-  # sequence's token mask); a local batch carries them beside x and y.
+  # name -> [M, ...]: further per-example arrays, rows as x and y (e.g.
+  # "mask": [M, T] float32, 1 for real tokens); a batch gathers them too.
   extras: dict = struct.field(default_factory=dict)
 
   @property
@@ -76,24 +77,31 @@ def _check_partition(num_examples: int, partition: Sequence[np.ndarray]
 
 
 def from_partition(x: np.ndarray, y: np.ndarray,
-                   partition: Sequence[np.ndarray], seed: int = 0
-                   ) -> ClientData:
+                   partition: Sequence[np.ndarray], seed: int = 0,
+                   extras: dict | None = None) -> ClientData:
   """Builds ClientData from per-client index arrays into ``x``/``y``.
 
   Args:
-    x: [M, ...] examples.
-    y: [M] integer labels.
+    x: [M, ...] examples: stored float32, or int32 when integer (tokens).
+    y: [M] (or [M, T]) integer labels.
     partition: one 1-D integer array per client, each non-empty. An example
       listed by two clients is stored twice.
     seed: seeds the fixed random order of each client's rows.
+    extras: name -> [M, ...] per-example arrays, gathered like ``x`` (dtype
+      kept).
 
   Returns:
     ClientData holding exactly the partitioned examples, client by client.
   """
   x = np.asarray(x)
   y = np.asarray(y)
+  extras = {k: np.asarray(v) for k, v in (extras or {}).items()}
   if x.shape[0] != y.shape[0]:
     raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]}")
+  for k, v in extras.items():
+    if v.shape[0] != x.shape[0]:
+      raise ValueError(f"extras[{k!r}] has {v.shape[0]} rows but x has "
+                       f"{x.shape[0]}")
   counts = _check_partition(x.shape[0], partition)
   offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
   rng = np.random.default_rng(seed)
@@ -101,10 +109,19 @@ def from_partition(x: np.ndarray, y: np.ndarray,
                           for p in partition])
   # device_put of a fresh host array can alias it on the CPU (jnp.asarray
   # copies it, twice at peak): one copy of the examples, not three.
-  return ClientData(x=jax.device_put(np.asarray(x, np.float32)[order]),
+  x_type = np.int32 if np.issubdtype(x.dtype, np.integer) else np.float32
+  return ClientData(x=jax.device_put(np.asarray(x, x_type)[order]),
                     y=jax.device_put(np.asarray(y, np.int32)[order]),
                     offsets=jax.device_put(offsets.astype(np.int32)),
-                    counts=jax.device_put(counts.astype(np.int32)))
+                    counts=jax.device_put(counts.astype(np.int32)),
+                    extras={k: jax.device_put(v[order])
+                            for k, v in extras.items()})
+
+
+def as_batch(data: ClientData) -> dict:
+  """Every example as one batch dict: ``{"x", "y", **extras}`` (rows in
+  client order); index it with row numbers to gather a batch."""
+  return {"x": data.x, "y": data.y, **data.extras}
 
 
 def layout_report(data: ClientData) -> dict[str, float]:

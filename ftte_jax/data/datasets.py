@@ -14,7 +14,7 @@ in place; nothing is copied into the repository.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import gzip
 import hashlib
 import os
@@ -32,10 +32,12 @@ from typing import Any
 import numpy as np
 
 from ftte_jax.data import client_data as client_data_lib
+from ftte_jax.data import config as data_config
+from ftte_jax.data import natural
 from ftte_jax.data import partition as partition_lib
+from ftte_jax.data.config import DataConfig
 
-DATASETS = ("mnist", "fashion_mnist", "cifar10", "npz", "synthetic", "digits",
-            "tiny")
+DATASETS = data_config.DATASETS
 
 
 class DatasetFormatError(ValueError):
@@ -81,7 +83,8 @@ def default_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
 # Checksums as published by the maintainers and used by TFDS / Keras.
 _MNIST_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
 _FASHION_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
-REMOTE_FILES: dict[str, list[tuple[str, str, int, str]]] = {
+_TFF_URL = "https://storage.googleapis.com/tff-datasets-public/"
+REMOTE_FILES: dict[str, list[tuple[str, str, int | None, str]]] = {
     "mnist": [
         ("mnist/train-images-idx3-ubyte.gz", _MNIST_URL +
          "train-images-idx3-ubyte.gz", 9912422,
@@ -115,7 +118,24 @@ REMOTE_FILES: dict[str, list[tuple[str, str, int, str]]] = {
          "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", 170498071,
          "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"),
     ],
+    # TFF's HDF5 archives, with the SHA-256 TFF's loaders checked them
+    # against (tensorflow_federated/python/simulation/datasets/emnist.py at
+    # 2c3c896c, shakespeare.py at 0106781f); sizes are not published.
+    "femnist": [
+        ("femnist/fed_emnist.tar.bz2", _TFF_URL + "fed_emnist.tar.bz2", None,
+         "fe1ed5a502cea3a952eb105920bff8cffb32836b5173cb18a57a32c3606f3ea0"),
+    ],
+    "shakespeare": [
+        ("shakespeare/shakespeare.tar.bz2", _TFF_URL + "shakespeare.tar.bz2",
+         None,
+         "0285be9906cb5f268092eee4edeeacfc2af4574f2941f7cc2f08a321d7f5c707"),
+    ],
 }
+# Archives extracted after download: name -> folder under the data dir.
+_ARCHIVES = {"cifar10": "", "femnist": "femnist",
+             "shakespeare": "shakespeare"}
+# Datasets whose files are LEAF's JSON or TFF's HDF5 (``natural``).
+NATURAL_FILES = natural.NAMES
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -141,12 +161,17 @@ def _missing(name: str, path: Path, root: Path) -> DatasetNotFoundError:
     lines.append(f"Fetch with ftte_jax.datasets.download({name!r}, "
                  f"data_dir={str(root)!r}), or by hand:")
     for rel, url, size, digest in REMOTE_FILES[name]:
-      lines.append(f"  {url} -> {root / rel} ({size} bytes, sha256 {digest})")
+      lines.append(f"  {url} -> {root / rel} ({_size(size)}sha256 "
+                   f"{digest})")
     if name == "cifar10":
       lines.append(f"  then extract it so that {root / 'cifar-10-batches-py'} "
                    "exists.")
   lines.append("Set the directory with data_dir=... or $FTTE_DATA_DIR.")
   return DatasetNotFoundError("\n".join(lines))
+
+
+def _size(size: int | None) -> str:
+  return "" if size is None else f"{size} bytes, "
 
 
 def fetch_hint(name: str, data_dir: str | os.PathLike | None = None) -> str:
@@ -160,20 +185,26 @@ def fetch_hint(name: str, data_dir: str | os.PathLike | None = None) -> str:
   hint = (f"fetch {', '.join(url[len(base):] for _, url, _, _ in files)} "
           f"from {base} into {dest} (SHA-256 in ftte_jax.data.datasets."
           f"REMOTE_FILES)")
-  if name == "cifar10":
+  if name in _ARCHIVES:
     hint += " and extract it there"
+  if name in NATURAL_FILES:
+    hint += " (TFF's HDF5 files; reading them needs h5py)"
   return hint
 
 
-def missing_files(name: str, data_dir: str | os.PathLike | None = None
-                  ) -> list[Path]:
+def missing_files(name: str, data_dir: str | os.PathLike | None = None,
+                  source: str = "auto") -> list[Path]:
   """The files ``load_federated``'s default split of ``name`` reads that are
   absent ([] for datasets that are generated or not downloadable).
 
   MNIST's default 'pool' split reads only the t10k files; Fashion-MNIST and
-  CIFAR-10 default to 'standard', which reads train and test.
+  CIFAR-10 default to 'standard', which reads train and test. femnist and
+  shakespeare read LEAF's folders or TFF's files (``source``; auto: LEAF's
+  where present, else TFF's).
   """
   root = default_data_dir(data_dir)
+  if name in NATURAL_FILES:
+    return natural.missing(root, name, source)
   if name == "cifar10":
     folder = root / "cifar-10-batches-py"
     need = [folder / f"data_batch_{i}" for i in range(1, 6)]
@@ -184,6 +215,28 @@ def missing_files(name: str, data_dir: str | os.PathLike | None = None
   else:
     return []
   return [p for p in need if not p.exists()]
+
+
+def natural_problem(name: str, root: Path, source: str,
+                    mode: str) -> str | None:
+  """Why femnist/shakespeare's missing files cannot be downloaded now, in
+  one line naming the files and how to produce them; None when TFF's
+  files can be fetched (``mode`` 'auto', h5py installed)."""
+  leaf = natural.how_to_get(root, name)
+  tff = fetch_hint(name, root)
+  if natural.source_of(root, name, source) == "leaf":
+    absent = natural.missing(root, name, "leaf")
+    return f"no LEAF JSON files in {absent[0]}; {leaf}"
+  try:
+    natural.require_h5py()
+  except ImportError:
+    return (f"no LEAF JSON files in {natural.leaf_dir(root, name, 'train')} "
+            f"and no TFF file {natural.tff_path(root, name, 'train')}; "
+            f"{leaf}; or pip install h5py to read TFF's ({tff})")
+  if mode == "never":
+    return (f"{natural.tff_path(root, name, 'train')} not found and "
+            f"--download=never; {leaf}; or {tff}")
+  return None
 
 
 def _mb(n: int) -> str:
@@ -201,7 +254,12 @@ def _copy_with_progress(src, dst, label: str, total: int, stream) -> None:
 
   def show(final=False):
     nonlocal shown
-    pct = min(100, 100 * done // total) if total else 100
+    if not total:  # no length known: megabytes so far, at the end.
+      if stream is not None and final:
+        stream.write(f"{label} {_mb(done)} MB\n")
+        stream.flush()
+      return
+    pct = min(100, 100 * done // total)
     mark = pct if tty else pct // 25 * 25
     if stream is None or (mark == shown and not (final and tty)):
       return
@@ -233,7 +291,7 @@ def _fetch(name: str, root: Path, rel: str, url: str, size: int, digest: str,
       with urllib.request.urlopen(url, timeout=timeout_s) as resp:
         length = getattr(resp, "headers", {}).get("Content-Length")
         _copy_with_progress(resp, tmp, f"{name}: {dest.name}",
-                            int(length) if length else size, stream)
+                            int(length) if length else (size or 0), stream)
     except OSError as e:
       os.unlink(tmp.name)
       if created and not any(dest.parent.iterdir()):
@@ -262,13 +320,13 @@ def download(name: str, data_dir: str | os.PathLike | None = None,
 
   Args:
     name: one of the keys of REMOTE_FILES ('mnist', 'fashion_mnist',
-      'cifar10').
+      'cifar10', and TFF's 'femnist' and 'shakespeare' archives).
     data_dir: target directory (see default_data_dir).
     timeout_s: socket timeout per request.
     progress: report each file's progress on stderr.
     split: 'train' or 'test' fetches only that split's files of MNIST or
       Fashion-MNIST (MNIST's default 'pool' split reads only 'test'); None
-      fetches everything (CIFAR-10 is one archive either way).
+      fetches everything (an archive is one file either way).
 
   Returns:
     The data directory.
@@ -281,16 +339,34 @@ def download(name: str, data_dir: str | os.PathLike | None = None,
   root = default_data_dir(data_dir)
   stem = {"train": "/train-", "test": "/t10k-"}.get(split, "")
   for rel, url, size, digest in REMOTE_FILES[name]:
-    if stem not in rel and name != "cifar10":
+    if stem not in rel and name not in _ARCHIVES:
       continue
     if (root / rel).exists() and sha256_file(root / rel) == digest:
       continue
     _fetch(name, root, rel, url, size, digest, timeout_s,
            sys.stderr if progress else None)
-  if name == "cifar10":
-    with tarfile.open(root / REMOTE_FILES[name][0][0], "r:gz") as tar:
-      tar.extractall(root, filter="data")
+  if name in _ARCHIVES:
+    _extract(name, root)
   return root
+
+
+def _extract(name: str, root: Path) -> None:
+  """Extracts ``name``'s verified archive into its folder (tarfile's 'data'
+  filter: no absolute paths, links or devices) and checks that the files
+  the loader reads are there."""
+  archive = root / REMOTE_FILES[name][0][0]
+  where = root / _ARCHIVES[name]
+  try:
+    with tarfile.open(archive, "r:*") as tar:
+      tar.extractall(where, filter="data")
+  except (tarfile.TarError, EOFError, OSError) as e:
+    raise DatasetFormatError(f"{archive}: cannot extract ({e})") from e
+  if name in NATURAL_FILES:
+    want = [natural.tff_path(root, name, s) for s in ("train", "test")]
+    absent = [p for p in want if not p.exists()]
+    if absent:
+      raise DatasetFormatError(f"{archive}: extracted, but {absent[0]} is not "
+                               "in it")
 
 
 # ----------------------------------------------------------------------------
@@ -795,10 +871,10 @@ def _holdout(x, y, num_test, seed):
   return x[tr], y[tr], x[te], y[te]
 
 
-_PARTITION_KEYS = ("alpha", "shards_per_client", "allow_uneven", "sigma",
-                   "examples_per_client")
 # Folded into the split seed so the proxy draw differs from the hold-out's.
 _PROXY_SALT = 31337
+# The generated 'tiny' set: examples and classes (not options: a smoke set).
+TINY_EXAMPLES, TINY_CLASSES = 512, 4
 
 
 def split_proxy(x, y, num_proxy: int, seed: int):
@@ -817,158 +893,233 @@ def split_proxy(x, y, num_proxy: int, seed: int):
   return x[rest], y[rest], x[px], y[px]
 
 
-def _take_options(dataset: str, opts: dict, defaults: dict) -> dict:
-  """``defaults`` overridden by ``opts``; unknown options are an error."""
-  unknown = set(opts) - set(defaults)
-  if unknown:
-    raise ValueError(f"dataset {dataset!r}: unknown options "
-                     f"{sorted(unknown)}; valid: {sorted(defaults)} and "
-                     f"partition options {sorted(_PARTITION_KEYS)}")
-  return {**defaults, **opts}
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """Facts about a loaded dataset (JSON-safe: no arrays)."""
+
+  name: str
+  task: str  # 'classification' (y [M]) or 'sequence' (y [M, T], a mask).
+  num_classes: int  # logits per example (per token for sequences).
+  input_shape: tuple[int, ...]  # one example, no batch axis.
+  input_dtype: str  # 'float32' (images, features) or 'int32' (tokens).
+  partition: str  # how clients were formed ('natural': given by the data).
+  num_train: int  # examples at clients (before any hold-out).
+  num_test: int  # examples in the global test set.
+  num_proxy: int  # examples the server holds.
+  layout: dict  # client_data.layout_report of the training data.
+  num_holdout: int = 0  # examples the clients hold out for themselves.
+  source: str = ""  # where the examples came from (format and files).
+  users_in_files: int = 0  # natural data: users in the training files.
+  empty_users: int = 0  # natural data: users without a training example,
+  #   skipped (never a client).
+  oov_characters: int = 0  # shakespeare: characters mapped to OOV.
+  num_samples_mismatch: int = 0  # LEAF: users whose num_samples != len(y).
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
 
 
-def _load_synthetic(num_clients, seed, take, part_opts):
+@dataclasses.dataclass(frozen=True)
+class FederatedData:
+  """What ``load_federated`` returns: clients, test set, proxy, hold-out."""
+
+  train: client_data_lib.ClientData  # the clients' examples (CSR).
+  test: dict  # {"x", "y", **extras}: numpy arrays, the global test set.
+  info: DatasetInfo
+  proxy: dict | None = None  # {"x", "y"}: the server's set; None without.
+  holdout: client_data_lib.ClientData | None = None  # the clients' own
+  #   held-out slices (client i's rows as in ``train``); None without.
+
+
+def _synthetic(cfg: DataConfig, seed: int):
   """Synthetic(alpha, beta) with its natural partition."""
-  o = take({"alpha": 1.0, "beta": 1.0, "max_samples_per_client": None,
-            "samples_per_client": None})
-  # 'alpha' is the dataset's here, not Dirichlet's.
-  o["alpha"] = part_opts.pop("alpha", o["alpha"])
-  if part_opts:
-    raise ValueError(f"synthetic: partition options {sorted(part_opts)} do "
-                     "not apply to the natural partition")
   xtr, ytr, parts, xte, yte = synthetic_fedprox(
-      o["alpha"], o["beta"], num_clients, seed,
-      max_samples_per_client=o["max_samples_per_client"],
-      samples_per_client=o["samples_per_client"])
-  return xtr, ytr, xte, yte, parts
+      cfg.synthetic_alpha, cfg.synthetic_beta, cfg.num_clients, seed,
+      max_samples_per_client=cfg.max_examples_per_client,
+      samples_per_client=cfg.synthetic_samples_per_client)
+  return {"x": xtr, "y": ytr}, {"x": xte, "y": yte}, parts, 10
 
 
-def _load_arrays(dataset, seed, data_dir, take):
+def _pooled_arrays(cfg: DataConfig, seed: int):
   """(x_train, y_train, x_test, y_test, num_classes) of a pooled dataset."""
+  dataset, data_dir = cfg.dataset, cfg.data_dir
   if dataset == "npz":
-    o = take({"path": None, "num_classes": None})
-    if o["path"] is None:
-      raise ValueError("dataset 'npz' needs path=<file.npz> holding x_train, "
-                       "y_train, x_test, y_test")
-    xtr, ytr, xte, yte = load_npz(o["path"], o["num_classes"])
-    return xtr, ytr, xte, yte, (o["num_classes"] or
-                                int(max(ytr.max(), yte.max())) + 1)
+    xtr, ytr, xte, yte = load_npz(cfg.npz_path)
+    return xtr, ytr, xte, yte, int(max(ytr.max(initial=0),
+                                       yte.max(initial=0))) + 1
   if dataset == "digits":
-    o = take({"num_test": 360})
-    return (*_holdout(*load_digits(), o["num_test"], seed), 10)
+    return (*_holdout(*load_digits(), cfg.num_test, seed), 10)
   if dataset == "tiny":
-    o = take({"num_examples": 512, "num_classes": 4, "num_test": 128})
-    x, y = tiny(o["num_examples"], o["num_classes"], seed=seed)
-    return (*_holdout(x, y, o["num_test"], seed), o["num_classes"])
-  o = take({"split": "pool" if dataset == "mnist" else "standard",
-            "num_test": 2000})
-  if o["split"] not in ("pool", "standard"):
-    raise ValueError(f"split must be 'pool' or 'standard', got "
-                     f"{o['split']!r}")
+    x, y = tiny(TINY_EXAMPLES, TINY_CLASSES, seed=seed)
+    return (*_holdout(x, y, cfg.num_test, seed), TINY_CLASSES)
   load = (load_cifar10 if dataset == "cifar10" else
           lambda d, s: load_mnist(d, s, name=dataset))
-  if o["split"] == "standard":
+  if cfg.split == "standard":
     return (*load(data_dir, "train"), *load(data_dir, "test"), 10)
-  return (*_holdout(*load(data_dir, "test"), o["num_test"], seed), 10)
+  return (*_holdout(*load(data_dir, "test"), cfg.num_test, seed), 10)
+
+
+def make_partition(cfg: DataConfig, labels: np.ndarray, seed: int
+                   ) -> list[np.ndarray]:
+  """``cfg.partition`` of a pool with ``labels``, with ``cfg``'s options."""
+  p, n = cfg.partition, cfg.num_clients
+  if p == "iid":
+    return partition_lib.iid(len(labels), n, seed)
+  if p == "dirichlet":
+    return partition_lib.dirichlet(labels, n, cfg.dirichlet_alpha, seed)
+  if p == "shards":
+    return partition_lib.shards(labels, n, cfg.shards_per_client, seed,
+                                cfg.allow_uneven)
+  if p == "quantity":
+    return partition_lib.quantity(len(labels), n, cfg.quantity_sigma, seed)
+  if p == "sampled":
+    return partition_lib.sampled(labels, n, cfg.dirichlet_alpha,
+                                 cfg.examples_per_client, seed)
+  raise ValueError(f"partition: {p!r} does not split a pool; valid: "
+                   f"{list(partition_lib.PARTITIONS)}")
+
+
+def _natural(cfg: DataConfig, split_seed: int):
+  """A natural dataset's clients and test set (``natural``)."""
+  root = default_data_dir(cfg.data_dir)
+  source = natural.source_of(root, cfg.dataset, cfg.source)
+  absent = natural.missing(root, cfg.dataset, source)
+  if absent:
+    raise DatasetNotFoundError(
+        f"dataset {cfg.dataset!r}: {absent[0]} not found. "
+        f"{natural.how_to_get(root, cfg.dataset)}; or TFF's "
+        f"{fetch_hint(cfg.dataset, root)}")
+  cap = cfg.max_examples_per_client
+  try:
+    train = natural.read(root, cfg.dataset, "train", source, cap)
+    test = natural.read(root, cfg.dataset, "test", source, cap)
+  except natural.FormatError as e:
+    raise DatasetFormatError(str(e)) from e
+  chosen = natural.select(train, cfg.num_clients, split_seed, cfg.dataset)
+  offsets = train.offsets
+  parts = [np.arange(offsets[i], offsets[i] + train.counts[i]) for i in
+           chosen]
+  # The test set: each client's held-out examples, and those of users
+  # that train nowhere (LEAF's '-t user' split holds out whole users).
+  keep = {train.users[i] for i in chosen}
+  outside = set(test.users) - set(train.users)
+  t_off = test.offsets
+  rows = [np.arange(t_off[j], t_off[j] + test.counts[j]) for j, u in
+          enumerate(test.users) if u in keep or u in outside]
+  rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+  if rows.size == 0:
+    raise DatasetFormatError(
+        f"dataset {cfg.dataset!r}: the test files {list(test.files)} hold no "
+        "example of the chosen clients")
+  test_set = {k: v[rows] for k, v in test.arrays.items()}
+  where = (sorted({str(Path(f).parent) for f in train.files + test.files})
+           if source == "leaf" else list(train.files + test.files))
+  facts = dict(source=f"{source}: {', '.join(where)}",
+               users_in_files=len(train.users),
+               empty_users=int((train.counts == 0).sum()),
+               oov_characters=train.oov + test.oov,
+               num_samples_mismatch=(train.num_samples_mismatch +
+                                     test.num_samples_mismatch))
+  classes = (natural.FEMNIST_CLASSES if cfg.dataset == "femnist" else
+             natural.VOCAB_SIZE)
+  return train.arrays, test_set, parts, classes, facts
 
 
 # Longer than 60 lines only by its docstring, the one list of every dataset's
 # options; the loading itself is split into the helpers above.
-def load_federated(dataset: str, num_clients: int,
-                   partition: str | None = None,
-                   seed: int = 0, data_dir: str | os.PathLike | None = None,
-                   num_proxy: int = 0, split_seed: int | None = None,
-                   holdout_fraction: float = 0.0, **opts):
-  """Loads a dataset, splits off a test set, and partitions it across clients.
+def load_federated(config: DataConfig, seed: int = 0) -> FederatedData:
+  """Loads a dataset, splits off a test set, and forms its clients.
 
-  Datasets and their options:
-    'mnist': real MNIST; ``split='pool'`` (default) splits the 10,000-image
-      test file into a training pool and ``num_test`` (default 2,000) held-out
+  Every option comes from ``config`` (``DataConfig``: the one place data
+  options are declared and given defaults; 'auto' values are resolved here
+  by ``config.resolved()``). Datasets:
+    'mnist': real MNIST; ``split='pool'`` (auto) splits the 10,000-image
+      test file into a training pool and ``num_test`` (auto 2,000) held-out
       images, by seed; ``split='standard'`` uses the train files (needs the
       60,000-image files in data_dir) and the t10k test set.
-    'fashion_mnist': as mnist, default ``split='standard'``.
-    'cifar10': python batches; default ``split='standard'``; 'pool' also works.
-    'npz': ``path=`` to an .npz with x_train, y_train, x_test, y_test;
-      ``num_classes`` optional.
-    'synthetic': FedProx Synthetic(``alpha``=1, ``beta``=1); one client per
-      generated device, so ``partition`` must be 'natural'
-      (``max_samples_per_client`` optional).
+    'fashion_mnist': as mnist, auto ``split='standard'``.
+    'cifar10': python batches; auto ``split='standard'``; 'pool' also works.
+    'npz': ``npz_path`` to an .npz with x_train, y_train, x_test, y_test.
+    'synthetic': FedProx Synthetic(``synthetic_alpha``, ``synthetic_beta``);
+      one client per generated device (natural).
     'digits': scikit-learn digits (optional dependency), pool split with
-      ``num_test`` default 360.
-    'tiny': generated 8x8x1 images (``num_examples``=512, ``num_classes``=4),
-      pool split with ``num_test`` default 128.
-  Partition options ('alpha', 'shards_per_client', 'allow_uneven', 'sigma')
-  are passed to ftte_jax.partition.make_partition.
+      ``num_test`` auto 360.
+    'tiny': generated 8x8x1 images (512, 4 classes), pool split with
+      ``num_test`` auto 128.
+    'femnist': LEAF's or TFF's FEMNIST, one client per writer (natural);
+      the test set is the clients' own held-out examples (``natural``).
+    'shakespeare': LEAF's or TFF's Shakespeare, one client per speaking
+      role (natural); next-character sequences (task 'sequence').
+  Pooled datasets are split into ``num_clients`` clients by ``partition``
+  with its options (``dirichlet_alpha``, ``shards_per_client``,
+  ``allow_uneven``, ``quantity_sigma``, ``examples_per_client``).
 
   Args:
-    dataset: one of DATASETS.
-    num_clients: number of clients.
-    partition: 'iid', 'dirichlet', 'shards', 'quantity', or 'natural' (the
-      only choice for synthetic); None means 'natural' for synthetic and
-      'iid' otherwise.
+    config: the data options.
     seed: seeds the partition (and generated data); the test and proxy
-      splits too unless ``split_seed`` is given.
-    data_dir: data directory (see default_data_dir).
-    num_proxy: training-pool examples held by the server instead of any
-      client (``split_proxy``); not for synthetic, whose devices have no
-      common pool.
-    split_seed: seeds the test and proxy splits (None: ``seed``), so runs of
-      several seeds can share one split and one pretrained model.
-    holdout_fraction: if > 0, each client keeps this share of its examples
-      for its own evaluation, never for training
-      (``partition.split_holdout``).
-    **opts: dataset and partition options above.
+      splits and the sample of natural clients too unless
+      ``config.split_seed`` is given.
 
   Returns:
-    (ClientData, (x_test, y_test), info) where info has 'name',
-    'num_classes', 'input_shape' (one example, no batch axis), 'partition',
-    'num_train', 'num_test', 'num_proxy', 'layout' (see
-    client_data.layout_report) and, when ``num_proxy > 0``, 'proxy': the
-    server's ``(x, y)`` numpy arrays; with a hold-out, 'holdout': the
-    clients' held-out slices as a ClientData (client i's rows, as in the
-    training data) and 'num_holdout'.
+    A ``FederatedData``.
+
+  Raises:
+    ValueError: an invalid option (named); DatasetNotFoundError /
+      DatasetFormatError for missing or malformed files (named).
   """
-  if dataset not in DATASETS:
-    raise ValueError(f"dataset: unknown {dataset!r}; valid: {list(DATASETS)}")
-  part_opts = {k: opts.pop(k) for k in list(opts) if k in _PARTITION_KEYS}
-  if partition is None:
-    partition = "natural" if dataset == "synthetic" else "iid"
-  valid_parts = ("natural",) if dataset == "synthetic" else partition_lib.PARTITIONS
-  if partition not in valid_parts:
-    raise ValueError(f"partition: {partition!r} is not valid for dataset "
-                     f"{dataset!r}; valid: {list(valid_parts)}")
-  take = functools.partial(_take_options, dataset, opts)
-  split_seed = seed if split_seed is None else split_seed
-  if dataset == "synthetic" and num_proxy:
-    raise ValueError("proxy_examples: synthetic devices have no common pool "
-                     "to hold a proxy set out of; use 0")
-  proxy = None
-  if dataset == "synthetic":
-    xtr, ytr, xte, yte, parts = _load_synthetic(num_clients, seed, take,
-                                                part_opts)
-    num_classes = 10
+  data_config.validate(config)
+  cfg = config.resolved()
+  split_seed = seed if cfg.split_seed is None else cfg.split_seed
+  proxy, facts = None, {}
+  if cfg.dataset == "synthetic":
+    train, test, parts, num_classes = _synthetic(cfg, seed)
+  elif cfg.natural:
+    train, test, parts, num_classes, facts = _natural(cfg, split_seed)
   else:
-    xtr, ytr, xte, yte, num_classes = _load_arrays(dataset, split_seed,
-                                                   data_dir, take)
-    if num_proxy:
-      xtr, ytr, *proxy = split_proxy(xtr, ytr, num_proxy, split_seed)
+    xtr, ytr, xte, yte, num_classes = _pooled_arrays(cfg, split_seed)
+    if cfg.proxy_examples:
+      xtr, ytr, px, py = split_proxy(xtr, ytr, cfg.proxy_examples,
+                                     split_seed)
+      proxy = {"x": px, "y": py}
+    train, test = {"x": xtr, "y": ytr}, {"x": xte, "y": yte}
     # fold a constant into the seed so partition and hold-out draw differently.
-    parts = partition_lib.make_partition(partition, ytr, num_clients,
-                                         seed + 7919, **part_opts)
+    parts = make_partition(cfg, ytr, seed + 7919)
+  # Natural files hold users that are not clients: count the clients'.
+  num_train = (sum(len(p) for p in parts) if cfg.natural else
+               len(train["x"]))
   held = None
-  if holdout_fraction:
-    parts, held = partition_lib.split_holdout(parts, holdout_fraction,
+  if cfg.holdout_fraction:
+    parts, held = partition_lib.split_holdout(parts, cfg.holdout_fraction,
                                               seed + 15485863)
-  cd = client_data_lib.from_partition(xtr, ytr, parts, seed=seed + 104729)
-  info = {"name": dataset, "num_classes": int(num_classes),
-          "input_shape": tuple(int(s) for s in xtr.shape[1:]),
-          "partition": partition, "num_train": int(len(xtr)),
-          "num_test": int(len(xte)), "num_proxy": int(num_proxy),
-          "layout": client_data_lib.layout_report(cd)}
-  if proxy is not None:
-    info["proxy"] = tuple(proxy)
-  if held is not None:
-    info["holdout"] = client_data_lib.from_partition(xtr, ytr, held,
-                                                     seed=seed + 104729)
-    info["num_holdout"] = int(sum(len(h) for h in held))
-  return cd, (xte, yte), info
+  extras = {k: v for k, v in train.items() if k not in ("x", "y")}
+  build = lambda p: client_data_lib.from_partition(
+      train["x"], train["y"], p, seed=seed + 104729, extras=extras)
+  cd = build(parts)
+  x = train["x"]
+  info = DatasetInfo(
+      name=cfg.dataset, task="sequence" if cfg.dataset == "shakespeare"
+      else "classification", num_classes=int(num_classes),
+      input_shape=tuple(int(s) for s in x.shape[1:]),
+      input_dtype="int32" if np.issubdtype(x.dtype, np.integer) else "float32",
+      partition=cfg.partition,
+      num_train=int(num_train),
+      num_test=int(len(test["y"])), num_proxy=int(cfg.proxy_examples),
+      layout=client_data_lib.layout_report(cd),
+      num_holdout=int(sum(len(h) for h in held)) if held else 0,
+      source=facts.pop("source", cfg.dataset), **facts)
+  return FederatedData(train=cd, test=_typed(test), info=info,
+                       proxy=None if proxy is None else _typed(proxy),
+                       holdout=None if held is None else build(held))
+
+
+def _typed(batch: dict) -> dict:
+  """A batch dict as the engine takes it: float inputs float32, integer
+  inputs and labels int32, masks float32."""
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    if k in ("x", "y") and np.issubdtype(v.dtype, np.integer):
+      out[k] = v.astype(np.int32)
+    else:
+      out[k] = v.astype(np.float32)
+  return out

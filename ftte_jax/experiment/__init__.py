@@ -5,6 +5,7 @@ from ftte_jax.experiment.config import ExperimentConfig
 from ftte_jax.experiment.config import IMPORTANCE_SOURCES
 from ftte_jax.experiment.config import PretrainConfig
 from ftte_jax.experiment.config import reconstruction_choices
+from ftte_jax.experiment.config import resolve
 from ftte_jax.experiment.config import SearchConfig
 from ftte_jax.experiment.config import validate
 from ftte_jax.experiment.pretrain import check_checkpoint

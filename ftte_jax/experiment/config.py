@@ -15,8 +15,8 @@ from ftte_jax.core import algorithms
 from ftte_jax.core import fleet as fleet_lib
 from ftte_jax.core import options
 from ftte_jax.core.options import option
-from ftte_jax.data import datasets
-from ftte_jax.data import partition as partition_lib
+from ftte_jax.data import config as data_config
+from ftte_jax.data.config import DataConfig  # pylint: disable=unused-import
 from ftte_jax.search import groups as groups_lib
 from ftte_jax.search import knapsack as knapsack_lib
 from ftte_jax.search import memory as memory_lib
@@ -27,75 +27,8 @@ IMPORTANCE_SOURCES = ("clients", "proxy")
 # "Memory model"): flash (read in place, as the Tiny Training Engine does)
 # or RAM (the whole model resident).
 FROZEN_WEIGHTS = memory_lib.FROZEN_PLACES
-# The synthetic dataset's own split: one generated device per client.
-PARTITIONS = tuple(partition_lib.PARTITIONS) + ("natural",)
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-  """Dataset and partition (see ``datasets.load_federated``)."""
-
-  dataset: str = option("mnist", choices=datasets.DATASETS,
-                        help="dataset name")
-  data_dir: str | None = option(
-      None, help="directory holding the dataset files; None: "
-      "$FTTE_DATA_DIR, else ~/.cache/ftte_jax")
-  npz_path: str | None = option(
-      None,
-      help="the .npz file (x_train, y_train, x_test, y_test) of "
-      "dataset=npz; only with it")
-  num_clients: int = option(
-      100, low=1, help="number of simulated clients (devices), N")
-  partition: str = option(
-      "dirichlet", choices=PARTITIONS,
-      help="how the training pool is split across clients (synthetic always "
-      "uses natural)")
-  dirichlet_alpha: float = option(
-      0.5, low=0, low_inclusive=False,
-      help="Dirichlet label-skew concentration (smaller = more skew), for "
-      "partition=dirichlet and sampled")
-  shards_per_client: int = option(
-      2, low=1, help="label shards per client, for partition=shards")
-  examples_per_client: int = option(
-      32, low=1,
-      help="examples each device draws from the pool, with replacement, "
-      "for partition=sampled (label proportions Dirichlet(dirichlet_alpha) "
-      "per device; any number of devices, same per-device distribution)")
-  quantity_sigma: float = option(
-      1.0, low=0,
-      help="lognormal sigma of client sizes, for partition=quantity")
-  num_test: int = option(
-      2000, low=1, help="held-out test examples (mnist/cifar10 pool split)")
-  proxy_examples: int = option(
-      300, low=0,
-      help="training-pool examples the server holds instead of any client "
-      "(the proxy set: central pretraining, launch.pretrain, and "
-      "importance=proxy); disjoint from every client's data and from the "
-      "test set. 0: none")
-  holdout_fraction: float = option(
-      0.0, low=0, high=1, high_inclusive=False,
-      help="share of each client's examples it holds out for its own "
-      "(personalized) evaluation and never trains on; 0: no per-device "
-      "evaluation")
-  split_seed: int | None = option(
-      None, low=0,
-      help="seed of the test and proxy splits (None: the run's seed), so "
-      "runs of several seeds can share one split and one pretrained "
-      "checkpoint")
-  synthetic_alpha: float = option(
-      1.0, low=0,
-      help="alpha of FedProx's Synthetic(alpha, beta): spread of the "
-      "devices' models (dataset=synthetic only)")
-  synthetic_beta: float = option(
-      1.0, low=0,
-      help="beta of FedProx's Synthetic(alpha, beta): spread of the devices' "
-      "inputs (dataset=synthetic only)")
-  synthetic_samples_per_client: int | None = option(
-      None, low=2,
-      help="if set, every synthetic device holds exactly this many samples "
-      "instead of FedProx's lognormal sizes (scaling studies: a million "
-      "devices of the default sizes would be 450M examples); "
-      "dataset=synthetic only")
+# The pooled-data default of central pretraining (steps=auto).
+POOLED_PRETRAIN_STEPS = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,10 +91,11 @@ class PretrainConfig:
   ``steps > 0`` in a run does the same pretraining in-process.
   """
 
-  steps: int = option(
-      100, low=0, name="pretrain_steps",
+  steps: int | str = option(
+      data_config.AUTO, low=0, auto=True, name="pretrain_steps",
       help="SGD steps of central pretraining on the proxy set before the "
-      "federated run (needs proxy_examples > 0); 0: none")
+      "federated run (needs proxy_examples > 0); 0: none; auto: 100 when "
+      "the run has a proxy set and no init_checkpoint, else 0")
   lr: float = option(0.05, low=0, low_inclusive=False, name="pretrain_lr",
                      help="pretraining learning rate")
   momentum: float = option(0.9, low=0, high=1, high_inclusive=False,
@@ -210,8 +144,10 @@ class ExperimentConfig:
       "memory (analytic, at the engine's batch size), so one fleet "
       "description fits any model; overrides memory_tiers. On the command "
       "line a comma list, or 'none' to use --memory_tiers in bytes")
-  model: str = option("lenet5", choices=models_lib.MODELS,
-                      help="model name (models.get_model)")
+  model: str = option(
+      "lenet5", choices=models_lib.MODELS,
+      help="model name (models.get_model); femnist_cnn is LEAF's FEMNIST "
+      "CNN, char_lstm LEAF's Shakespeare model (embedding, 2-layer LSTM)")
   model_options: dict = option(
       default_factory=dict,
       help="keyword arguments of the model, e.g. {\"hidden\": [64]}; a JSON "
@@ -300,17 +236,31 @@ def micro_batch_choices(config: ExperimentConfig) -> tuple[int, ...]:
                if b % m == 0)
 
 
+def resolve(config: ExperimentConfig) -> ExperimentConfig:
+  """``config`` with every 'auto' replaced by its value for the dataset
+  (``DataConfig.resolved``; ``pretrain_steps``: 100 with a proxy set and no
+  init_checkpoint, else 0). Idempotent; ``validate`` first.
+  """
+  data = config.data.resolved()
+  pre = config.pretrain
+  if options.is_auto(_option(PretrainConfig, "steps"), pre.steps):
+    steps = (POOLED_PRETRAIN_STEPS if data.proxy_examples and
+             not config.init_checkpoint else 0)
+    pre = dataclasses.replace(pre, steps=steps)
+  return dataclasses.replace(config, data=data, pretrain=pre)
+
+
+def _option(cls, field: str) -> options.Option:
+  return next(o for o in options.options(cls) if o.field == field)
+
+
 def validate(config: ExperimentConfig) -> None:
   """Checks every option that can be checked without loading anything."""
   options.check_fields(config)
-  options.check_fields(config.data)
+  data_config.validate(config.data)
   options.check_fields(config.search)
   options.check_fields(config.pretrain)
-  if (config.data.dataset == "npz") != (config.data.npz_path is not None):
-    raise ValueError("npz_path: dataset=npz needs --npz_path=<file.npz> "
-                     "and no other dataset takes one (got dataset="
-                     f"{config.data.dataset!r}, npz_path="
-                     f"{config.data.npz_path!r})")
+  config = resolve(config)
   if config.personal_eval_clients and not config.data.holdout_fraction:
     raise ValueError("personal_eval_clients needs holdout_fraction > 0 (the "
                      "held-out slices it evaluates on)")

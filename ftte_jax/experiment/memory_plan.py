@@ -278,8 +278,8 @@ def plan_clients(config: EngineConfig, measure: Measure, num_devices: int,
 def step_memory(config: EngineConfig, apply_fn, env: engine.Environment,
                 params, plan, max_local_steps: int, client_tx=None,
                 kinds=None, donate: bool = True,
-                compiler_options: dict | None = None, extensions=None
-                ) -> tuple[ProgramMemory, jax.stages.Compiled]:
+                compiler_options: dict | None = None, extensions=None,
+                task=None) -> tuple[ProgramMemory, jax.stages.Compiled]:
   """Compiles ``config``'s jitted step (nothing runs) and reads its memory.
 
   The state is abstract (``jax.eval_shape`` of the engine's init), so no
@@ -287,7 +287,7 @@ def step_memory(config: EngineConfig, apply_fn, env: engine.Environment,
   """
   sim = engine.make_simulator(config, apply_fn, max_local_steps,
                               client_tx=client_tx, kinds=kinds,
-                              extensions=extensions)
+                              extensions=extensions, task=task)
   key = jax.ShapeDtypeStruct((2,), jnp.uint32)
   state = jax.eval_shape(sim.init, key, env, params, plan)
   step = jax.jit(sim.step, donate_argnums=(1,) if donate else (),
@@ -300,8 +300,8 @@ def plan_engine(config: EngineConfig, apply_fn, env: engine.Environment,
                 params, plan, max_local_steps: int, client_tx=None,
                 kinds=None, budget: float | None = None,
                 widest: bool | None = None, donate: bool = True,
-                compiler_options: dict | None = None, extensions=None
-                ) -> tuple[EngineConfig, Plan]:
+                compiler_options: dict | None = None, extensions=None,
+                task=None) -> tuple[EngineConfig, Plan]:
   """``config`` with ``client_chunk=0`` resolved (``plan_clients``).
 
   Args:
@@ -315,6 +315,7 @@ def plan_engine(config: EngineConfig, apply_fn, env: engine.Environment,
     compiler_options: the step's XLA options.
     extensions: the run's ``extensions.Extensions`` (its aggregator decides
       whether the clients can be streamed).
+    task: the dataset's ``losses.Task`` (None: classification).
 
   Returns:
     ``(resolved config, Plan)``; ``Plan`` is None when nothing was planned.
@@ -333,7 +334,7 @@ def plan_engine(config: EngineConfig, apply_fn, env: engine.Environment,
                               client_chunk=chunk)
     return step_memory(cfg, apply_fn, env, params, plan, max_local_steps,
                        client_tx, kinds, donate, compiler_options,
-                       extensions)[0]
+                       extensions, task)[0]
 
   ext = extensions or extensions_lib.Extensions()
   streamable = (ext.aggregator or algorithms.aggregator_from_config(

@@ -22,13 +22,15 @@ import optax
 from ftte_jax import models as models_lib
 from ftte_jax.core import fleet as fleet_lib
 from ftte_jax.core import keys
+from ftte_jax.core import losses
 from ftte_jax.core import masks as masks_lib
 from ftte_jax.core import one_shot
 from ftte_jax.core import options
-from ftte_jax.core.client import cross_entropy, make_client_optimizer
+from ftte_jax.core.client import make_client_optimizer
 from ftte_jax.core.typing import PyTree
 from ftte_jax.data import client_data as client_data_lib
 from ftte_jax.data import datasets
+from ftte_jax.experiment import config as config_lib
 from ftte_jax.experiment import pretrain as pretrain_lib
 from ftte_jax.experiment.config import ExperimentConfig, micro_batch_choices
 from ftte_jax.search import groups as groups_lib
@@ -65,6 +67,8 @@ class Model:
   analysis: groups_lib.ModelInfo  # layers at the engine's batch size.
   spec: groups_lib.GroupSpec  # parameter groups at the search fractions.
   full_memory_bytes: float  # analytic memory of full-model training.
+  # The loss and metrics of the dataset's task (core/losses.py).
+  task: losses.Task | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,17 +77,19 @@ class Setup:
 
   config: ExperimentConfig
   data: client_data_lib.ClientData
-  test: dict  # the held-out set: "x", "y" (and any extras), by example.
-  data_info: dict  # from datasets.load_federated (JSON-safe: no arrays).
+  # The global test set as a batch: {"x", "y", **extras} with a leading
+  # example axis (x float32 images/features or int32 tokens; y int32).
+  test: dict
+  data_info: datasets.DatasetInfo  # from datasets.load_federated.
   model: Model
   fleet: fleet_lib.Fleet
   fleet_memory_tiers: tuple[float, ...]  # bytes, as drawn.
   plan: masks_lib.MaskPlan
   plan_report: dict  # the search's report ({} without a search).
   probe: Probe
-  # The server's proxy set (x, y), disjoint from clients and test; None
-  # when DataConfig.proxy_examples is 0.
-  proxy: tuple[np.ndarray, np.ndarray] | None = None
+  # The server's proxy set {"x", "y"} (numpy), disjoint from clients and
+  # test; None when DataConfig.proxy_examples is 0.
+  proxy: dict | None = None
   # Each client's held-out slice (rows by client, as ``data``); None when
   # DataConfig.holdout_fraction is 0.
   holdout: client_data_lib.ClientData | None = None
@@ -94,32 +100,9 @@ class Setup:
   phases: dict = dataclasses.field(default_factory=dict)
 
 
-def load_data(config: ExperimentConfig):
-  """Loads and partitions the dataset named by ``config.data``."""
-  d = config.data
-  opts: dict[str, Any] = {}
-  if d.dataset in ("mnist", "fashion_mnist", "cifar10"):
-    opts["num_test"] = d.num_test
-  if d.dataset == "npz":
-    opts["path"] = d.npz_path
-  partition = None if d.dataset == "synthetic" else d.partition
-  if d.dataset == "synthetic":
-    opts.update(alpha=d.synthetic_alpha, beta=d.synthetic_beta,
-                samples_per_client=d.synthetic_samples_per_client)
-  if partition == "dirichlet":
-    opts["alpha"] = d.dirichlet_alpha
-  elif partition == "sampled":
-    opts.update(alpha=d.dirichlet_alpha,
-                examples_per_client=d.examples_per_client)
-  elif partition == "shards":
-    opts["shards_per_client"] = d.shards_per_client
-  elif partition == "quantity":
-    opts["sigma"] = d.quantity_sigma
-  return datasets.load_federated(d.dataset, d.num_clients, partition,
-                                 seed=config.seed, data_dir=d.data_dir,
-                                 num_proxy=d.proxy_examples,
-                                 split_seed=d.split_seed,
-                                 holdout_fraction=d.holdout_fraction, **opts)
+def load_data(config: ExperimentConfig) -> datasets.FederatedData:
+  """Loads the dataset named by ``config.data`` and forms its clients."""
+  return datasets.load_federated(config.data, seed=config.seed)
 
 
 def client_optimizer(config: ExperimentConfig) -> optax.GradientTransformation:
@@ -133,57 +116,76 @@ def client_optimizer_options(config: ExperimentConfig) -> dict:
           "momentum": config.engine.client_momentum}
 
 
-def make_model(config: ExperimentConfig, input_shape, num_classes: int,
+def example_input(info: datasets.DatasetInfo, batch: int = 1
+                  ) -> jax.ShapeDtypeStruct:
+  """The model's input for ``batch`` examples: shape and dtype (float32
+  images and features, int32 tokens)."""
+  return jax.ShapeDtypeStruct((batch,) + tuple(info.input_shape),
+                              jnp.dtype(info.input_dtype))
+
+
+def make_model(config: ExperimentConfig, info: datasets.DatasetInfo,
                key: jax.Array) -> Model:
   """Initializes the model and analyses it once, at the engine's batch size."""
   e = config.engine
-  example = np.zeros((1,) + tuple(input_shape), np.float32)
-  module = check_model(config, input_shape, num_classes)
+  example = np.zeros((1,) + tuple(info.input_shape), info.input_dtype)
+  module = check_model(config, info)
   # One jitted init: eager init compiles every initializer op on its own
   # (24 compilations, about 3 s for the MLP on the 2-core CPU).
   params = one_shot.jit(module.init)(key, example)["params"]
   analysis = groups_lib.analyze(module, params,
-                                (e.batch_size,) + tuple(input_shape))
+                                example_input(info, e.batch_size))
   spec = groups_lib.make_groups(analysis, config.search.channel_fractions)
   ones = jax.tree.map(lambda p: np.ones(p.shape, bool), params)
   tx = client_optimizer(config)
   # Full training keeps every weight in RAM under either frozen_weights.
   full = memory_lib.training_memory(analysis, spec, params, ones, e.batch_size,
                                     tx)["total"]
-  return Model(module=module, input_shape=tuple(input_shape),
+  return Model(module=module, input_shape=tuple(info.input_shape),
                apply_fn=lambda p, x: module.apply({"params": p}, x),
                params=params, tx=tx, analysis=analysis, spec=spec,
-               full_memory_bytes=float(full))
+               full_memory_bytes=float(full),
+               task=losses.for_task(info.task,
+                                    lambda p, x: module.apply({"params": p},
+                                                              x)))
 
 
-def check_model(config: ExperimentConfig, input_shape, num_classes: int):
+def expected_output(info: datasets.DatasetInfo) -> tuple[int, ...]:
+  """The logits' shape for one example: [1, V] (classification) or
+  [1, T, V] (sequence, T the input's length)."""
+  if info.task == "sequence":
+    return (1, info.input_shape[0], info.num_classes)
+  return (1, info.num_classes)
+
+
+def check_model(config: ExperimentConfig, info: datasets.DatasetInfo):
   """The model's module, built abstractly on one example of the data.
 
   Raises:
     ValueError: naming --model/--model_options and the data's shape, when
       the options do not build a model, it cannot take the examples, or
-      its output is not one logit per class.
+      its output is not one logit per class (per token for sequences).
   """
-  example = jax.ShapeDtypeStruct((1,) + tuple(input_shape), jnp.float32)
+  want = expected_output(info)
   try:
-    module = models_lib.get_model(config.model, num_classes,
+    module = models_lib.get_model(config.model, info.num_classes,
                                   **config.model_options)
     out = jax.eval_shape(lambda x: module.init_with_output(
-        jax.random.PRNGKey(0), x)[0], example)
+        jax.random.PRNGKey(0), x)[0], example_input(info))
   except ValueError as e:
     if str(e).startswith(("model", "model_options")):
       raise
     out = e
   except Exception as e:  # pylint: disable=broad-except
     out = e
-  if isinstance(out, Exception) or out.shape != (1, num_classes):
-    why = (f"its output has shape {out.shape}" if not isinstance(
+  if isinstance(out, Exception) or out.shape != want:
+    why = (f"its output has shape {out.shape}, not {want}" if not isinstance(
         out, Exception) else " ".join(str(out).split())[:200])
     raise ValueError(
         f"model: {config.model!r} with model_options "
         f"{dict(config.model_options)} does not fit the "
-        f"{config.data.dataset!r} examples of shape {tuple(input_shape)} "
-        f"and {num_classes} classes ({why})")
+        f"{config.data.dataset!r} examples of shape {tuple(info.input_shape)}"
+        f" ({info.input_dtype}) and {info.num_classes} classes ({why})")
   return module
 
 
@@ -222,43 +224,43 @@ def rule_plan(config: ExperimentConfig, model: Model,
 
 
 def make_setup(config: ExperimentConfig) -> Setup:
-  """Loads everything a run needs; no engine is compiled yet."""
+  """Loads everything a run needs; no engine is compiled yet.
+
+  ``config``'s 'auto' options are resolved first (``config.resolve``);
+  ``Setup.config`` is the resolved config.
+  """
+  config = config_lib.resolve(config)
   clock = _PhaseClock()
   # A misfit checkpoint fails before any loading.
   meta = (pretrain_lib.check_checkpoint(config) if config.init_checkpoint
           else None)
-  data, (x_test, y_test), data_info = load_data(config)
-  proxy = data_info.pop("proxy", None)
-  holdout = data_info.pop("holdout", None)
-  test = {"x": jnp.asarray(x_test, jnp.float32),
-          "y": jnp.asarray(y_test, jnp.int32)}
+  fed = load_data(config)
+  test = {k: jnp.asarray(v) for k, v in fed.test.items()}
   clock.lap("data_s")
   root = keys.root(config.seed)
-  model = make_model(config, data_info["input_shape"],
-                     data_info["num_classes"],
-                     keys.fold_in(root, KEY_PARAMS))
+  model = make_model(config, fed.info, keys.fold_in(root, KEY_PARAMS))
   params, init_report = pretrain_lib.initial_params(
-      config, model.apply_fn, model.params, proxy,
+      config, model.apply_fn, model.params, fed.proxy,
       keys.fold_in(root, KEY_PRETRAIN), meta)
   model = dataclasses.replace(model, params=params)
   clock.lap("model_s")
   fleet, tiers = make_fleet(config, model.full_memory_bytes)
   clock.lap("fleet_s")
   if config.engine.mask == "search":
-    plan, report, probe = search_plan(config, model, model.params, data,
+    plan, report, probe = search_plan(config, model, model.params, fed.train,
                                       fleet,
                                       keys.fold_in(root, KEY_PROBE),
-                                      proxy)
+                                      fed.proxy)
   else:
-    plan, report, probe = rule_plan(config, model, data.num_clients), {}, \
-        Probe()
+    plan, report, probe = rule_plan(config, model, fed.train.num_clients), \
+        {}, Probe()
   jax.block_until_ready(plan)
   clock.lap("plan_s")
-  return Setup(config=config, data=data, test=test, data_info=data_info,
-               model=model, fleet=fleet, fleet_memory_tiers=tiers, plan=plan,
-               plan_report=report, probe=probe, proxy=proxy,
-               holdout=holdout, init_report=init_report,
-               phases=clock.phases)
+  return Setup(config=config, data=fed.train, test=test,
+               data_info=fed.info, model=model, fleet=fleet,
+               fleet_memory_tiers=tiers, plan=plan, plan_report=report,
+               probe=probe, proxy=fed.proxy, holdout=fed.holdout,
+               init_report=init_report, phases=clock.phases)
 
 
 class _PhaseClock:
@@ -307,16 +309,16 @@ def importance(config: ExperimentConfig, model: Model, params: PyTree,
   training take part (a Fisher probe needs every gradient).
   """
   s = config.search
-  loss = lambda p, batch: cross_entropy(model.apply_fn, p, batch[0], batch[1])
+  loss = lambda p, batch: model.task.loss(p, batch)[0]
   if s.importance == "proxy":
-    xs, ys = (data.x, data.y) if proxy is None else (
-        jnp.asarray(proxy[0], jnp.float32), jnp.asarray(proxy[1], jnp.int32))
-    m = xs.shape[0]
+    pool = (client_data_lib.as_batch(data) if proxy is None else
+            {k: jnp.asarray(v) for k, v in proxy.items()})
+    m = pool["y"].shape[0]
     idx = jax.random.choice(key, m, (min(s.probe_examples, m),),
                             replace=False)
     fisher = jax.jit(lambda b: importance_lib.fisher_diagonal(loss, params,
                                                               b))(
-        (xs[idx], ys[idx]))
+        {k: v[idx] for k, v in pool.items()})
     return fisher, Probe()
   full_mem = model.full_memory_bytes
   capable = np.flatnonzero(np.asarray(fleet.memory) >= full_mem)
@@ -330,13 +332,13 @@ def importance(config: ExperimentConfig, model: Model, params: PyTree,
   counts = np.asarray(data.counts)[chosen]
   take = (np.asarray(data.offsets)[chosen][:, None] +
           np.arange(s.probe_examples)[None, :] % counts[:, None])
-  x, y = data.x[take], data.y[take]
+  rows = {name: v[take] for name, v in
+          client_data_lib.as_batch(data).items()}
 
-  def per_client(xb, yb):
-    return importance_lib.fisher_diagonal(loss, params, (xb, yb))
+  def per_client(batch):
+    return importance_lib.fisher_diagonal(loss, params, batch)
 
-  fishers = jax.jit(lambda xs, ys: jax.lax.map(
-      lambda a: per_client(*a), (xs, ys)))(x, y)
+  fishers = jax.jit(lambda b: jax.lax.map(per_client, b))(rows)
   weights = jnp.asarray(counts, jnp.float32) / float(counts.sum())
   fisher = jax.tree.map(lambda f: jnp.tensordot(weights, f, axes=1), fishers)
   model_bytes = 4.0 * optax.tree_utils.tree_size(params)

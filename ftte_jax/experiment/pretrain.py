@@ -27,16 +27,18 @@ from ftte_jax.experiment.config import ExperimentConfig, PretrainConfig
 
 
 def pretrain(apply_fn: Callable, params: PyTree,
-             proxy: tuple[np.ndarray, np.ndarray], config: PretrainConfig,
+             proxy: dict, config: PretrainConfig,
              key: jax.Array) -> tuple[PyTree, dict]:
   """``config.steps`` SGD-momentum steps on ``proxy``; one jitted scan.
 
   Batches walk a fresh permutation of the proxy set each epoch (every
   example once per epoch; a last partial batch wraps into the next epoch's
-  order). Returns the parameters and ``{'steps', 'final_loss', 'proxy_accuracy'}``.
+  order). ``proxy``: the server's set ``{"x", "y"}`` of a classification
+  dataset. Returns the parameters and ``{'steps', 'final_loss',
+  'proxy_accuracy'}``.
   """
-  x = np.asarray(proxy[0], np.float32)
-  y = np.asarray(proxy[1], np.int32)
+  x = np.asarray(proxy["x"], np.float32)
+  y = np.asarray(proxy["y"], np.int32)
   n, b = int(x.shape[0]), int(config.batch_size)
   if b > n:
     raise ValueError(f"pretrain_batch_size ({b}) exceeds the proxy set "
@@ -82,7 +84,7 @@ def pretrain_program(apply_fn: Callable, config: PretrainConfig, n: int
 def split_of(config: ExperimentConfig) -> dict:
   """What fixes the test and proxy sets: a checkpoint's proxy set is
   disjoint from a run's clients and test set when these match."""
-  d = config.data
+  d = config.data.resolved()
   return {"dataset": d.dataset, "num_test": d.num_test,
           "proxy_examples": d.proxy_examples,
           "split_seed": config.seed if d.split_seed is None else d.split_seed}
@@ -141,7 +143,8 @@ def initial_params(config: ExperimentConfig, apply_fn: Callable,
   """A run's starting parameters and a report of where they came from.
 
   ``init_checkpoint`` if given (its hash checked), else ``params`` after
-  ``pretrain.steps`` steps on ``proxy`` (none: ``params`` as they are).
+  ``pretrain.steps`` steps on ``proxy`` ({"x", "y"}; none: ``params`` as
+  they are). ``config`` is resolved (``config.resolve``).
   ``checkpoint_meta``: what an earlier ``check_checkpoint`` returned (not
   checked again); None checks here.
   """

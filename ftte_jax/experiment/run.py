@@ -586,10 +586,11 @@ def build(config: ExperimentConfig,
       e, setup.model.apply_fn, env, setup.model.params, setup.plan,
       max_steps, setup.model.tx, kinds, config.device_memory_budget,
       donate=config.max_virtual_time is None,
-      compiler_options=step_compiler_options(), extensions=extensions)
+      compiler_options=step_compiler_options(), extensions=extensions,
+      task=setup.model.task)
   sim = engine.make_simulator(e, setup.model.apply_fn, max_steps,
                               client_tx=setup.model.tx, kinds=kinds,
-                              extensions=extensions)
+                              extensions=extensions, task=setup.model.task)
   extensions_lib.check(sim.components, setup.model.params, setup.plan.masks,
                        env.data, _first_batch(setup.test,
                                               e.eval_batch_size))

@@ -19,6 +19,10 @@ Assumptions (documented here, used by ``search.memory``):
   * The model is a chain: leaf layers run in call order, each consuming (a
     function of) the previous one's output. Residual branches are treated as
     part of that chain.
+  * A recurrent layer (``models.LSTM``) is one call over the whole sequence;
+    its time loop runs inside it. It records the state it keeps per example
+    for backpropagation through time (``internal``) and its transient gate
+    buffer (``transient``), both exact for its equations (``search.memory``).
   * Parameterless ops (activations, pooling, reshapes) are invisible to the
     interceptor; they are charged in the memory model at the size of the
     next layer's input.
@@ -37,11 +41,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from ftte_jax import models as models_lib
 from ftte_jax.core.typing import PyTree
 
 # Layer kinds the memory model knows. ``linear``: Dense/Conv (MAC-based FLOPs,
 # kernel gradient needs the layer input); ``norm``: normalization layers
-# (elementwise FLOPs, scale gradient needs the normalized input).
+# (elementwise FLOPs, scale gradient needs the normalized input); ``embed``:
+# a table lookup of integer tokens (its gradient needs the token ids);
+# ``recurrent``: an LSTM over a whole sequence (``models.LSTM``).
 _KINDS = {
     nn.Dense: "linear",
     nn.Conv: "linear",
@@ -49,10 +56,17 @@ _KINDS = {
     nn.GroupNorm: "norm",
     nn.RMSNorm: "norm",
     nn.BatchNorm: "norm",
+    nn.Embed: "embed",
+    models_lib.LSTM: "recurrent",
 }
 # Tensors whose gradient needs the layer's stored input (weight-like); the
-# others (biases) only need the output gradient.
-_NEEDS_INPUT = ("kernel", "scale")
+# others (biases, an LSTM's recurrent kernel, whose input h_{t-1} is the
+# layer's own output) only need the output gradient and the layer's state.
+_NEEDS_INPUT = ("kernel", "scale", "embedding", "kernel_i")
+# An LSTM keeps per step and example, for backpropagation through time,
+# its four gates, c_{t-1} and tanh(c_t): 6 H values (h_{t-1} is its output).
+LSTM_STATE_PER_UNIT = 6
+LSTM_GATES = 4
 DEFAULT_FRACTIONS = (1.0,)
 PAPER_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
 
@@ -70,7 +84,14 @@ class Layer:
   param_shapes: tuple[tuple[str, tuple[int, ...]], ...]  # (name, shape).
   in_size: int  # input elements per example.
   out_size: int  # output elements per example.
-  macs: int  # multiply-accumulates per example (linear layers; 0 for norms).
+  macs: int  # multiply-accumulates per example (linear and recurrent
+  #   layers; 0 for norms and embeddings).
+  internal: int = 0  # elements per example the layer keeps for its own
+  #   backward beyond its input and output (an LSTM's state, 6 H T).
+  transient: int = 0  # elements per example alive only during its forward
+  #   beyond input and output (an LSTM's gate pre-activations, 4 H T).
+  steps: int = 1  # times each weight is applied per example: spatial
+  #   positions (Dense/Conv), sequence steps (LSTM).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,11 +149,24 @@ def _make_layer(index: int, module: nn.Module, in_shape: tuple,
   kind = _KINDS[type(module)]
   in_size = math.prod(in_shape) // batch
   out_size = math.prod(out_shape) // batch
-  kernel = dict(param_shapes).get("kernel")
-  macs = out_size * math.prod(kernel[:-1]) if kind == "linear" and kernel \
-      else 0
+  shapes = dict(param_shapes)
+  kernel = shapes.get("kernel")
+  macs, internal, transient, steps = 0, 0, 0, 1
+  if kind == "linear" and kernel:
+    steps = out_size // kernel[-1]
+    macs = steps * math.prod(kernel)
+  elif kind == "recurrent":
+    if len(in_shape) != 3:
+      raise ValueError(f"layer {'/'.join(module.path)} (LSTM): expected an "
+                       f"input [B, T, D], got {in_shape}")
+    steps, hidden = in_shape[1], out_shape[-1]
+    macs = steps * (math.prod(shapes["kernel_i"]) +
+                    math.prod(shapes["kernel_h"]))
+    internal = LSTM_STATE_PER_UNIT * hidden * steps
+    transient = LSTM_GATES * hidden * steps
   return Layer(index, tuple(module.path), type(module).__name__, kind,
-               in_shape, out_shape, param_shapes, in_size, out_size, macs)
+               in_shape, out_shape, param_shapes, in_size, out_size, macs,
+               internal, transient, steps)
 
 
 def _check_covered(flat: dict, layers: Sequence[Layer],
@@ -161,7 +195,8 @@ def analyze(model: nn.Module, params: PyTree, example_input: Any,
     params: the parameter tree, either ``{'params': ...}`` (flax variables) or
       the bare params collection. Only shapes are read.
     example_input: an array, ``jax.ShapeDtypeStruct`` or shape tuple (float32)
-      with a leading batch axis.
+      with a leading batch axis (int32 tokens for a model that embeds
+      them).
     **apply_kwargs: forwarded to ``model.apply`` (e.g. ``train=False``).
 
   Returns:

@@ -31,13 +31,20 @@ layer ``l``'s input/output; ``e`` = the earliest layer with any trained group):
       ``a_l = out_{l-1}`` (the nonlinearity's saved tensor, which is also
       layer l's input when sizes match, e.g. relu or reshape) plus ``in_l``
       when ``in_l != out_{l-1}`` (the pooled input, kept for layer l's
-      weight gradient and the pool's backward). Norm layers' saved
-      statistics are O(groups) and ignored.
+      weight gradient and the pool's backward), plus the layer's own state
+      ``s_l`` (``Layer.internal``). Norm layers' saved statistics are
+      O(groups) and ignored. An LSTM of H units over T steps keeps
+      ``s_l = 6 H T``: per step its gates i, f, g, o, c_{t-1} and tanh(c_t),
+      what backpropagation through time reads (h_{t-1} is the layer's
+      output, stored as the next layer's input); every other layer 0.
+      ``s_e`` counts at ``e`` too: any trained tensor of an LSTM, its bias
+      alone included, needs the whole recurrence backward.
   (b) At layer ``e`` itself nothing is backpropagated further, so its input is
       needed only for a weight gradient (``dW = x^T g``, any channel fraction
       needs the whole input). A bias-only (or norm-bias-only) group needs none.
   (c) The loss keeps the logits/probabilities for its backward pass.
-  (d) Transient buffers: the largest forward input+output pair, which also
+  (d) Transient buffers: the largest forward input+output pair (an LSTM
+      adds its 4 H T gate pre-activations, ``Layer.transient``), which also
       bounds the pair of activation-gradient buffers alive during backward.
       The frozen prefix (layers before ``e``) stores nothing for backward,
       so a device runs it one example at a time and only accumulates its
@@ -53,10 +60,16 @@ FLOPs are unchanged and only memory moves: ``B`` above becomes ``B/m`` and
 the accumulator is added.
 
 FLOPs per example (what the engine uses for virtual task time):
-  forward    = sum_l 2*MACs_l (+ out_l per bias; norms 8*out_l).
-  input grad = sum_{l > e} 2*MACs_l (norms 8*out_l).
-  weight grad= per trained tensor: 2*MACs_l*f for kernels (f = trained channel
-               fraction), out_l*f for biases, 2*out_l*f for norm scale/bias.
+  forward    = sum_l 2*MACs_l (+ out_l per bias, an LSTM's 4 H T; norms
+               8*out_l; an embedding's lookup 0).
+  input grad = sum_{l > e} 2*MACs_l (norms 8*out_l; embeddings 0).
+  weight grad= per trained tensor: 2*steps_l*numel*f for kernels (f =
+               trained channel fraction; ``2*MACs_l*f`` for Dense/Conv;
+               steps_l: positions or sequence steps), out_l*f for biases
+               (an LSTM's 4 H T f), 2*out_l*f for norm scale/bias, out_l*f
+               for an embedding table (a scatter-add of its output gradient).
+  Elementwise nonlinearities are not counted, an LSTM's gate functions
+  (about 5 H T) included.
 
 The earliest-layer terms (a)-(c) live in ``activation_cost``, which the
 search (``knapsack``) calls too. See docs/design.md, Memory model.
@@ -113,13 +126,16 @@ def layer_arrays(info: groups_lib.ModelInfo) -> tuple[np.ndarray, np.ndarray]:
 def stored_after(info: groups_lib.ModelInfo) -> np.ndarray:
   """[L] per-example elements stored for backward if layer e is the earliest.
 
-  Terms (a) + (c) of the module docstring; (b) is added per trained kernel.
+  Terms (a) + (c) of the module docstring, with layer e's own state; (b) is
+  added per trained kernel.
   """
   ins, outs = layer_arrays(info)
+  state = np.asarray([l.internal for l in info.layers], np.int64)
   a = ins.copy()  # a_l for l >= 1; a_0 is never used.
   a[1:] = outs[:-1] + np.where(ins[1:] != outs[:-1], ins[1:], 0)
+  a = a + state
   suffix = np.concatenate([np.cumsum(a[::-1])[::-1][1:], [0]])
-  return suffix + outs[-1]
+  return suffix + state + outs[-1]
 
 
 def workspace_after(info: groups_lib.ModelInfo, batch_size: int) -> np.ndarray:
@@ -128,7 +144,8 @@ def workspace_after(info: groups_lib.ModelInfo, batch_size: int) -> np.ndarray:
   Term (d) of the module docstring; index L means nothing trains.
   """
   ins, outs = layer_arrays(info)
-  pair = ins + outs
+  pair = ins + outs + np.asarray([l.transient for l in info.layers],
+                                 np.int64)
   n = len(pair)
   out = np.zeros(n + 1, np.int64)
   for e in range(n + 1):
@@ -253,35 +270,46 @@ def training_memory(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
                            micro_batches)
 
 
+def _layer_flops(l: groups_lib.Layer) -> tuple[float, float]:
+  """(forward, input-gradient) FLOPs per example of one layer."""
+  if l.kind in ("linear", "recurrent"):
+    bias = dict(l.param_shapes).get("bias")
+    adds = l.steps * bias[-1] if bias else 0
+    return 2.0 * l.macs + adds, 2.0 * l.macs
+  if l.kind == "embed":
+    return 0.0, 0.0
+  return (float(NORM_FLOPS_PER_ELEMENT * l.out_size),
+          float(NORM_FLOPS_PER_ELEMENT * l.out_size))
+
+
+def _weight_grad_flops(l: groups_lib.Layer, name: str, shape, frac) -> float:
+  """FLOPs per example of one trained tensor's gradient (a fraction
+  ``frac`` of its output channels)."""
+  if l.kind in ("linear", "recurrent") and name.startswith("kernel"):
+    return 2.0 * l.steps * float(np.prod(shape)) * frac
+  if l.kind in ("linear", "recurrent"):
+    return l.steps * shape[-1] * frac
+  if l.kind == "embed":
+    return l.out_size * frac
+  return 2.0 * l.out_size * frac
+
+
 def flops_from_sizes(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
                      sizes: np.ndarray) -> float:
   """Training FLOPs per example for trained channel counts per tensor."""
   sizes = np.asarray(sizes, np.int64)
-  fwd = 0.0
-  layer_bwd_in = []
-  for l in info.layers:
-    if l.kind == "linear":
-      fwd += 2.0 * l.macs + l.out_size * ("bias" in dict(l.param_shapes))
-      layer_bwd_in.append(2.0 * l.macs)
-    else:
-      fwd += float(NORM_FLOPS_PER_ELEMENT * l.out_size)
-      layer_bwd_in.append(float(NORM_FLOPS_PER_ELEMENT * l.out_size))
+  per_layer = [_layer_flops(l) for l in info.layers]
+  fwd = sum(f for f, _ in per_layer)
   on = sizes > 0
   e, _ = earliest_trained(on, spec.layer, spec.needs_input, len(info.layers))
   if e == len(info.layers):
-    return fwd
-  bwd_in = sum(layer_bwd_in[e + 1:])
+    return float(fwd)
+  bwd_in = sum(b for _, b in per_layer[e + 1:])
   bwd_w = 0.0
   for t in np.nonzero(on)[0]:
-    l = info.layers[spec.layer[t]]
-    frac = sizes[t] / spec.sizes[t, -1]
-    name = spec.paths[t][-1]
-    if l.kind == "linear" and name == "kernel":
-      bwd_w += 2.0 * l.macs * frac
-    elif l.kind == "linear":
-      bwd_w += l.out_size * frac
-    else:
-      bwd_w += 2.0 * l.out_size * frac
+    bwd_w += _weight_grad_flops(info.layers[spec.layer[t]], spec.paths[t][-1],
+                                spec.shapes[t],
+                                sizes[t] / spec.sizes[t, -1])
   return float(fwd + bwd_in + bwd_w)
 
 
@@ -293,15 +321,18 @@ def training_flops(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
 
 
 def xla_training_memory(model, params: PyTree, batch_shape,
-                        tx: optax.GradientTransformation) -> float:
+                        tx: optax.GradientTransformation,
+                        input_dtype=np.float32,
+                        label_shape: tuple[int, ...] | None = None) -> float:
   """XLA's compiled memory (bytes) of one full-model training step.
 
   The independent yardstick for the analytic model: arguments + outputs -
   aliased (donated) + temporaries from ``compile().memory_analysis()`` of a
-  jitted step of ``tx`` on a batch of ``batch_shape`` (labels int32).
+  jitted step of ``tx`` on a batch of ``batch_shape`` (``input_dtype``;
+  int32 labels of ``label_shape``, default ``batch_shape[:1]``).
   """
-  x = jax.ShapeDtypeStruct(tuple(batch_shape), np.float32)
-  y = jax.ShapeDtypeStruct(tuple(batch_shape[:1]), np.int32)
+  x = jax.ShapeDtypeStruct(tuple(batch_shape), input_dtype)
+  y = jax.ShapeDtypeStruct(tuple(label_shape or batch_shape[:1]), np.int32)
 
   apply_fn = lambda p, x: model.apply({"params": p}, x)
 
