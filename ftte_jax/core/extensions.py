@@ -192,14 +192,9 @@ def bind(config: algorithms.EngineConfig, apply_fn: Callable | None,
   agg = ext.aggregator or algorithms.aggregator_from_config(
       config, ext.staleness_fn)
   server_opt = ext.server_optimizer or algorithms.server_optimizer(config)
-  if ext.device_state is not None and config.update_rule == "mixing":
-    raise ValueError("device_state: not with update_rule='mixing' (the mixing "
-                     "rule's update is taken against the current model, "
-                     "which a device's state was not trained from)")
   return Components(
       config=config, client_update=client_update, loss_fn=loss_fn,
-      aggregator=agg,
-      server_optimizer=server_opt, metrics_fn=metrics_fn,
+      aggregator=agg, server_optimizer=server_opt, metrics_fn=metrics_fn,
       device_state=ext.device_state,
       batching=resolve_batching(config, agg.streamable), mesh=mesh,
       extensions=ext)
