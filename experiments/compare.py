@@ -20,17 +20,33 @@ equal virtual-time budget instead.
 
 Writes ``compare.md`` and ``compare.json`` (final accuracy, time to target,
 speed-up versus FedAvg ``1 - t/t_fedavg``, peak device memory and its ratio
-to FedAvg, upload payload per update and its ratio, mean staleness) and,
-when matplotlib is importable (extra ``plot``), ``compare.png``: accuracy
-over virtual time and over total bytes communicated.
+to FedAvg, upload payload per update and its ratio, mean staleness, and the
+memory policy each algorithm ran under) and, when matplotlib is importable
+(extra ``plot``), ``compare.png``: accuracy over virtual time and over total
+bytes communicated.
+
+With ``--seeds=0,1,2,3,4`` every algorithm runs once per seed (in
+``<compare_dir>/seed<s>/<algorithm>``, ``--parallel`` at a time) and every
+figure is a mean with a 95% Student-t interval over the seeds (final
+accuracy, time to target and its sustained variant, memory, payload,
+energy, and the paired reduction against FedAvg and accuracy against
+FedBuff); a time to target some seed never reached says how many did
+(``experiments.aggregate``). The plot shows each algorithm's mean accuracy
+with its 95% band.
+
+``ftte_time`` is FTTE with the time-aware search
+(``--search_objective=importance_per_time``), for ``--algorithms``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
+
+import numpy as np
 
 from absl import flags
 from absl import logging
@@ -41,6 +57,9 @@ from launch import sweep
 FLAGS = flags.FLAGS
 ALGORITHMS = ("ftte", "fedbuff", "fedasync", "fedavg")
 BASELINE = "fedavg"
+PEER = "fedbuff"
+# Named variants: (preset, its own flags).
+VARIANTS = {"ftte_time": ("ftte", ("--search_objective=importance_per_time",))}
 
 
 def define_flags() -> None:
@@ -52,6 +71,11 @@ def define_flags() -> None:
                             "one algorithm only (repeatable)")
   flags.DEFINE_string("compare_dir", None, "parent of the runs' workdirs and "
                       "of the tables (default runs/compare-<time>)")
+  flags.DEFINE_list("seeds", [], "run every algorithm once per seed and "
+                    "report means with 95% intervals (default: the one "
+                    "--seed)")
+  flags.DEFINE_integer("parallel", 1, "runs at once (with --seeds)",
+                       lower_bound=1)
   flags_lib.define_checkpoint_flags()
 
 
@@ -76,11 +100,13 @@ def algorithm_args(base: list[str], algorithms: list[str],
   shared = flags_lib.resolve_args(base).config
   out = {}
   for alg in algorithms:
-    if alg not in ALGORITHMS:
+    if alg not in ALGORITHMS and alg not in VARIANTS:
       raise ValueError(f"algorithms: unknown {alg!r}; valid: "
-                       f"{list(ALGORITHMS)}")
+                       f"{list(ALGORITHMS) + list(VARIANTS)}")
+    preset, own_flags = VARIANTS.get(alg, (alg, ()))
     try:
-      args = flags_lib.for_algorithm(base, alg, extra[alg])
+      args = flags_lib.for_algorithm(base, preset,
+                                     [*own_flags, *extra[alg]])
       own = {a.split("=", 1)[0] for a in extra[alg]}
       if not {"--rounds", "--eval_every"} & own:
         args = _same_updates(args, shared)
@@ -184,6 +210,7 @@ def _result_rows(summaries: dict[str, dict]) -> list[dict]:
         "client_updates": s.get("client_updates"),
         "virtual_time_s": s.get("virtual_time_s"),
         "eligible_clients": s.get("eligible_clients"),
+        "memory_policy": s.get("memory_policy"),
         "wall_s": s.get("wall_s"),
     })
   return rows
@@ -228,12 +255,16 @@ def main(argv: list[str]) -> None:
     flags_lib.fail(e)
   out_dir = FLAGS.compare_dir or os.path.join(
       "runs", "compare-" + time.strftime("%Y%m%d-%H%M%S"))
+  if FLAGS.seeds:
+    run_seeds(FLAGS, out_dir)
+    return
   summaries, curves, failures = run_algorithms(per_alg, out_dir)
+  _add_policies(summaries, per_alg)
   rows = comparison_rows(summaries, failures)
   target = next((s.get("target_accuracy") for s in summaries.values()), None)
   note = (f"\nTarget accuracy: {target}. speedup_vs_fedavg = 1 - "
           "t_target/t_target(fedavg), in virtual time; ratios are to "
-          "fedavg.\n")
+          f"fedavg. {policy_note(per_alg)}\n")
   png = plot(curves, target, os.path.join(out_dir, "compare.png"))
   if png is None:
     note += ("\nNo plot: matplotlib is not installed (pip install "
@@ -245,6 +276,190 @@ def main(argv: list[str]) -> None:
                 {"rows": rows, "args": per_alg, "summaries": summaries,
                  "failures": failures}, png,
                 failed=len(summaries) < len(per_alg))
+
+
+def _policy(args: list[str]) -> str:
+  return flags_lib.resolve_args(args).config.engine.memory_policy
+
+
+def _add_policies(summaries: dict, per_alg: dict) -> None:
+  for alg, s in summaries.items():
+    s.setdefault("memory_policy", _policy(per_alg[alg]))
+
+
+def policy_note(per_alg: dict[str, list[str]]) -> str:
+  """Which memory policy each algorithm ran under, in words."""
+  by = {}
+  for alg, args in per_alg.items():
+    by.setdefault(_policy(args), []).append(alg)
+  words = {"exclude": "a device that cannot hold its mask's training memory "
+                      "takes no part",
+           "ignore": "every device trains whatever its memory (the setting "
+                     "most favourable to full-model baselines)"}
+  return "Memory policy: " + "; ".join(
+      f"{'/'.join(algs)}: {p} ({words[p]})" for p, algs in by.items()) + "."
+
+
+def seed_args(given: list[str], algorithms: list[str], algo_flags: list[str],
+              seeds: list[int]) -> dict[int, dict[str, list[str]]]:
+  """``algorithm_args`` for each seed (``--seed`` appended to the shared
+  arguments), all validated before any run."""
+  out = {}
+  for seed in seeds:
+    base = [a for a in given if not a.startswith("--seed=")]
+    out[seed] = algorithm_args(base + [f"--seed={seed}"], algorithms,
+                               algo_flags)
+  return out
+
+
+def run_seeded(per_seed: dict[int, dict[str, list[str]]], out_dir: str,
+               parallel: int, extra_args: list[str]):
+  """Runs every (seed, algorithm) in ``<out_dir>/seed<s>/<alg>``; a run
+  whose ``summary.json`` exists is not run again (its workdir holds its
+  config, which launch.main checks on resume).
+
+  Returns:
+    ``(summaries, curves)``: seed -> algorithm -> summary / metric rows, for
+    the runs that finished; failures are logged and left out.
+  """
+  jobs = []
+  for seed, per_alg in per_seed.items():
+    for alg, args in per_alg.items():
+      job = sweep.Job(f"seed{seed}/{alg}", {"algorithm": alg, "seed": seed},
+                      args, workdir=os.path.abspath(os.path.join(
+                          out_dir, f"seed{seed}", alg)))
+      jobs.append(job)
+  todo = [j for j in jobs if sweep.read_summary(j.workdir) is None]
+  sweep.run_jobs(todo, parallel=parallel, extra_args=extra_args)
+  prune_checkpoints(jobs)
+  summaries, curves = {}, {}
+  for job in jobs:
+    seed, alg = job.values["seed"], job.values["algorithm"]
+    s = sweep.read_summary(job.workdir)
+    # A run kept from before (not run now) has no exit status: its summary
+    # and stopped_by are the record.
+    status = sweep.run_status(0 if job not in todo else job.returncode, s)
+    if status != "ok":
+      logging.error("%s %s: see %s", job.name, status,
+                    os.path.join(job.workdir, "run.log"))
+      continue
+    s.setdefault("memory_policy", _policy(job.args))
+    summaries.setdefault(seed, {})[alg] = s
+    with open(os.path.join(job.workdir, "metrics.jsonl")) as f:
+      curves.setdefault(seed, {})[alg] = [json.loads(line) for line in f]
+  return summaries, curves, len(jobs)
+
+
+def prune_checkpoints(jobs) -> None:
+  """Deletes the checkpoints of the runs that finished: their summary and
+  metrics are the record, and a study of hundreds of runs would otherwise
+  keep every run's last states (hundreds of MB each with a long ring)."""
+  for job in jobs:
+    if sweep.read_summary(job.workdir) is not None:
+      shutil.rmtree(os.path.join(job.workdir, "checkpoints"),
+                    ignore_errors=True)
+
+
+def seeded_rows(summaries, algorithms) -> tuple[list[dict], dict, dict]:
+  """Table rows (text), per-algorithm summaries and paired contrasts."""
+  from experiments import aggregate  # pylint: disable=g-import-not-at-top
+  summary = {a: aggregate.summarize(summaries, a) for a in algorithms}
+  contrast = aggregate.contrasts(summaries, algorithms, BASELINE, PEER)
+  f = aggregate.fmt
+  rows = []
+  for a in algorithms:
+    m, c = summary[a], contrast[a]
+    policies = sorted({s[a].get("memory_policy") for s in summaries.values()
+                       if a in s} - {None})
+    rows.append({
+        "algorithm": a, "seeds": m["seeds"],
+        "final acc.": f(m["final_accuracy"]),
+        f"acc. − {PEER}": f(c.get("accuracy_minus_" + PEER)),
+        "time to target (s)": f(m["time_to_target_s"]),
+        f"reduction vs {BASELINE}": f(c.get("reduction_vs_" + BASELINE),
+                                      scale=100, unit="%"),
+        "sustained (s)": f(m["time_to_target_sustained_s"]),
+        "sustained reduction": f(c.get("sustained_reduction_vs_" + BASELINE),
+                                 scale=100, unit="%"),
+        "peak device RAM (MB)": f(m["peak_device_memory_bytes"], scale=1e-6),
+        "memory ratio": f(c.get("memory_ratio_vs_" + BASELINE)),
+        "upload/update (KB)": f(m["upload_bytes_per_update"], scale=1e-3),
+        "upload ratio": f(c.get("upload_ratio_vs_" + BASELINE)),
+        "energy (kJ)": f(m["energy_j"], scale=1e-3),
+        "eligible devices": f(m["eligible_clients"]),
+        "memory policy": "/".join(policies),
+    })
+  return rows, summary, contrast
+
+
+def plot_bands(curves: dict, target, path: str) -> str | None:
+  """Mean accuracy with its 95% band over seeds, against virtual time and
+  against bytes communicated; None without matplotlib."""
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  from experiments import aggregate  # pylint: disable=g-import-not-at-top
+  algs = sorted({a for per in curves.values() for a in per},
+                key=lambda a: (a not in ALGORITHMS, a))
+  fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(11, 4))
+  for alg in algs:
+    runs = [per[alg] for per in curves.values() if alg in per]
+    for r in runs:
+      for row in r:
+        row["bytes"] = row["bytes_up"] + row["bytes_down"]
+    for ax, x in ((ax_t, "virtual_time_s"), (ax_b, "bytes")):
+      grid, mean, lo, hi = aggregate.band(runs, x=x)
+      on = grid > 0 if x == "bytes" else np.ones(grid.shape, bool)
+      line, = ax.plot(grid[on], mean[on], label=f"{alg} (n={len(runs)})")
+      # An accuracy band is drawn within [0, 1].
+      ax.fill_between(grid[on], np.clip(lo[on], 0, 1), np.clip(hi[on], 0, 1),
+                      color=line.get_color(), alpha=0.2)
+  for ax, xlabel in ((ax_t, "virtual time (s)"),
+                     (ax_b, "bytes communicated (up + down)")):
+    if target:
+      ax.axhline(target, color="grey", ls=":", lw=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (mean, 95% band)")
+    ax.grid(alpha=0.3)
+  ax_b.set_xscale("log")
+  ax_t.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def run_seeds(fv, out_dir: str) -> None:
+  """The ``--seeds`` comparison: run, summarize with intervals, write."""
+  try:
+    seeds = [int(x) for x in fv.seeds]
+    per_seed = seed_args(flags_lib.given_args(fv), fv.algorithms,
+                         fv.algo_flags, seeds)
+  except ValueError as e:
+    flags_lib.fail(e)
+  summaries, curves, total = run_seeded(per_seed, out_dir, fv.parallel,
+                                        flags_lib.checkpoint_args(fv))
+  rows, summary, contrast = seeded_rows(summaries, fv.algorithms)
+  target = next((s.get("target_accuracy") for per in summaries.values()
+                 for s in per.values()), None)
+  note = (f"\nMean ± 95% Student-t half width over seeds {seeds}. Target "
+          f"accuracy {target}; reduction = 1 − t/t({BASELINE}) per seed, "
+          f"over the seeds where both reached it ([k/n seeds] otherwise); "
+          f"(k/n reached): only k of n seeds reached the target, and the "
+          f"mean is over those. Ratios are to {BASELINE}, per seed. "
+          f"{policy_note(per_seed[seeds[0]])}\n")
+  png = plot_bands(curves, target, os.path.join(out_dir, "compare.png"))
+  if png is None:
+    note += ("\nNo plot: matplotlib is not installed (pip install "
+             "'ftte_jax[plot]').\n")
+  done = sum(len(v) for v in summaries.values())
+  write_results(out_dir, "compare", sweep.markdown_table(rows) + note,
+                {"seeds": seeds, "rows": rows, "summary": summary,
+                 "contrasts": contrast, "args": per_seed,
+                 "per_seed": summaries}, png, failed=done < total)
 
 
 def write_results(out_dir: str, stem: str, md: str, data: dict,

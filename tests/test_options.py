@@ -16,7 +16,9 @@ CONFIGS = (algorithms.EngineConfig, fleet.FleetConfig, experiment.DataConfig,
            experiment.SearchConfig, experiment.PretrainConfig,
            experiment.ExperimentConfig)
 # String options that take any value (paths); every other one has choices.
-FREE_STRINGS = {"data_dir", "trace_path", "init_checkpoint", "npz_path"}
+# fleet_profile is a class mix (name:p,...), checked by profiles.parse_mix.
+FREE_STRINGS = {"data_dir", "trace_path", "init_checkpoint", "npz_path",
+                "fleet_profile"}
 
 
 @dataclasses.dataclass(frozen=True)

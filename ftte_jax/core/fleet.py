@@ -1,8 +1,10 @@
 """Simulated devices: memory, compute speed, bandwidth, availability, tier.
 
-Profiles are drawn once per run (numpy, seeded) from named distributions or
-read from a CSV trace, then live on the device as a ``Fleet`` pytree that the
-jitted server step reads to sample task durations (docs/design.md, "Fleet").
+Profiles are drawn once per run (numpy, seeded) from named distributions,
+from a mix of device classes with published figures (``fleet_profile``,
+``ftte_jax.core.profiles``), or read from a CSV trace, then live on the
+device as a ``Fleet`` pytree that the jitted server step reads to sample
+task durations (docs/design.md, "Fleet").
 
 Trace CSV format: a header row, then one row per device, with columns
 
@@ -53,6 +55,7 @@ from flax import struct
 
 from ftte_jax.core import adversary
 from ftte_jax.core import options
+from ftte_jax.core import profiles
 from ftte_jax.core.options import option
 
 TRACE_COLUMNS = ("speed_flops", "bw_up", "bw_down", "memory_bytes", "dropout")
@@ -64,6 +67,9 @@ ENERGY_COLUMNS = {"j_per_flop": "energy_j_per_flop",
 
 # Stream of the battery draw: default_rng([seed, _BATTERY_STREAM]).
 _BATTERY_STREAM = 0xBA77
+# Streams of a device-class profile: the classes, their resources, and the
+# stragglers among them (default_rng([seed, stream])).
+_CLASS_STREAM, _PROFILE_STREAM, _STRAGGLER_STREAM = 0xC1A5, 0x9F0F, 0x51F0
 
 # Order-of-magnitude energy constants (module docstring and docs/design.md
 # give their sources). The defaults are a phone-class device on Wi-Fi.
@@ -77,7 +83,8 @@ IDLE_W_SMALL = 0.1
 
 @dataclasses.dataclass(frozen=True)
 class FleetConfig:
-  """How to draw device profiles (ignored fields when ``trace_path`` is set).
+  """How to draw device profiles (``trace_path`` replaces the draws; a class
+  ``fleet_profile`` replaces the fields its help names).
 
   The number of devices is not here: it is the data's ``num_clients``,
   passed to ``make_fleet``. Each field's meaning and valid values are
@@ -151,6 +158,28 @@ class FleetConfig:
   trace_path: str | None = option(
       None, help="CSV trace with one row per device (see ftte_jax.core.fleet); "
       "replaces the drawn profiles")
+  fleet_profile: str = option(
+      profiles.INDEPENDENT,
+      help="'independent' (speed_flops, straggler_fraction, bw_up, "
+      "bw_down, memory_tiers/tier_probs and the per-tier energy options, "
+      "each drawn on its own), or device classes as they come "
+      f"({', '.join(profiles.CLASS_NAMES)}; ftte_jax.core.profiles): one "
+      "class name, or a mix name:p,name:p,... with probabilities summing to "
+      "1 (exact counts). A class profile draws each device's speed, memory "
+      "(absolute bytes; memory_tier_fractions does not apply), bandwidths "
+      "and energy constants together from its class's published ranges, "
+      "and replaces those options; straggler_fraction/straggler_slowdown, "
+      "speed_sigma, task_sigma and dropout still apply. The tier of a "
+      "device is its class's rank in the mix, weakest first")
+  phone_link: str = option(
+      "wifi", choices=profiles.PHONE_LINKS,
+      help="class profiles: the link of the wearable and phone classes "
+      "(microcontrollers always use BLE)")
+  class_correlation: float = option(
+      0.8, low=0, high=1,
+      help="class profiles: Gaussian-copula correlation of a device's "
+      "speed, memory, uplink and downlink within its class (1: the same "
+      "quantile of every range; 0: independent within the class)")
 
 
 @struct.dataclass
@@ -184,6 +213,11 @@ class Fleet:
 def validate(config: FleetConfig) -> None:
   """Raises ValueError naming the first invalid option."""
   options.check_fields(config)
+  mix = profiles.parse_mix(config.fleet_profile)
+  if mix is not None and config.trace_path is not None:
+    raise ValueError("fleet_profile and trace_path both describe the "
+                     f"devices; give one (fleet_profile="
+                     f"{config.fleet_profile!r})")
   if config.trace_path is not None:
     if not os.path.isfile(config.trace_path):
       raise ValueError(f"trace_path: no such file {config.trace_path!r}")
@@ -232,9 +266,55 @@ def make_fleet(config: FleetConfig, num_clients: int, seed: int) -> Fleet:
   if config.trace_path is not None:
     fleet = read_trace(config.trace_path, config.task_sigma, num_clients,
                        config)
+  elif profiles.parse_mix(config.fleet_profile) is not None:
+    fleet = _draw_classes(config, int(num_clients), seed)
   else:
     fleet = _draw(config, int(num_clients), seed)
   return with_attackers(with_batteries(fleet, config, seed), config, seed)
+
+
+def device_classes(config: FleetConfig, num_clients: int, seed: int
+                   ) -> np.ndarray:
+  """[N] int32 class of each device, as ``make_fleet`` will draw it, before
+  the fleet (and without the model): a class profile's class (its rank in
+  the mix, weakest first), else the memory tier (drawn, or the trace's).
+
+  Partitions whose data depend on the device class call this first, so the
+  data and the fleet agree for a seed.
+  """
+  validate(config)
+  mix = profiles.parse_mix(config.fleet_profile)
+  if mix is not None:
+    return profiles.draw_classes(mix, int(num_clients), [seed, _CLASS_STREAM])
+  if config.trace_path is not None:
+    return np.asarray(read_trace(config.trace_path, config.task_sigma,
+                                 num_clients, config).tier, np.int32)
+  return _draw_arrays(config, int(num_clients), seed)["tier"]
+
+
+def _draw_classes(config: FleetConfig, n: int, seed: int) -> Fleet:
+  """Profiles of a device-class mix (``profiles``), stragglers on top."""
+  mix = profiles.parse_mix(config.fleet_profile)
+  cls = profiles.draw_classes(mix, n, [seed, _CLASS_STREAM])
+  r = profiles.draw_resources(mix, cls, config.phone_link,
+                              config.class_correlation,
+                              [seed, _PROFILE_STREAM])
+  speed = r["speed"]
+  rng = np.random.default_rng([seed, _STRAGGLER_STREAM])
+  slow = rng.permutation(n)[:int(round(config.straggler_fraction * n))]
+  speed[slow] /= config.straggler_slowdown
+  if config.speed_sigma > 0:
+    speed *= rng.lognormal(0.0, config.speed_sigma, n)
+  f32 = lambda k: jax.device_put(np.asarray(r[k], np.float32))
+  return Fleet(
+      speed=_positive_f32(speed, lambda i: "fleet_profile, "
+                          "straggler_slowdown and speed_sigma give a speed"),
+      bw_up=f32("bw_up"), bw_down=f32("bw_down"), memory=f32("memory"),
+      dropout=jax.device_put(np.full(n, config.dropout, np.float32)),
+      tier=jax.device_put(cls),
+      task_sigma=jax.device_put(np.float32(config.task_sigma)),
+      j_per_flop=f32("j_per_flop"), j_per_byte_up=f32("j_per_byte_up"),
+      j_per_byte_down=f32("j_per_byte_down"), idle_w=f32("idle_w"))
 
 
 def _per_tier(config: FleetConfig, name: str, tier: np.ndarray,
@@ -301,8 +381,8 @@ def with_attackers(fleet: Fleet, config: FleetConfig, seed: int) -> Fleet:
                               config.malicious_noise_std))
 
 
-def _draw(config: FleetConfig, n: int, seed: int) -> Fleet:
-  """Profiles drawn from the config's distributions."""
+def _draw_arrays(config: FleetConfig, n: int, seed: int) -> dict:
+  """Speed, tier and memory ([N] numpy) of the independent profile."""
   rng = np.random.default_rng(seed)
   speed = np.full(n, config.speed_flops, np.float64)
   n_slow = int(round(config.straggler_fraction * n))
@@ -315,6 +395,13 @@ def _draw(config: FleetConfig, n: int, seed: int) -> Fleet:
            np.full(t, 1.0 / t))
   tier = rng.choice(t, size=n, p=probs).astype(np.int32)
   memory = np.asarray(config.memory_tiers, np.float64)[tier]
+  return {"speed": speed, "tier": tier, "memory": memory}
+
+
+def _draw(config: FleetConfig, n: int, seed: int) -> Fleet:
+  """Profiles drawn from the config's distributions."""
+  arrays = _draw_arrays(config, n, seed)
+  speed, tier, memory = arrays["speed"], arrays["tier"], arrays["memory"]
   speeds = "speed_flops, straggler_slowdown and speed_sigma give a device speed"
   return Fleet(speed=_positive_f32(speed, lambda i: speeds),
                bw_up=jax.device_put(np.full(n, config.bw_up, np.float32)),

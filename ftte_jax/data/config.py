@@ -106,6 +106,15 @@ class DataConfig:
   quantity_sigma: float = option(
       1.0, low=0,
       help="lognormal sigma of client sizes, for partition=quantity")
+  device_correlation: float = option(
+      1.0, low=0, high=1,
+      help="partition=device_dirichlet: how much the data depends on the "
+      "device class (fleet_profile's class, or the memory tier). Each label "
+      "lives on a home class (labels dealt in proportion to the classes' "
+      "device shares); this share of its examples is split among the home "
+      "class's devices only, the rest Dirichlet(dirichlet_alpha) over all "
+      "devices. 1: a label exists only on its class (leaving a class out "
+      "loses its labels); 0: the dirichlet partition")
   split: str = option(
       AUTO, choices=SPLITS + (AUTO,),
       help="mnist, fashion_mnist, cifar10: 'pool' holds num_test examples "

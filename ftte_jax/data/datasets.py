@@ -959,9 +959,11 @@ def _pooled_arrays(cfg: DataConfig, seed: int):
   return (*_holdout(*load(data_dir, "test"), cfg.num_test, seed), 10)
 
 
-def make_partition(cfg: DataConfig, labels: np.ndarray, seed: int
+def make_partition(cfg: DataConfig, labels: np.ndarray, seed: int,
+                   device_class: np.ndarray | None = None
                    ) -> list[np.ndarray]:
-  """``cfg.partition`` of a pool with ``labels``, with ``cfg``'s options."""
+  """``cfg.partition`` of a pool with ``labels``, with ``cfg``'s options
+  (``device_class``: [N] class of each device, for device_dirichlet)."""
   p, n = cfg.partition, cfg.num_clients
   if p == "iid":
     return partition_lib.iid(len(labels), n, seed)
@@ -975,6 +977,15 @@ def make_partition(cfg: DataConfig, labels: np.ndarray, seed: int
   if p == "sampled":
     return partition_lib.sampled(labels, n, cfg.dirichlet_alpha,
                                  cfg.examples_per_client, seed)
+  if p == "device_dirichlet":
+    if device_class is None or np.asarray(device_class).size != n:
+      raise ValueError(
+          "partition: device_dirichlet needs device_class, the class of each "
+          f"of the {n} devices (planning.device_classes), got "
+          f"{None if device_class is None else np.asarray(device_class).size}")
+    return partition_lib.device_dirichlet(labels, device_class,
+                                          cfg.dirichlet_alpha,
+                                          cfg.device_correlation, seed)
   raise ValueError(f"partition: {p!r} does not split a pool; valid: "
                    f"{list(partition_lib.PARTITIONS)}")
 
@@ -1027,7 +1038,8 @@ def _natural(cfg: DataConfig, split_seed: int):
 
 # Longer than 60 lines only by its docstring, the one list of every dataset's
 # options; the loading itself is split into the helpers above.
-def load_federated(config: DataConfig, seed: int = 0) -> FederatedData:
+def load_federated(config: DataConfig, seed: int = 0,
+                   device_class: np.ndarray | None = None) -> FederatedData:
   """Loads a dataset, splits off a test set, and forms its clients.
 
   Every option comes from ``config`` (``DataConfig``: the one place data
@@ -1052,13 +1064,16 @@ def load_federated(config: DataConfig, seed: int = 0) -> FederatedData:
       role (natural); next-character sequences (task 'sequence').
   Pooled datasets are split into ``num_clients`` clients by ``partition``
   with its options (``dirichlet_alpha``, ``shards_per_client``,
-  ``allow_uneven``, ``quantity_sigma``, ``examples_per_client``).
+  ``allow_uneven``, ``quantity_sigma``, ``examples_per_client``,
+  ``device_correlation``).
 
   Args:
     config: the data options.
     seed: seeds the partition (and generated data); the test and proxy
       splits and the sample of natural clients too unless
       ``config.split_seed`` is given.
+    device_class: [num_clients] class of each device; only (and always)
+      with ``partition='device_dirichlet'``.
 
   Returns:
     A ``FederatedData``.
@@ -1083,7 +1098,7 @@ def load_federated(config: DataConfig, seed: int = 0) -> FederatedData:
       proxy = {"x": px, "y": py}
     train, test = {"x": xtr, "y": ytr}, {"x": xte, "y": yte}
     # fold a constant into the seed so partition and hold-out draw differently.
-    parts = make_partition(cfg, ytr, seed + 7919)
+    parts = make_partition(cfg, ytr, seed + 7919, device_class)
   # Natural files hold users that are not clients: count the clients'.
   num_train = (sum(len(p) for p in parts) if cfg.natural else
                len(train["x"]))

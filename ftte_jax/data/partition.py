@@ -13,7 +13,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "sampled")
+PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "sampled",
+              "device_dirichlet")
 
 
 def _check_counts(num_examples: int, num_clients: int) -> None:
@@ -94,6 +95,106 @@ def dirichlet(labels: np.ndarray, num_clients: int, alpha: float,
     for i, chunk in enumerate(np.split(idx, cuts)):
       parts[i].append(chunk)
   merged = [np.concatenate(p) if p else np.zeros(0, np.int64) for p in parts]
+  return _finish(_fill_empty(merged, rng))
+
+
+def home_classes(num_labels: int, class_shares: Sequence[float],
+                 seed: int) -> np.ndarray:
+  """[num_labels] int: the device class each label lives on.
+
+  Labels are dealt to classes in proportion to the classes' shares of the
+  devices (largest remainder), every class with a share getting at least
+  one label while there are labels to give, in a seeded random label
+  order: the weak majority of a fleet holds the majority of the label
+  kinds.
+  """
+  shares = np.asarray(class_shares, np.float64)
+  if shares.ndim != 1 or not shares.size or (shares < 0).any() or not (
+      shares.sum() > 0):
+    raise ValueError(f"class_shares must be non-negative with a positive "
+                     f"sum, got {list(class_shares)}")
+  shares = shares / shares.sum()
+  raw = shares * num_labels
+  counts = np.floor(raw).astype(np.int64)
+  counts[np.argsort(-(raw - counts), kind="stable")[:num_labels -
+                                                    counts.sum()]] += 1
+  # A present class without a label takes one from the class with most.
+  for c in np.flatnonzero((shares > 0) & (counts == 0)):
+    donor = int(np.argmax(counts))
+    if counts[donor] <= 1:
+      break
+    counts[donor] -= 1
+    counts[c] += 1
+  order = np.random.default_rng(seed).permutation(num_labels)
+  home = np.empty(num_labels, np.int64)
+  home[order] = np.repeat(np.arange(shares.size), counts)
+  return home
+
+
+def device_dirichlet(labels: np.ndarray, device_class: np.ndarray,
+                     alpha: float, correlation: float, seed: int
+                     ) -> list[np.ndarray]:
+  """Label skew whose labels live on device classes.
+
+  Every label has a home class (``home_classes``, from the classes' shares
+  of the devices). Label ``c``'s examples are split across devices by
+  ``p = (1 - correlation) * D + correlation * D_home``, with ``D`` a
+  Dirichlet(alpha) draw over all devices (the ``dirichlet`` partition) and
+  ``D_home`` one over the devices of ``c``'s home class only. So a share
+  ``correlation + (1 - correlation) * share(home)`` of each label sits on
+  its home class in expectation; at 1 a label exists only there, and a
+  class left out of training (e.g. devices too small to train the full
+  model) takes its labels with it; at 0 this is the ``dirichlet``
+  partition's law.
+
+  Args:
+    labels: [M] integer labels of the pool.
+    device_class: [N] int class of each device (``fleet.device_classes``).
+    alpha: Dirichlet concentration, > 0.
+    correlation: in [0, 1].
+    seed: RNG seed.
+
+  Returns:
+    One sorted index array per device; every example on exactly one.
+  """
+  labels = np.asarray(labels)
+  device_class = np.asarray(device_class).reshape(-1)
+  num_clients = device_class.size
+  _check_counts(len(labels), num_clients)
+  if not np.isfinite(alpha) or alpha <= 0:
+    raise ValueError(f"alpha must be a finite number > 0 (small = more label "
+                     f"skew), got {alpha!r}")
+  if not 0 <= correlation <= 1:
+    raise ValueError(f"device_correlation must be in [0, 1], got "
+                     f"{correlation!r}")
+  if (device_class < 0).any():
+    raise ValueError("device_class must be >= 0 everywhere")
+  rng = np.random.default_rng(seed)
+  classes = np.unique(labels)
+  shares = np.bincount(device_class) / num_clients
+  home = home_classes(len(classes), shares, int(rng.integers(2**31)))
+  parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+  for c, h in zip(classes, home):
+    idx = rng.permutation(np.flatnonzero(labels == c))
+    on = np.flatnonzero(device_class == h)
+    props = (1.0 - correlation) * rng.dirichlet(
+        np.full(num_clients, float(alpha)))
+    props[on] += correlation * rng.dirichlet(np.full(on.size, float(alpha)))
+    # Normalized so the devices after the last with a share get exactly
+    # none (a cumulative sum a rounding below 1 would hand the last one an
+    # example of a label not on its class).
+    total = np.cumsum(props)
+    cuts = (total[:-1] / total[-1] * len(idx)).astype(np.int64)
+    for i, chunk in enumerate(np.split(idx, cuts)):
+      parts[i].append(chunk)
+  merged = [np.concatenate(p) if p else np.zeros(0, np.int64) for p in parts]
+  # An empty device borrows from the largest device of its own class, so a
+  # label never leaves its class to fill one.
+  for c in np.unique(device_class):
+    on = np.flatnonzero(device_class == c)
+    filled = _fill_empty([merged[i] for i in on], rng)
+    for i, p in zip(on, filled):
+      merged[i] = p
   return _finish(_fill_empty(merged, rng))
 
 
@@ -212,7 +313,9 @@ def make_partition(name: str, labels: np.ndarray, num_clients: int, seed: int,
     name: one of 'iid', 'dirichlet' (opt ``alpha``, default 0.5), 'shards'
       (opts ``shards_per_client``, default 2, ``allow_uneven``), 'quantity'
       (opt ``sigma``, default 1.0), 'sampled' (opts ``alpha`` and
-      ``examples_per_client``, default 32; with replacement).
+      ``examples_per_client``, default 32; with replacement),
+      'device_dirichlet' (opts ``device_class`` [N], required, ``alpha``,
+      default 0.5, ``correlation``, default 1).
     labels: [M] integer labels.
     num_clients: number of clients.
     seed: RNG seed.
@@ -234,6 +337,12 @@ def make_partition(name: str, labels: np.ndarray, num_clients: int, seed: int,
       "sampled": (lambda alpha=0.5, examples_per_client=32: sampled(
           labels, num_clients, alpha, examples_per_client, seed),
                   {"alpha", "examples_per_client"}),
+      "device_dirichlet": (lambda device_class=None, alpha=0.5,
+                           correlation=1.0:
+                           _device_dirichlet(labels, num_clients,
+                                             device_class, alpha,
+                                             correlation, seed),
+                           {"alpha", "device_class", "correlation"}),
   }
   if name not in table:
     raise ValueError(f"partition: unknown {name!r}; valid: {sorted(table)}")
@@ -243,6 +352,18 @@ def make_partition(name: str, labels: np.ndarray, num_clients: int, seed: int,
     raise ValueError(f"partition {name!r}: unknown options {sorted(unknown)}; "
                      f"valid: {sorted(allowed)}")
   return fn(**opts)
+
+
+def _device_dirichlet(labels, num_clients, device_class, alpha, correlation,
+                      seed):
+  if device_class is None:
+    raise ValueError("partition 'device_dirichlet' needs device_class, the "
+                     "class of each device (fleet.device_classes)")
+  if np.asarray(device_class).size != num_clients:
+    raise ValueError(f"partition 'device_dirichlet': device_class has "
+                     f"{np.asarray(device_class).size} entries for "
+                     f"{num_clients} clients")
+  return device_dirichlet(labels, device_class, alpha, correlation, seed)
 
 
 def label_histograms(labels: np.ndarray, parts: Sequence[np.ndarray],

@@ -38,6 +38,14 @@ class SearchConfig:
   method: str = option(
       "exact", choices=knapsack_lib.METHODS, name="search_method",
       help="subset search: exact (DP knapsack) or greedy")
+  objective: str = option(
+      "importance", choices=knapsack_lib.OBJECTIVES, name="search_objective",
+      help="what the search maximizes under the budgets: importance (the "
+      "paper), or importance_per_time: importance per second of a tier's "
+      "expected task time (compute, upload and download on the tier's "
+      "devices), so a slightly less important subset that makes tasks much "
+      "shorter can win (exact, by Dinkelbach's method; needs "
+      "search_method=exact)")
   policy: str = option(
       "min", choices=plan_lib.POLICIES, name="search_policy",
       help="min (one mask under the weakest device, the paper) or per_tier "
@@ -209,8 +217,8 @@ RECONSTRUCTION = {
     "engine": ("staleness", "staleness_a", "staleness_b", "variance_beta",
                "data_weight_exponent", "normalization", "mask",
                "first_download"),
-    "search": ("method", "policy", "channel_fractions", "importance",
-               "max_upload_fraction", "max_micro_batches"),
+    "search": ("method", "objective", "policy", "channel_fractions",
+               "importance", "max_upload_fraction", "max_micro_batches"),
     "data": ("proxy_examples",),
     "pretrain": ("steps", "lr", "momentum", "batch_size"),
     "": ("frozen_weights", "memory_tier_fractions", "init_checkpoint"),
@@ -288,6 +296,11 @@ def validate(config: ExperimentConfig) -> None:
     fleet_cfg = dataclasses.replace(
         fleet_cfg, memory_tiers=tuple(config.memory_tier_fractions))
   fleet_lib.validate(fleet_cfg)
+  if (config.search.objective == "importance_per_time" and
+      config.search.method != "exact"):
+    raise ValueError("search_objective='importance_per_time' runs on the "
+                     "exact search; use search_method='exact' (got "
+                     f"{config.search.method!r})")
   if config.search.research_every and config.engine.mask != "search":
     raise ValueError("research_every needs mask='search', got mask="
                      f"{config.engine.mask!r}")

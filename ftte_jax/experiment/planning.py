@@ -20,12 +20,14 @@ import numpy as np
 import optax
 
 from ftte_jax import models as models_lib
+from ftte_jax.core import engine as engine_lib
 from ftte_jax.core import fleet as fleet_lib
 from ftte_jax.core import keys
 from ftte_jax.core import losses
 from ftte_jax.core import masks as masks_lib
 from ftte_jax.core import one_shot
 from ftte_jax.core import options
+from ftte_jax.core import profiles
 from ftte_jax.core.client import make_client_optimizer
 from ftte_jax.core.typing import PyTree
 from ftte_jax.data import client_data as client_data_lib
@@ -102,7 +104,22 @@ class Setup:
 
 def load_data(config: ExperimentConfig) -> datasets.FederatedData:
   """Loads the dataset named by ``config.data`` and forms its clients."""
-  return datasets.load_federated(config.data, seed=config.seed)
+  device_class = (device_classes(config) if config.data.partition ==
+                  "device_dirichlet" else None)
+  return datasets.load_federated(config.data, seed=config.seed,
+                                 device_class=device_class)
+
+
+def device_classes(config: ExperimentConfig) -> np.ndarray:
+  """[N] class of each device, as ``make_fleet`` will draw it (the data of
+  a device-correlated partition depends on it, so it comes first)."""
+  fleet_cfg = config.fleet
+  if config.memory_tier_fractions is not None:
+    # Only the tier count matters to the draw, not the bytes.
+    fleet_cfg = dataclasses.replace(
+        fleet_cfg, memory_tiers=tuple(config.memory_tier_fractions))
+  return fleet_lib.device_classes(fleet_cfg, config.data.num_clients,
+                                  config.seed)
 
 
 def client_optimizer(config: ExperimentConfig) -> optax.GradientTransformation:
@@ -190,8 +207,17 @@ def check_model(config: ExperimentConfig, info: datasets.DatasetInfo):
 
 
 def make_fleet(config: ExperimentConfig, full_memory_bytes: float):
-  """Draws the fleet; tier fractions are scaled by full training memory."""
+  """Draws the fleet; tier fractions are scaled by full training memory.
+
+  A device-class profile gives absolute memory (``fleet_profile``); its
+  tiers' memories are then reported as each tier's smallest device.
+  """
   fleet_cfg = config.fleet
+  if profiles.parse_mix(fleet_cfg.fleet_profile) is not None:
+    fleet = fleet_lib.make_fleet(fleet_cfg, config.data.num_clients,
+                                 config.seed)
+    mem, tier = np.asarray(fleet.memory), np.asarray(fleet.tier)
+    return fleet, tuple(float(mem[tier == t].min()) for t in np.unique(tier))
   if config.memory_tier_fractions is not None:
     tiers = tuple(f * full_memory_bytes for f in config.memory_tier_fractions)
     if max(tiers) > options.FLOAT32_MAX:
@@ -289,8 +315,30 @@ def search_plan(config: ExperimentConfig, model: Model, params: PyTree,
       num_cells=s.num_cells, frozen_weights=config.frozen_weights,
       micro_batches=micro_batch_choices(config),
       max_trained_params=(None if s.max_upload_fraction >= 1 else int(
-          s.max_upload_fraction * model.analysis.num_params)))
+          s.max_upload_fraction * model.analysis.num_params)),
+      **task_time_inputs(config, data, fleet))
   return plan, report, probe
+
+
+def task_time_inputs(config: ExperimentConfig,
+                     data: client_data_lib.ClientData,
+                     fleet: fleet_lib.Fleet) -> dict:
+  """``build_plan``'s objective and what a task's time is made of.
+
+  Every device's seconds per FLOP (``1/speed``) and per byte moved each
+  way (``1/bw_up + 1/bw_down``), and the examples a task trains on (mean
+  local steps times the batch), as the engine's nominal task time counts
+  them (``engine.nominal_duration``).
+  """
+  f = jax.device_get(fleet)
+  steps = engine_lib.num_local_steps(config.engine, np.asarray(data.counts))
+  return {
+      "objective": config.search.objective,
+      "device_seconds": (
+          1.0 / np.asarray(f.speed, np.float64),
+          1.0 / np.asarray(f.bw_up, np.float64) +
+          1.0 / np.asarray(f.bw_down, np.float64)),
+      "examples_per_task": float(np.mean(steps)) * config.engine.batch_size}
 
 
 def importance(config: ExperimentConfig, model: Model, params: PyTree,

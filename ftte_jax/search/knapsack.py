@@ -36,6 +36,26 @@ parameter-state bytes plus the activation bytes of making ``t``'s layer the
 earliest), accepted in one pass when the exact (discretized) memory stays
 within the budget.
 
+Time-aware objective (``objective='importance_per_time'``). A task's
+expected time is linear in the levels once ``e`` is fixed, like memory:
+
+  time(k) = layer_s[e] + sum_t option_s[t, k_t]
+
+with ``layer_s[e]`` the forward and input-gradient compute of an earliest
+layer ``e`` and ``option_s`` a level's weight-gradient compute plus its
+upload and download (``TimeModel``). The search then maximizes
+``importance / time`` under the same memory (and upload) budget by
+Dinkelbach's method: ``lam = V(S)/T(S)`` of the current choice, then the
+exact DP above maximizes ``V - lam T`` (values ``v - lam option_s``, a
+per-``e`` offset ``-lam layer_s[e]``), until no choice beats ``lam``. Each
+step strictly raises the ratio and there are finitely many choices, so it
+ends at the optimum; charging a choice under ``e`` below its true earliest
+layer overstates its time (``layer_s`` is non-increasing in ``e``) as it
+overstates its memory, so the maximum over ``e`` stays exact. With
+importance proportional to the loss decrease of an update and ``C`` tasks in
+flight, ``C / time`` updates arrive per second: the ratio is the expected
+progress per second of virtual time.
+
 See docs/design.md, Subset search; ``plan.build_plan`` runs one search per
 memory tier.
 """
@@ -55,6 +75,8 @@ from ftte_jax.search import groups as groups_lib
 from ftte_jax.search import memory as memory_lib
 
 METHODS = ("exact", "greedy")
+# What the search maximizes (module docstring).
+OBJECTIVES = ("importance", "importance_per_time")
 
 
 @struct.dataclass
@@ -230,7 +252,8 @@ def _weights_for(d: Discretized, e, with_input, num_cells: int):
   return w, jnp.minimum(cap, d.option_cap)
 
 
-def solve_exact(d: Discretized, values: jnp.ndarray, num_cells: int
+def solve_exact(d: Discretized, values: jnp.ndarray, num_cells: int,
+                layer_offset: jnp.ndarray | None = None
                 ) -> tuple[jnp.ndarray, jnp.ndarray]:
   """Exact multiple-choice knapsack per earliest layer (pure, jittable).
 
@@ -241,8 +264,11 @@ def solve_exact(d: Discretized, values: jnp.ndarray, num_cells: int
   Args:
     d: from ``discretize``.
     values: ``[T, K+1]`` cumulative importance (``values[:, 0]`` is ignored
-      and treated as 0).
+      and treated as 0); entries may be negative.
     num_cells: static DP size returned by ``discretize``.
+    layer_offset: ``[L]`` value added to a choice whose earliest layer is
+      (charged as) ``e`` (the time-aware objective's ``-lam layer_s``);
+      None: 0.
 
   Returns:
     ``(levels [T] int32, value [] float32)``; all-zero levels (value 0) when
@@ -264,6 +290,8 @@ def solve_exact(d: Discretized, values: jnp.ndarray, num_cells: int
 
     dp, choice = jax.lax.scan(step, jnp.zeros(num_cells + 1), (w, values))
     best = jnp.where(cap >= 0, dp[jnp.clip(cap, 0, num_cells)], -jnp.inf)
+    if layer_offset is not None:
+      best = best + layer_offset[e]
 
     def back(c, xs):
       choice_t, w_t = xs
@@ -338,23 +366,194 @@ def check_method(method: str) -> None:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
+def check_objective(objective: str, method: str, time_model) -> None:
+  if objective not in OBJECTIVES:
+    raise ValueError(f"search_objective must be one of {OBJECTIVES}, got "
+                     f"{objective!r}")
+  if objective == "importance_per_time":
+    if time_model is None:
+      raise ValueError("search_objective='importance_per_time' needs a task "
+                       "time model (the fleet's speeds and bandwidths)")
+    if method != "exact":
+      raise ValueError("search_objective='importance_per_time' runs on the "
+                       "exact search; use search_method='exact'")
+
+
 def solve(problem: SearchProblem, values, budget: float,
           method: str = "exact", num_cells: int = 1024,
-          resolution: float | None = None) -> dict[str, Any]:
+          resolution: float | None = None, objective: str = "importance",
+          time_model: "TimeModel | None" = None) -> dict[str, Any]:
   """Solves one instance (host entry point; the solvers run jitted).
 
+  Args:
+    problem, values, budget: the instance, ``[T, K+1]`` importance and the
+      memory budget (bytes).
+    method, num_cells, resolution: the solver and its DP table
+      (``discretize``).
+    objective: 'importance' (the paper's) or 'importance_per_time'
+      (module docstring; needs ``time_model`` and the exact method).
+    time_model: a task's expected time (``make_time_model``); with it the
+      result also reports the choice's ``time_s``.
+
   Returns:
-    Dict: levels ([T] np.int32), importance, memory_bytes (exact),
-    resolution_bytes, num_cells.
+    Dict: levels ([T] np.int32), importance, objective (importance, or
+    importance per second), memory_bytes (exact), time_s (None without a
+    time model), resolution_bytes, num_cells, and ``iterations``
+    (Dinkelbach's, 0 for importance).
   """
   check_method(method)
+  check_objective(objective, method, time_model)
   d, num_cells = discretize(problem, budget, num_cells, resolution)
   values = jnp.asarray(values, jnp.float32)
-  if method == "exact":
+  iterations = 0
+  if objective == "importance_per_time":
+    levels, iterations = _solve_ratio(problem, d, values, time_model,
+                                      num_cells)
+    value = np.asarray(values)[np.arange(levels.size), levels].sum()
+  elif method == "exact":
     levels, value = _solve_exact_jit(d, values, num_cells=num_cells)
   else:
     levels, value = _solve_greedy_jit(d, values)
   levels = np.asarray(jax.device_get(levels))
-  return {"levels": levels, "importance": float(value),
+  seconds = (None if time_model is None else
+             problem_time(time_model, problem, levels))
+  value = float(value)
+  return {"levels": levels, "importance": value,
+          "objective": (value / seconds if objective == "importance_per_time"
+                        else value),
           "memory_bytes": problem_memory(problem, levels),
+          "time_s": seconds, "iterations": iterations,
           "resolution_bytes": float(d.resolution), "num_cells": num_cells}
+
+
+@struct.dataclass
+class TimeModel:
+  """A task's expected time (seconds) per level choice (module docstring).
+
+  ``time = layer_s[e] + sum_t option_s[t, k_t]`` for earliest trained layer
+  ``e``; ``none_s`` when nothing trains (the forward pass alone).
+  """
+
+  option_s: np.ndarray  # [T, K+1] float64 s: weight-gradient compute and
+  #                       the level's parameters up and down (level 0: 0).
+  layer_s: np.ndarray  # [L] float64 s: forward + input-gradient compute.
+  none_s: float  # [] s: forward compute only.
+
+
+def flops_parts(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec
+                ) -> tuple[float, np.ndarray, np.ndarray]:
+  """Per-example training FLOPs in additive pieces (``memory`` docstring).
+
+  Returns:
+    ``(forward, input_grad [L], weight_grad [T, K+1])``: FLOPs of a choice
+    with earliest layer ``e`` are ``forward + input_grad[e] + sum_t
+    weight_grad[t, k_t]`` (``memory.flops_from_sizes``), ``forward`` when
+    nothing trains.
+  """
+  fwd, bwd_in = 0.0, []
+  for l in info.layers:
+    if l.kind == "linear":
+      fwd += 2.0 * l.macs + l.out_size * ("bias" in dict(l.param_shapes))
+      bwd_in.append(2.0 * l.macs)
+    else:
+      fwd += float(memory_lib.NORM_FLOPS_PER_ELEMENT * l.out_size)
+      bwd_in.append(float(memory_lib.NORM_FLOPS_PER_ELEMENT * l.out_size))
+  bwd_in = np.asarray(bwd_in, np.float64)
+  after = np.concatenate([np.cumsum(bwd_in[::-1])[::-1][1:], [0.0]])
+  frac = spec.sizes / spec.sizes[:, -1:]
+  per_tensor = []
+  for t in range(spec.num_tensors):
+    l = info.layers[spec.layer[t]]
+    if l.kind == "linear" and spec.paths[t][-1] == "kernel":
+      per_tensor.append(2.0 * l.macs)
+    elif l.kind == "linear":
+      per_tensor.append(float(l.out_size))
+    else:
+      per_tensor.append(2.0 * l.out_size)
+  return float(fwd), after, np.asarray(per_tensor)[:, None] * frac
+
+
+def make_time_model(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
+                    examples_per_task: float, seconds_per_flop: float,
+                    seconds_per_byte: float) -> TimeModel:
+  """A task's expected time on a device population.
+
+  Args:
+    info, spec: the model analysis and its groups.
+    examples_per_task: local steps times batch size.
+    seconds_per_flop: the population's mean ``1 / speed`` (the mean of a
+      task's compute time over a uniformly chosen device).
+    seconds_per_byte: its mean ``1 / bw_up + 1 / bw_down``: a trained
+      parameter is uploaded (the masked delta) and downloaded (the
+      coordinates it changes), 4 bytes each way.
+  """
+  for name, v in (("examples_per_task", examples_per_task),
+                  ("seconds_per_flop", seconds_per_flop),
+                  ("seconds_per_byte", seconds_per_byte)):
+    if not (v >= 0 and math.isfinite(v)):
+      raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+  fwd, after, weight = flops_parts(info, spec)
+  compute = float(examples_per_task) * float(seconds_per_flop)
+  return TimeModel(
+      option_s=compute * weight + float(seconds_per_byte) *
+      memory_lib.BYTES * spec.numel.astype(np.float64),
+      layer_s=compute * (fwd + after), none_s=compute * fwd)
+
+
+def problem_time(time_model: TimeModel, problem: SearchProblem,
+                 levels: np.ndarray) -> float:
+  """Expected task time (s) of one level per tensor."""
+  levels = np.asarray(levels)
+  on = levels > 0
+  if not on.any():
+    return float(time_model.none_s)
+  e = int(np.asarray(problem.tensor_layer)[on].min())
+  t = np.arange(levels.shape[0])
+  return float(time_model.layer_s[e] +
+               time_model.option_s[t, levels].sum())
+
+
+# Dinkelbach stops when no choice beats the current ratio by this much
+# (relative to the ratio); it also stops after _MAX_ITERATIONS.
+_RATIO_TOL, _MAX_ITERATIONS = 1e-6, 100
+
+
+def _solve_ratio(problem: SearchProblem, d: Discretized, values: jnp.ndarray,
+                 time_model: TimeModel, num_cells: int
+                 ) -> tuple[np.ndarray, int]:
+  """Levels maximizing importance / time under the discretized budget.
+
+  Works in normalized units (importance over the whole model's, time over
+  the whole model's) so the float32 DP sees numbers near 1.
+  """
+  v = np.asarray(values, np.float64).copy()
+  v[:, 0] = 0.0
+  v_scale = max(float(v[:, -1].sum()), 1e-30)
+  t_scale = max(float(time_model.layer_s[0] + time_model.option_s[:, -1].sum()
+                      ), 1e-30)
+  vn, opt_s = v / v_scale, time_model.option_s / t_scale
+  layer_s = time_model.layer_s / t_scale
+  levels, _ = _solve_exact_jit(d, jnp.asarray(vn, jnp.float32),
+                               num_cells=num_cells)
+  levels = np.asarray(jax.device_get(levels))
+  t = np.arange(levels.size)
+  ratio_of = lambda lv: (vn[t, lv].sum() /
+                         (problem_time(time_model, problem, lv) / t_scale))
+  if not (levels > 0).any():
+    return levels, 0
+  lam = ratio_of(levels)
+  for it in range(1, _MAX_ITERATIONS + 1):
+    shifted = vn - lam * opt_s
+    shifted[:, 0] = 0.0
+    cand, _ = _solve_exact_jit(d, jnp.asarray(shifted, jnp.float32),
+                               num_cells=num_cells,
+                               layer_offset=jnp.asarray(-lam * layer_s,
+                                                        jnp.float32))
+    cand = np.asarray(jax.device_get(cand))
+    if not (cand > 0).any():
+      return levels, it
+    new = ratio_of(cand)
+    if new <= lam * (1 + _RATIO_TOL):
+      return levels, it
+    levels, lam = cand, new
+  return levels, _MAX_ITERATIONS

@@ -129,7 +129,7 @@ def _check_floor(floors: dict, spec: groups_lib.GroupSpec,
 
 def solve_joint(problems: dict, values, budget: float, *solve_args,
                 floors: dict | None = None) -> tuple[int, dict[str, Any]]:
-  """The subset and micro-batch count that maximize importance together.
+  """The subset and micro-batch count that maximize the objective together.
 
   ``problems`` maps each allowed micro-batch count ``m`` to its instance
   (``knapsack.make_problem``); the search solves each and keeps the best
@@ -150,7 +150,7 @@ def solve_joint(problems: dict, values, budget: float, *solve_args,
     out = knapsack.solve(problems[m], values, budget, *solve_args)
     # Float sums of equal choices may differ in the last bits: a larger m
     # must win by more than rounding.
-    if best is None or out["importance"] > best[1]["importance"] * (
+    if best is None or out["objective"] > best[1]["objective"] * (
         1 + 1e-6) + 1e-30:
       best = (m, out)
   if best is None:
@@ -175,6 +175,8 @@ def _search_tier(info, spec, params, problems, floors, values, budget,
   return mask, {
       "memory": breakdown,
       "micro_batches": m,
+      "task_time_s": out["time_s"],
+      "objective_value": out["objective"],
       "flops_per_example": memory_lib.training_flops(info, spec, params, mask),
       "importance": out["importance"],
       "importance_fraction": out["importance"] / max(total_value, 1e-30),
@@ -197,7 +199,11 @@ def build_plan(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
                resolution_bytes: float | None = None,
                frozen_weights: str = "ram",
                micro_batches: Sequence[int] = (1,),
-               max_trained_params: int | None = None
+               max_trained_params: int | None = None,
+               objective: str = "importance",
+               device_seconds: tuple[Sequence[float], Sequence[float]]
+               | None = None,
+               examples_per_task: float = 0.0
                ) -> tuple[masks_lib.MaskPlan, dict[str, Any]]:
   """Searches one mask per memory tier and packs them into a ``MaskPlan``.
 
@@ -221,6 +227,14 @@ def build_plan(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
       with the subset (``solve_joint``).
     max_trained_params: at most this many trained parameters per tier (an
       upload budget: 4 bytes each); None: memory alone decides.
+    objective: 'importance' (the paper's) or 'importance_per_time'
+      (``knapsack`` docstring): importance per second of a tier's expected
+      task time; needs ``device_seconds`` and method 'exact'.
+    device_seconds: ``([N] seconds per FLOP, [N] seconds per byte)`` of
+      each client (``1/speed`` and ``1/bw_up + 1/bw_down``); a tier's task
+      time is the mean over its clients. With it every tier reports its
+      expected ``task_time_s``.
+    examples_per_task: examples a task trains on (local steps x batch).
 
   Returns:
     ``(MaskPlan, report)``; report has ``tiers`` (per tier: budget_bytes,
@@ -236,6 +250,7 @@ def build_plan(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
       memory.
   """
   knapsack.check_method(method)
+  knapsack.check_objective(objective, method, device_seconds)
   tiers, budgets = assign_tiers(device_memory_bytes, tier_of_client, policy)
   problems = {int(m): knapsack.make_problem(info, spec, batch_size, tx,
                                            frozen_weights, int(m),
@@ -249,9 +264,21 @@ def build_plan(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
   to_mask = jax.jit(lambda lv: groups_lib.levels_to_mask(spec, params, lv))
   tier_masks, reports = [], []
   for j, budget in enumerate(budgets):
+    time_model = None
+    if device_seconds is not None:
+      per_flop, per_byte = (np.asarray(a, np.float64).reshape(-1)
+                            for a in device_seconds)
+      if per_flop.shape != tiers.shape or per_byte.shape != tiers.shape:
+        raise ValueError(f"device_seconds must be two [N] arrays like "
+                         f"device_memory_bytes {tiers.shape}, got "
+                         f"{per_flop.shape} and {per_byte.shape}")
+      time_model = knapsack.make_time_model(
+          info, spec, examples_per_task, float(per_flop[tiers == j].mean()),
+          float(per_byte[tiers == j].mean()))
     mask, report = _search_tier(info, spec, params, problems, floors, values,
                                 budget, to_mask, batch_size, tx,
-                                (method, num_cells, resolution_bytes),
+                                (method, num_cells, resolution_bytes,
+                                 objective, time_model),
                                 frozen_weights)
     tier_masks.append(mask)
     reports.append({"budget_bytes": budget,
@@ -261,7 +288,8 @@ def build_plan(info: groups_lib.ModelInfo, spec: groups_lib.GroupSpec,
       flops_per_example=[r["flops_per_example"] for r in reports],
       memory_bytes=[r["memory"]["total"] for r in reports])
   return plan, {
-      "policy": policy, "method": method, "tiers": reports,
+      "policy": policy, "method": method, "objective": objective,
+      "tiers": reports,
       "frozen_weights": frozen_weights,
       "micro_batch_choices": sorted(problems),
       "max_trained_params": max_trained_params,
