@@ -138,3 +138,15 @@ def test_the_citation_pattern():
       "experiments/results/*.json", ".ci/run"}
   assert _exists("core/fleet.py") and _exists("experiments/results/*.json")
   assert not _exists("ftte_jax/search/solver.py")
+
+
+def test_intervals_row_selectors_and_dotted_field_names():
+  ci = {"mean": 0.25, "half_width": 0.0123, "seeds": 5, "reached": 3}
+  assert results_doc._show(ci) == "0.25 ± 0.012 (3/5 seeds)"
+  assert results_doc._show({"mean": None, "half_width": None}) == "–"
+  rows = [{"name": "a", "paper_cell": False, "v": 1},
+          {"name": "b", "paper_cell": True, "v": 2}]
+  assert results_doc._get({"cells": rows}, "cells.paper_cell=true.v") == 2
+  with pytest.raises(KeyError):
+    results_doc._get({"cells": rows}, "cells.name=c.v")
+  assert results_doc._cell({"mean acc. (pts)": 1.5}, "mean acc. (pts)") == "1.5"
