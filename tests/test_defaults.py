@@ -29,7 +29,7 @@ from launch import flags as flags_lib
 sys.path.insert(0, str(Path(__file__).parent))
 import natural_files as nf  # noqa: E402  (tests/ on the path)
 
-# The pairs the README documents (notes/i29.md).
+# The dataset-model pairs the README documents.
 PAIRS = [("synthetic", "mlp"), ("tiny", "mlp"), ("tiny", "lenet5"),
          ("mnist", "mlp"), ("mnist", "lenet5"), ("fashion_mnist", "mlp"),
          ("fashion_mnist", "lenet5"), ("cifar10", "resnet8"),

@@ -10,6 +10,7 @@ import pytest
 import helpers
 from ftte_jax import experiment
 from ftte_jax.core import algorithms
+from ftte_jax.core import engine
 from ftte_jax.experiment import memory_plan as mp
 
 
@@ -206,3 +207,11 @@ def test_auto_on_the_cpu_is_the_default_path_bit_for_bit():
   assert memory["temp_bytes"] > 0 and memory["flops"] > 0
   assert memory == runs[0][0].step_memory
   helpers.assert_bit_identical(runs[0][1].params, runs[1][1].params)
+
+
+def test_the_engine_alone_refuses_an_unresolved_chunk():
+  config = algorithms.preset("fedbuff", concurrency=20, buffer_size=10,
+                             client_chunk=0)
+  with pytest.raises(ValueError, match="client_chunk=0.*experiment.build.*"
+                     "plan_engine"):
+    engine.make_simulator(config, lambda p, x: x)

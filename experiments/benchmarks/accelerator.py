@@ -22,14 +22,13 @@ what it measured; the JSON is rewritten after every row):
      fit, else streamed chunks; float32;
   2. FedJAX's ``fed_avg`` on the same workload (same model, K, steps,
      batch, learning rates, data shape), when ``--fedjax_python`` can
-     import it (notes/i32.md: how to carry its wheels); else skipped;
+     import it (docs/accelerators.md: how to carry its wheels); else
+     skipped;
   3. ``vmap`` (all K at once) and ``map`` (``lax.map``, one client at a
      time, the CPU's path), float32; a vmap row the plan measured over the
      device's memory is recorded as skipped, not run;
   4. the MLP at N = 1,000,000 (auto);
-  5. bfloat16 (auto): recorded as "unavailable: compute_dtype not
-     implemented" until ``EngineConfig`` has a ``compute_dtype`` field;
-     measured from the day it has.
+  5. bfloat16 (auto): ``compute_dtype=bfloat16``.
 
 Data: a synthetic pool of 28x28x1 examples (``--pool`` of them); client i
 holds the ``counts[i]`` rows from ``offsets[i]`` (windows of the pool that
@@ -608,7 +607,7 @@ def fedjax_rows(a, bench: Bench) -> list[dict]:
   if not fedjax_importable(a.fedjax_python):
     return [dict(r, side="fedjax",
                  status=f"skipped: fedjax not importable by "
-                 f"{a.fedjax_python} (notes/i32.md: its wheels)")
+                 f"{a.fedjax_python} (docs/accelerators.md: its wheels)")
             for r in rows]
   spec = {"pool": a.pool, "seed": a.seed, "client_lr": a.client_lr,
           "server_lr": a.server_lr, "batch_size": a.batch_size,

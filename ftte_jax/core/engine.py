@@ -1182,6 +1182,12 @@ def make_simulator(config: EngineConfig, apply_fn: ApplyFn | None = None,
     dict with "x", "y" and any extras).
   """
   validate(config)
+  if config.client_chunk == 0:
+    # 0 asks the memory plan for a chunk; it needs the model and the data.
+    raise ValueError(
+        "client_chunk=0 (auto) is resolved by experiment.build; with the "
+        "engine alone, pick a chunk with memory_plan.plan_engine or give "
+        "client_chunk >= 1")
   if client_tx is None:
     client_tx = make_client_optimizer(config.client_lr, config.client_momentum)
   comp = extensions_lib.bind(
