@@ -230,12 +230,18 @@ def plot(curves: dict[str, list[dict]], target, path: str) -> str | None:
     ax_t.plot([r["virtual_time_s"] for r in rows], acc, label=alg)
     ax_b.plot([r["bytes_up"] + r["bytes_down"] for r in rows], acc,
               label=alg)
+  return _finish(plt, fig, (ax_t, ax_b), target, "test accuracy", path)
+
+
+def _finish(plt, fig, axes, target, ylabel: str, path: str) -> str:
+  """Labels the time and bytes panels, marks the target, saves ``path``."""
+  ax_t, ax_b = axes
   for ax, xlabel in ((ax_t, "virtual time (s)"),
                      (ax_b, "bytes communicated (up + down)")):
     if target:
       ax.axhline(target, color="grey", ls=":", lw=1)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
   ax_b.set_xscale("log")
   ax_t.legend()
@@ -417,19 +423,8 @@ def plot_bands(curves: dict, target, path: str) -> str | None:
       # An accuracy band is drawn within [0, 1].
       ax.fill_between(grid[on], np.clip(lo[on], 0, 1), np.clip(hi[on], 0, 1),
                       color=line.get_color(), alpha=0.2)
-  for ax, xlabel in ((ax_t, "virtual time (s)"),
-                     (ax_b, "bytes communicated (up + down)")):
-    if target:
-      ax.axhline(target, color="grey", ls=":", lw=1)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("test accuracy (mean, 95% band)")
-    ax.grid(alpha=0.3)
-  ax_b.set_xscale("log")
-  ax_t.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _finish(plt, fig, (ax_t, ax_b), target,
+                 "test accuracy (mean, 95% band)", path)
 
 
 def run_seeds(fv, out_dir: str) -> None:

@@ -26,10 +26,11 @@ import dataclasses
 import fnmatch
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
+
+from launch import flags_doc
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = Path("docs") / "results.md"
@@ -496,18 +497,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ValueError as e:
     print(f"results_doc: error: {e}", file=sys.stderr)
     return 2
-  path = REPO / OUT
-  if a.check:
-    current = path.read_text() if path.exists() else ""
-    if current != text:
-      print(f"{OUT} is stale: run python -m experiments.results_doc",
-            file=sys.stderr)
-      return 1
-    return 0
-  os.makedirs(path.parent, exist_ok=True)
-  path.write_text(text)
-  print(path)
-  return 0
+  return flags_doc.write_page(REPO / OUT, text, a.check,
+                              "experiments.results_doc")
 
 
 if __name__ == "__main__":

@@ -190,12 +190,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="exit 1 if docs/flags.md differs from what would be "
                  "written")
   a = p.parse_args(argv)
-  text = render()
-  path = REPO / OUT
-  if a.check:
+  return write_page(REPO / OUT, render(), a.check, "launch.flags_doc")
+
+
+def write_page(path: Path, text: str, check: bool, module: str) -> int:
+  """Writes a generated page, or with ``check`` returns 1 (saying which
+  command rewrites it) when the page on disk differs from ``text``."""
+  if check:
     if not path.exists() or path.read_text() != text:
-      print(f"{OUT} is stale: run python -m launch.flags_doc",
-            file=sys.stderr)
+      print(f"{path.name} is stale: run python -m {module}", file=sys.stderr)
       return 1
     return 0
   os.makedirs(path.parent, exist_ok=True)

@@ -444,23 +444,14 @@ class Bench:
   def device_facts(self) -> dict:
     """The device, its peaks, and matmuls timed here."""
     jax = self.jax
-    import jax.numpy as jnp
+    from experiments.benchmarks import vs_fedjax
     from ftte_jax.experiment import memory_plan
     dev = jax.devices()[0]
     entry = peak_entry(dev.device_kind)
     self.peaks = entry[1] if entry else {}
     n = self.args.matmul_n
-    self.matmul = {}
-    for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16)):
-      a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
-      f = jax.jit(jnp.dot)
-      f(a, a).block_until_ready()
-      best = float("inf")
-      for _ in range(10):
-        t = time.perf_counter()
-        f(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-      self.matmul[name] = 2.0 * n ** 3 / best
+    self.matmul = {name: vs_fedjax.matmul_peak(n, dtype) for name, dtype in
+                   (("f32", "float32"), ("bf16", "bfloat16"))}
     limit = memory_plan.device_memory()
     self.budget = self.args.device_memory_budget or limit
     return {"device_kind": dev.device_kind, "platform": dev.platform,

@@ -102,11 +102,10 @@ def flops_per_update(model: str, local_steps: int, batch_size: int) -> int:
   return local_steps * batch_size * 3 * 2 * macs_per_example(model)
 
 
-def matmul_peak(n: int) -> float:
-  """FLOP/s of a jitted f32 [n, n] x [n, n] matmul, best of 10."""
+def matmul_peak(n: int, dtype: str = "float32") -> float:
+  """FLOP/s of a jitted [n, n] x [n, n] matmul in ``dtype``, best of 10."""
   import jax
-  import jax.numpy as jnp
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
   f = jax.jit(jnp.dot)
   f(a, a).block_until_ready()
   best = float("inf")
