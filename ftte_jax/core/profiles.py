@@ -14,7 +14,7 @@ ranges are ordered, so the fleet's resources are correlated whatever the
 copula. Energy constants are per class (compute, idle) and per link (radio).
 
 Every figure below names its source in ``SOURCES``; the figures were taken
-from those works to their order of magnitude (docs/design.md, "Fleet
+from those works to their order of magnitude (docs/design.md, "Device-class
 profiles", lists them). Training memory of the wearable and phone classes is
 our choice: 1/16 of the device's RAM, for one background training job; for
 the MB-scale models here any such value lets the device train the whole
