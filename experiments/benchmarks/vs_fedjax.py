@@ -105,6 +105,7 @@ def flops_per_update(model: str, local_steps: int, batch_size: int) -> int:
 def matmul_peak(n: int, dtype: str = "float32") -> float:
   """FLOP/s of a jitted [n, n] x [n, n] matmul in ``dtype``, best of 10."""
   import jax
+  import jax.numpy as jnp
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
   f = jax.jit(jnp.dot)
   f(a, a).block_until_ready()
