@@ -299,6 +299,23 @@ KINDS: tuple[Kind, ...] = (
                            "budget (bytes)=budget_bytes",
                            "bytes per client=plan.bytes_per_client?",
                            "fixed bytes=plan.fixed_bytes?")),)),
+    Kind("experiments/benchmarks/results/accelerator_*.json",
+         "The accelerator benchmark ({name})",
+         "experiments/benchmarks/accelerator.py: the server step "
+         "(synchronous FedAvg, 5 local steps of batch 32) per model, "
+         "fleet N, clients per step K, client path and compute dtype; "
+         "seconds per step are the median of the timed steps after a "
+         "warm-up, and the fraction of peak is against a matmul timed on "
+         "the same device. On a CPU this is the bfloat16 against float32 "
+         "comparison; docs/accelerators.md has the GPU run.",
+         (Table("rows", _c("side", "model", "N=n", "K=k", "variant",
+                           "dtype", "batching=batching?", "chunk=chunk?",
+                           "status", "s/step=s_per_step?",
+                           "upd/s=updates_per_s?",
+                           "compile (s)=compile_s?",
+                           "step peak (B)=program.peak_bytes?",
+                           "fraction of matmul peak="
+                           "fraction_of_matmul_peak?")),)),
     Kind("experiments/benchmarks/results/scale*_cpu.json", "Scale "
          "({name})",
          "experiments/benchmarks/scale.py: build, compile and step time "
