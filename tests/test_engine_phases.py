@@ -343,6 +343,7 @@ def test_variance_weight_survives_huge_finite_updates():
   np.testing.assert_allclose(w_huge.weights, w_small.weights, rtol=1e-5)
 
 
+@pytest.mark.slow  # runs long: two step programs per algorithm
 @pytest.mark.parametrize("algorithm", ["fedbuff", "ftte"])
 def test_chunked_steps_equal_single_steps_bit_for_bit(tiny_model, algorithm):
   apply, params = tiny_model
@@ -392,6 +393,7 @@ def test_pick_idle_is_uniform_over_available_clients():
   assert len(pairs) == 6  # every pair of the four free clients occurs
 
 
+@pytest.mark.slow  # runs long: a program per chunk size
 @pytest.mark.parametrize("algorithm, batching", [
     ("fedbuff", "stream"), ("ftte", "map"), ("fedasync", "stream")])
 def test_client_chunks_equal_one_client_at_a_time(tiny_model, algorithm,

@@ -15,6 +15,7 @@ from ftte_jax.core import exact
 from ftte_jax.core import fleet
 
 
+@pytest.mark.slow  # builds two default experiments on real MNIST
 def test_default_experiment_ftte_memory_and_payload_vs_fedavg():
   # The paper's reductions: 80% less device memory, 69% less upload.
   base = experiment.ExperimentConfig()
@@ -112,6 +113,7 @@ def _research_config(rounds, research_every):
       **SCRATCH_TOP)
 
 
+@pytest.mark.slow  # three runs with re-searches
 def test_periodic_research_counts_probe_bytes_and_resumes_exactly():
   once = experiment.build(_research_config(6, 0))
   s_once, _, _ = once.run()

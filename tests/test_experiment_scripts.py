@@ -21,6 +21,7 @@ def parse(script, *args):
   return fv
 
 
+@pytest.mark.slow  # runs long: a whole experiment script
 def test_mnist_cnn_main_runs_and_writes_json(tmp_path, capsys):
   out = tmp_path / "mnist.json"
   # 'tiny' generated images and a small MLP stand in for MNIST + LeNet-5.
@@ -44,6 +45,7 @@ def test_mnist_cnn_main_runs_and_writes_json(tmp_path, capsys):
   assert json.loads(out.read_text())["table"] == result["table"]
 
 
+@pytest.mark.slow  # runs long: a whole experiment script
 def test_synthetic_heterogeneity_main_runs_and_writes_json(tmp_path, capsys):
   out = tmp_path / "synthetic.json"
   result = synthetic_heterogeneity.run_all(parse(
@@ -148,6 +150,7 @@ def test_scaling_devices_changes_only_the_device_count():
   assert row["fedavg_time_to_target_s"] == 10.0
 
 
+@pytest.mark.slow  # runs long: every cell of the study
 def test_robustness_runs_each_cell_and_tables_them():
   from experiments import robustness
   cells = robustness.cells(["fedbuff"], ["scale"], ["0.25"], ["none", "median"])

@@ -178,6 +178,7 @@ def test_per_update_bytes_exact_after_100k_updates():
   assert exact.value(c.staleness_sum) / int(c.updates_applied) == 3.0
 
 
+@pytest.mark.slow  # runs long: two runs per case
 @pytest.mark.parametrize("steps_per_call", [0, 4])
 def test_chunked_run_equals_stepwise_run(steps_per_call):
   def run(spc):
