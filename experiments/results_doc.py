@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from ftte_jax.experiment import stats
 from launch import flags_doc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -364,23 +365,9 @@ def _show(v: Any) -> str:
   if isinstance(v, (list, tuple)):
     return ", ".join(_show(x) for x in v)
   if isinstance(v, dict) and "half_width" in v:
-    return _interval(v)
+    # A stats interval: mean ± half width, with the seeds it covers.
+    return stats.fmt(v, digits=4)
   return str(v).replace("|", "\\|").replace("\n", " ")
-
-
-def _interval(ci: dict) -> str:
-  """A mean with its 95% half width (``ftte_jax.experiment.stats``), and
-  how many seeds it covers when not all of them."""
-  if ci.get("mean") is None:
-    text = "–"
-  else:
-    hw = ci.get("half_width")
-    text = _show(ci["mean"]) + ("" if hw is None else f" ± {hw:.2g}")
-  seeds = ci.get("seeds")
-  done = ci.get("reached", ci.get("defined"))
-  if isinstance(seeds, int) and isinstance(done, int) and done < seeds:
-    text += f" ({done}/{seeds} seeds)"
-  return text
 
 
 def _row_list(data: dict, table: Table) -> list[dict]:

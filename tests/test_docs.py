@@ -142,8 +142,8 @@ def test_the_citation_pattern():
 
 def test_intervals_row_selectors_and_dotted_field_names():
   ci = {"mean": 0.25, "half_width": 0.0123, "seeds": 5, "reached": 3}
-  assert results_doc._show(ci) == "0.25 ± 0.012 (3/5 seeds)"
-  assert results_doc._show({"mean": None, "half_width": None}) == "–"
+  assert results_doc._show(ci) == "0.25 ± 0.012 (3/5 reached)"
+  assert results_doc._show({"mean": None, "half_width": None}) == "-"
   rows = [{"name": "a", "paper_cell": False, "v": 1},
           {"name": "b", "paper_cell": True, "v": 2}]
   assert results_doc._get({"cells": rows}, "cells.paper_cell=true.v") == 2

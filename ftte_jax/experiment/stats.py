@@ -157,13 +157,24 @@ def censored(values: Sequence[float | None], ends: Sequence[float],
   return out
 
 
-def fmt(ci: dict, digits: int = 3, scale: float = 1.0) -> str:
-  """``mean ± half_width`` (or ``mean`` alone, or ``-``), times ``scale``."""
-  if not ci or ci.get("mean") is None:
+def fmt(ci: dict | None, digits: int = 3, scale: float = 1.0,
+        unit: str = "") -> str:
+  """A summarized figure as text, ``mean ± half width`` times ``scale``,
+  saying how many seeds reached a time to target (``(k/n reached)``) or
+  gave a paired contrast (``[k/n seeds]``) when not all did."""
+  if ci is None:
     return "-"
-  text = f"{ci['mean'] * scale:.{digits}g}"
+  if ci.get("mean") is None:
+    if ci.get("reached") == 0 and ci.get("seeds"):
+      return f"never (0/{ci['seeds']} reached)"
+    if ci.get("defined") == 0 and ci.get("seeds"):
+      return f"- [0/{ci['seeds']} seeds]"
+    return "-"
+  text = f"{ci['mean'] * scale:.{digits}g}{unit}"
   if ci.get("half_width") is not None:
-    text += f" ± {ci['half_width'] * scale:.{max(digits - 1, 1)}g}"
+    text += f" ± {ci['half_width'] * scale:.2g}{unit}"
   if ci.get("reached") is not None and not ci.get("all_reached"):
     text += f" ({ci['reached']}/{ci['seeds']} reached)"
+  if ci.get("defined") is not None and ci["defined"] < ci["seeds"]:
+    text += f" [{ci['defined']}/{ci['seeds']} seeds]"
   return text
