@@ -180,6 +180,8 @@ def _split(base: PyTree, mask: PyTree, kinds: PyTree | None):
   return kind, trained, treedef.flatten_up_to(mask), merge
 
 
+# Long for its docstring (the client-update contract) and one local loop
+# whose batching, masking and dynamic step count belong together.
 def sgd(loss_fn: LossFn, batch_size: int, tx: optax.GradientTransformation,
         max_steps: int | None = None, unroll: int | bool = 1,
         kinds: PyTree | None = None,

@@ -597,6 +597,8 @@ def train_buffer(comp: Components, env: Environment, plan: MaskPlan,
   return delta, loss, finite, state
 
 
+# One function so the streamed sum's loop, mesh split and psum read as the
+# buffered phase they replace; most of its length is the docstring.
 def train_and_sum(comp: Components, env: Environment, plan: MaskPlan,
                   ring: Ring, keys: jax.Array, arrivals: Arrivals,
                   weights: jnp.ndarray, mix_into: PyTree | None = None,

@@ -226,6 +226,8 @@ def _scalar(x) -> bool:
       getattr(x, "dtype", jnp.int32), jnp.floating)
 
 
+# Every extension point checked in one pass, in the order the step calls
+# them, so each error names its point before anything compiles.
 def check(comp: Components, params: PyTree, masks: PyTree, data,
           test: dict | None = None) -> None:
   """Traces every user-supplied piece on abstract values.

@@ -131,6 +131,8 @@ def home_classes(num_labels: int, class_shares: Sequence[float],
   return home
 
 
+# Long for its docstring (the mixture law) and the within-class refill,
+# which must stay beside the split it repairs.
 def device_dirichlet(labels: np.ndarray, device_class: np.ndarray,
                      alpha: float, correlation: float, seed: int
                      ) -> list[np.ndarray]:

@@ -357,6 +357,8 @@ class Experiment:
     """Whether ``rounds`` is reached (a budget stop is found by stepping)."""
     return int(state.version) >= self.config.rounds
 
+  # The run loop: the stop conditions (rounds, budget, target, no arrivals)
+  # are checked in one place and one order, which resume relies on.
   def run(self, state: engine.SimState | None = None,
           history: list[dict] | None = None,
           on_eval: Callable[[engine.SimState, dict], None] | None = None,
